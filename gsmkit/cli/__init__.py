@@ -1,0 +1,83 @@
+"""The `gsmkit` executable: a root Typer app, its command groups, and the one error boundary.
+
+Heavy libraries (torch, transformers) are imported inside commands, so `gsmkit --help` is fast.
+`GsmkitError`s become one line on stderr plus a hint, exit code 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from gsmkit import __version__
+
+
+class _ErrorBoundaryGroup(TyperGroup):
+    """Catches library errors once for every command, so none of them prints a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from gsmkit.errors import GsmkitError
+
+        try:
+            return super().invoke(ctx)
+        except GsmkitError as err:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            console = _err_console()
+            console.print(f"[bold red]error:[/] {err.message}", highlight=False, markup=True, soft_wrap=True)
+            if err.hint:
+                console.print(f"[yellow]hint:[/] {err.hint}", highlight=False, soft_wrap=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            _err_console().print("interrupted: rerun the same command to resume", highlight=False)
+            ctx.exit(130)
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+app = typer.Typer(
+    cls=_ErrorBoundaryGroup,
+    name="gsmkit",
+    help="Fine-tune and evaluate causal language models on GSM8K grade-school math.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gsmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    """gsmkit: independent subcommands that pass JSONL files and adapter folders to each other."""
+    ctx.obj = {"debug": debug}
+
+
+from gsmkit.cli import eval as _eval  # noqa: E402
+from gsmkit.cli import fewshot as _fewshot  # noqa: E402
+
+app.command("fewshot")(_fewshot.fewshot)
+app.add_typer(_eval.app, name="eval")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

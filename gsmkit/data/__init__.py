@@ -1,0 +1,1 @@
+"""Data sources: GSM8K (Hub id or local file/folder), the few-shot pool, benchmark converters."""

@@ -1,0 +1,37 @@
+"""Errors the library raises for user mistakes. The CLI prints them as one line plus a hint.
+
+Each subclass carries an optional `hint` telling the user how to fix the problem. Anything that is
+not a `GsmkitError` is a bug and is shown with a traceback only under `--debug`.
+"""
+
+from __future__ import annotations
+
+
+class GsmkitError(Exception):
+    """A problem the user can fix; `str(err)` is one line, `err.hint` says how."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DataError(GsmkitError):
+    """An input file is missing, empty or malformed (message names file, line and field)."""
+
+
+class ModelError(GsmkitError):
+    """A model, tokenizer or adapter cannot be loaded or does not fit together."""
+
+
+class ConfigError(GsmkitError):
+    """Settings that contradict each other or ask for something unavailable here."""
+
+
+class ResumeError(GsmkitError):
+    """An output folder holds a partial run made with different settings."""

@@ -1,0 +1,1 @@
+"""Evaluations: records in, a metrics dataclass out (gsm8k accuracy; later perplexity and safety)."""

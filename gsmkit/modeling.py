@@ -1,0 +1,226 @@
+"""The only place that calls `from_pretrained`: models, tokenizers and adapters.
+
+In: a `ModelSpec` (Hub id, local folder or .gguf file; dtype; 4-bit; PEFT adapter folder; device).
+Out: a `LoadedModel` (model in eval mode, tokenizer with a pad token, resolved device and dtype).
+
+A requested feature that is unavailable (4-bit without bitsandbytes, bfloat16 on a CPU without
+native support, CUDA without a GPU) is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gsmkit.errors import ConfigError, ModelError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str
+    adapter: str | None = None
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown --dtype '{self.dtype}'", hint=f"choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"unknown --device '{self.device}'", hint=f"choose one of {', '.join(DEVICES)}")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    device: Any
+    dtype: Any
+    source: str  # "hub", "local" or "gguf"
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible", hint="use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for, but MPS is not available", hint="use --device cpu")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_arm_sve_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_dtype(dtype: str, device) -> Any:
+    """`auto` is bfloat16 on a GPU that supports it, float16 on other GPUs, float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    resolved = getattr(torch, dtype)
+    if resolved is torch.bfloat16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("this GPU does not support bfloat16", hint="use --dtype float16 or --dtype float32")
+        if device.type == "cpu" and not cpu_supports_bf16():
+            raise ConfigError(
+                "this CPU has no native bfloat16 support (no AVX512-BF16 or AMX)",
+                hint="use --dtype float32 (or auto)",
+            )
+    if resolved is torch.float16 and device.type == "cpu":
+        raise ConfigError("float16 on the CPU is not supported for generation here", hint="use --dtype float32")
+    return resolved
+
+
+def locate_weights(model: str) -> tuple[str, dict[str, Any], str]:
+    """(path or id for from_pretrained, extra kwargs, source kind) for a Hub id, folder or .gguf file."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path}: a model file must be .gguf", hint="otherwise pass the model's folder")
+        return str(path.parent), {"gguf_file": path.name}, "gguf"
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path), {}, "local"
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), {"gguf_file": ggufs[0].name}, "gguf"
+        if len(ggufs) > 1:
+            raise ModelError(f"{path}: several .gguf files", hint="pass the one you want: --model path/to/file.gguf")
+        raise ModelError(f"{path}: not a model folder (no config.json, no .gguf file)",
+                         hint="pass a folder written by save_pretrained, a .gguf file or a Hub id")
+    if model.startswith((".", "/", "~")) or model.endswith(".gguf"):
+        raise ModelError(f"{model}: no such file or folder")
+    return model, {}, "hub"
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    where, extra, _ = locate_weights(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except Exception as err:
+        raise ModelError(f"{model}: cannot load the tokenizer ({type(err).__name__}: {str(err)[:200]})",
+                         hint="without network access, pass a local folder or .gguf file") from None
+    if tok.pad_token_id is None:
+        # Batches are padded; the pad id never reaches the loss or the attention (masked), so EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: adapter folder not found")
+    if not path.is_dir():
+        raise ModelError(f"{path}: an adapter must be a folder", hint="pass the folder holding adapter_config.json")
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.exists():
+        raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)",
+                         hint="pass the output folder of `gsmkit train` or a PEFT save_pretrained folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not any((path / n).exists() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelError(f"{path}: adapter_config.json has no weights beside it (adapter_model.safetensors)")
+    return cfg
+
+
+def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool = False):
+    from peft import PeftModel
+
+    cfg = read_adapter_config(adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        recorded = cfg.get("base_model_name_or_path") or "unknown"
+        first = str(err).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
+        raise ModelError(
+            f"{adapter}: adapter does not fit base model '{base_name}' (it was trained on '{recorded}'): {detail[:200]}",
+            hint="pass the --model the adapter was trained from",
+        ) from None
+
+
+def load_model(spec: ModelSpec, for_training: bool = False) -> LoadedModel:
+    """Load model (+ adapter) and tokenizer as `spec` says; raise ModelError/ConfigError otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if spec.adapter is not None:
+        read_adapter_config(spec.adapter)  # fail before the (slow) base model loads
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    where, extra, source = locate_weights(spec.model)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, **extra}
+    if spec.load_in_4bit:
+        if source == "gguf":
+            raise ConfigError("--load-in-4bit cannot requantize a .gguf model",
+                              hint="save it once with save_pretrained, or load it without --load-in-4bit")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as err:
+            raise ConfigError(f"--load-in-4bit needs bitsandbytes ({err})", hint="pip install bitsandbytes") from None
+        compute = dtype if dtype != torch.float32 or device.type == "cpu" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
+        kwargs["device_map"] = {"": device}
+    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except Exception as err:
+        raise ModelError(f"{spec.model}: cannot load the model ({type(err).__name__}: {str(err)[:300]})",
+                         hint="without network access, pass a local folder or .gguf file") from None
+    if not spec.load_in_4bit:
+        model.to(device)
+    if spec.load_in_4bit and not any("4bit" in type(m).__name__ for m in model.modules()):
+        raise ConfigError("4-bit loading was asked for but no layer was quantized",
+                          hint="check that bitsandbytes supports this device")
+    if spec.adapter is not None:
+        model = attach_adapter(model, spec.adapter, spec.model, is_trainable=for_training)
+    if not for_training:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=device, dtype=dtype, source=source)
+
+
+def eos_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
+    """Token ids that end a generation: EOS, the generation config's EOS list, chat end-of-turn tokens."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(int(e) for e in eos)
+    vocab = tokenizer.get_vocab()
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+        if name in vocab:
+            ids.add(int(vocab[name]))
+    return ids

@@ -1,0 +1,99 @@
+"""Prompt styles shared by `eval gsm8k`, `train` and `generate-traces`, so train and eval cannot drift.
+
+In: a question, optional worked exemplars (few-shot), a tokenizer (for chat templates).
+Out: the prompt text the model continues, and for training the target text it should produce.
+
+Styles (PROMPT_VERSION is recorded in every manifest; bump it when a rendering changes):
+- `plain`: lm-evaluation-harness's gsm8k task format, `Question: ...\nAnswer: ...`, exemplars joined
+  by a blank line, generation stopped at `Question:`.
+- `chat`: exemplars as earlier user/assistant turns of the tokenizer's chat template.
+- `auto`: `chat` when the tokenizer has a chat template, else `plain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gsmkit.errors import ConfigError
+
+PROMPT_VERSION = 1
+STYLES = ("auto", "chat", "plain")
+
+# lm-eval's gsm8k `until` list; the end-of-sequence token is a stop in every style besides these.
+PLAIN_STOP = ("Question:", "</s>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    question: str
+    answer: str
+
+
+def resolve_style(style: str, tokenizer: Any) -> str:
+    """Turn `auto` into `chat` or `plain`; reject `chat` for a tokenizer without a template."""
+    if style not in STYLES:
+        raise ConfigError(f"unknown prompt style '{style}'", hint=f"choose one of {', '.join(STYLES)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == "auto":
+        return "chat" if has_template else "plain"
+    if style == "chat" and not has_template:
+        raise ConfigError(
+            "prompt style 'chat' needs a tokenizer with a chat template, and this one has none",
+            hint="use --style plain",
+        )
+    return style
+
+
+def _plain_prefix(exemplars: Sequence[Exemplar]) -> str:
+    return "".join(f"Question: {ex.question}\nAnswer: {ex.answer}\n\n" for ex in exemplars)
+
+
+def build_messages(question: str, exemplars: Sequence[Exemplar], system_prompt: str | None = None) -> list[dict]:
+    messages: list[dict] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    for ex in exemplars:
+        messages.append({"role": "user", "content": ex.question})
+        messages.append({"role": "assistant", "content": ex.answer})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def render_prompt(
+    style: str,
+    question: str,
+    exemplars: Sequence[Exemplar] = (),
+    tokenizer: Any = None,
+    system_prompt: str | None = None,
+) -> str:
+    """The text the model continues. `style` must already be resolved (`chat` or `plain`)."""
+    if style == "plain":
+        prefix = f"{system_prompt}\n\n" if system_prompt else ""
+        return prefix + _plain_prefix(exemplars) + f"Question: {question}\nAnswer:"
+    if style == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("prompt style 'chat' needs a tokenizer with a chat template, and this one has none",
+                              hint="use --style plain")
+        return tokenizer.apply_chat_template(
+            build_messages(question, exemplars, system_prompt), tokenize=False, add_generation_prompt=True
+        )
+    raise ConfigError(f"prompt style '{style}' is not resolved", hint="call resolve_style first")
+
+
+def render_target(style: str, answer: str, tokenizer: Any = None) -> str:
+    """The text a training example teaches after `render_prompt` (lm-eval's target delimiter is a space)."""
+    if style == "plain":
+        return f" {answer}"
+    return answer
+
+
+def stop_strings(style: str) -> tuple[str, ...]:
+    """Strings that end a completion; the completion is cut before the first one."""
+    return PLAIN_STOP if style == "plain" else ()
+
+
+def add_special_tokens_for(style: str) -> bool:
+    """Chat templates already contain their special tokens; plain text gets the tokenizer's BOS if it has one."""
+    return style == "plain"

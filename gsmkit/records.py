@@ -1,0 +1,187 @@
+"""The JSONL record types gsmkit reads and writes, with their schema versions.
+
+Each record is a frozen dataclass with `from_dict(obj, where)`, which validates fields and raises
+`DataError("path:line: field 'x': reason")`, and `to_dict()`, which gives the documented JSON shape
+(docs/formats.md). Problem ids are derived from content, so the same question has the same id
+whether it came from the Hub, a local jsonl or a parquet export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from gsmkit.errors import DataError
+
+SCHEMA_VERSION = 1
+
+
+def normalize_text(text: str) -> str:
+    """Collapse runs of whitespace and strip: the form hashed for ids and leakage checks."""
+    # str.split() splits on exactly the characters regex `\s` matches (both use str.isspace), so this
+    # equals `re.sub(r"\s+", " ", text).strip()` and is several times faster on 7k-question splits.
+    return " ".join(text.split())
+
+
+def content_hash(question: str) -> str:
+    """sha256 (hex) of the whitespace-normalised question: a problem's identity for leakage checks."""
+    return hashlib.sha256(normalize_text(question).encode("utf-8")).hexdigest()
+
+
+def problem_id(question: str) -> str:
+    """Stable id of a GSM8K problem: `gsm8k-` plus the first 16 hex digits of its content hash."""
+    return "gsm8k-" + content_hash(question)[:16]
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, hint: str | None = None):
+    if key not in obj:
+        raise DataError(f"{where}: missing field '{key}'", hint=hint)
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field '{key}' must be {name}, got {type(value).__name__}", hint=hint)
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty", hint=hint)
+    return value
+
+
+_PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def _normalize_gold(text: str) -> str | None:
+    """The canonical form of a given gold answer, or None when it is not a plain number."""
+    from gsmkit.answers import normalize_number
+
+    value = normalize_number(text)
+    return value if value is not None and _PLAIN_NUMBER.fullmatch(value) else None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A GSM8K problem: `answer` is the worked solution ending in `#### n`, `gold` its normalised n."""
+
+    id: str
+    question: str
+    answer: str
+    gold: str
+
+    @property
+    def sha256(self) -> str:
+        return content_hash(self.question)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], where: str) -> Problem:
+        from gsmkit.answers import gold_from_solution
+
+        hint = "a GSM8K row needs 'question' and 'answer' (the solution ending in '#### <number>')"
+        question = _require(obj, "question", str, where, hint)
+        answer = _require(obj, "answer", str, where, hint)
+        gold = obj.get("gold")
+        if gold is None:
+            gold = gold_from_solution(answer)
+            if gold is None:
+                raise DataError(
+                    f"{where}: field 'answer' has no final '#### <number>' line",
+                    hint="GSM8K solutions end with '#### <number>'; add it or give a 'gold' field",
+                )
+        elif not isinstance(gold, str | int | float) or isinstance(gold, bool):
+            raise DataError(f"{where}: field 'gold' must be a string or number, got {type(gold).__name__}")
+        else:
+            given = gold
+            gold = _normalize_gold(str(given))
+            if gold is None:
+                # An empty or non-numeric gold can never be matched: every answer would score wrong.
+                raise DataError(f"{where}: field 'gold' must be a number, got {given!r}",
+                                hint="give the final answer as a plain number, e.g. \"1000\" or \"-3.5\"")
+        pid = obj.get("id")
+        if pid is not None and not isinstance(pid, str):
+            raise DataError(f"{where}: field 'id' must be a string, got {type(pid).__name__}")
+
+        return cls(id=pid or problem_id(question), question=question, answer=answer, gold=gold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FewshotExample:
+    """A row of a few-shot pool file: a problem plus the content hash used to keep it out of training."""
+
+    id: str
+    question: str
+    answer: str
+    gold: str
+    sha256: str
+
+    @classmethod
+    def from_problem(cls, p: Problem) -> FewshotExample:
+        return cls(id=p.id, question=p.question, answer=p.answer, gold=p.gold, sha256=p.sha256)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], where: str) -> FewshotExample:
+        p = Problem.from_dict(obj, where)
+        digest = obj.get("sha256")
+        if digest is not None and digest != p.sha256:
+            raise DataError(
+                f"{where}: field 'sha256' does not match the question's content hash",
+                hint="the pool was edited by hand; regenerate it with `gsmkit fewshot`",
+            )
+        return cls.from_problem(p)
+
+    def to_problem(self) -> Problem:
+        return Problem(id=self.id, question=self.question, answer=self.answer, gold=self.gold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model answer to one problem, as written to `predictions.jsonl` by `eval gsm8k`."""
+
+    id: str
+    prompt_sha256: str
+    completion: str
+    strict: str | None
+    flexible: str | None
+    gold: str
+    correct_strict: bool
+    correct_flexible: bool
+    num_prompt_tokens: int
+    num_tokens: int
+    finish_reason: str  # "stop" (stop string or end-of-sequence) or "length"
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], where: str) -> Prediction:
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in obj]
+        if missing:
+            raise DataError(f"{where}: missing field '{missing[0]}'",
+                            hint="predictions.jsonl rows are written by `gsmkit eval gsm8k`; rerun it")
+        for name in names:
+            value, kinds = obj[name], _PREDICTION_TYPES[name]
+            # bool is an int subclass: a count given as true/false is as wrong as one given as text.
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise DataError(f"{where}: field '{name}' must be {expected}, got {type(value).__name__}")
+        return cls(**{n: obj[n] for n in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_PREDICTION_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "prompt_sha256": (str,),
+    "completion": (str,),
+    "strict": (str, type(None)),
+    "flexible": (str, type(None)),
+    "gold": (str,),
+    "correct_strict": (bool,),
+    "correct_flexible": (bool,),
+    "num_prompt_tokens": (int,),
+    "num_tokens": (int,),
+    "finish_reason": (str,),
+}
