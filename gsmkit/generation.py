@@ -174,7 +174,7 @@ class HFEngine:
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         # Admit new rows once this share of the batch is free: one prefill for several rows is cheaper
         # than one per row, and the slot axis is rebuilt once per admission.
-        self.refill_at = max(1, int(round(batch_size * refill_fraction)))
+        self.refill_at = max(1, round(batch_size * refill_fraction))
         self.device = next(model.parameters()).device
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = int(config.num_hidden_layers)
@@ -427,19 +427,26 @@ class HFEngine:
         return cache, mask[:, first:]
 
 
+def check_vllm_available() -> None:
+    """Raise ConfigError unless vllm is installed and a CUDA GPU is visible (checked before any model loads)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--backend vllm needs the vllm package", hint="pip install 'gsmkit[vllm]' on a CUDA machine")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--backend vllm needs a CUDA GPU, and none is visible", hint="use --backend hf")
+
+
 class VLLMEngine:
     """The same interface on vLLM (GPU only): prefix caching and continuous batching are vLLM's own."""
 
     def __init__(self, model_path: str, tokenizer: Any, adapter: str | None = None, dtype: str = "auto",
                  batch_size: int = 256, seed: int = 0):
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ConfigError("--backend vllm needs the vllm package", hint="pip install 'gsmkit[vllm]' on a CUDA machine") from None
-        import torch
+        check_vllm_available()
+        from vllm import LLM
 
-        if not torch.cuda.is_available():
-            raise ConfigError("--backend vllm needs a CUDA GPU, and none is visible", hint="use --backend hf")
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.llm = LLM(model=model_path, dtype=dtype, enable_prefix_caching=True, enable_lora=adapter is not None,

@@ -119,7 +119,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     where, extra, _ = locate_weights(model)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any loader failure becomes one line for the user
         raise ModelError(f"{model}: cannot load the tokenizer ({type(err).__name__}: {str(err)[:200]})",
                          hint="without network access, pass a local folder or .gguf file") from None
     if tok.pad_token_id is None:
@@ -191,7 +191,7 @@ def load_model(spec: ModelSpec, for_training: bool = False) -> LoadedModel:
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any loader failure becomes one line for the user
         raise ModelError(f"{spec.model}: cannot load the model ({type(err).__name__}: {str(err)[:300]})",
                          hint="without network access, pass a local folder or .gguf file") from None
     if not spec.load_in_4bit:

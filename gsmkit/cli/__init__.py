@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -19,7 +18,7 @@ from gsmkit import __version__
 class _ErrorBoundaryGroup(TyperGroup):
     """Catches library errors once for every command, so none of them prints a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         from gsmkit.errors import GsmkitError
 
         try:
@@ -27,10 +26,13 @@ class _ErrorBoundaryGroup(TyperGroup):
         except GsmkitError as err:
             if (ctx.obj or {}).get("debug"):
                 raise
+            from rich.text import Text
+
             console = _err_console()
-            console.print(f"[bold red]error:[/] {err.message}", highlight=False, markup=True, soft_wrap=True)
+            # Text objects, not markup: messages quote user input and hints like 'gsmkit[vllm]'.
+            console.print(Text.assemble(("error: ", "bold red"), err.message), highlight=False, soft_wrap=True)
             if err.hint:
-                console.print(f"[yellow]hint:[/] {err.hint}", highlight=False, soft_wrap=True)
+                console.print(Text.assemble(("hint: ", "yellow"), err.hint), highlight=False, soft_wrap=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             _err_console().print("interrupted: rerun the same command to resume", highlight=False)
@@ -71,8 +73,8 @@ def root(
     ctx.obj = {"debug": debug}
 
 
-from gsmkit.cli import eval as _eval  # noqa: E402
-from gsmkit.cli import fewshot as _fewshot  # noqa: E402
+from gsmkit.cli import eval as _eval
+from gsmkit.cli import fewshot as _fewshot
 
 app.command("fewshot")(_fewshot.fewshot)
 app.add_typer(_eval.app, name="eval")

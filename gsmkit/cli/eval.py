@@ -22,6 +22,7 @@ from gsmkit.cli.options import (
     SeedOpt,
     SplitOpt,
     StyleOpt,
+    usage_errors,
 )
 
 app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy.", no_args_is_help=True)
@@ -68,14 +69,15 @@ def gsm8k(
     from gsmkit.modeling import ModelSpec
     from gsmkit.progress import make_progress, stderr_console
 
-    settings = EvalSettings(
-        model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
-                        load_in_4bit=load_in_4bit, device=device),
-        out=out, data=data, split=split, offset=offset, limit=limit, pool=pool, k=k, style=style,
-        system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
-        prefix_cache=prefix_cache, backend=backend, overwrite=overwrite,
-    )
+    with usage_errors():
+        settings = EvalSettings(
+            model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
+                            load_in_4bit=load_in_4bit, device=device),
+            out=out, data=data, split=split, offset=offset, limit=limit, pool=pool, k=k, style=style,
+            system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
+            prefix_cache=prefix_cache, backend=backend, overwrite=overwrite,
+        )
     console = stderr_console()
     progress = make_progress(console)
     task = None

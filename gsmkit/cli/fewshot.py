@@ -33,9 +33,8 @@ def fewshot(
     problems = load_gsm8k(data, split)
     pool = draw_pool(problems, n=n, seed=seed)
     write_pool(out, pool)
-    from gsmkit.jsonl import write_json
-
     from gsmkit.data.gsm8k import resolve_split_files
+    from gsmkit.jsonl import write_json
 
     files = resolve_split_files(data, split)
     manifest = build_manifest("fewshot", {"data": data, "split": split, "n": n, "seed": seed, "out": str(out)},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -36,3 +38,14 @@ KOpt = Annotated[int, typer.Option("--k", help="Number of few-shot exemplars, ta
 StyleOpt = Annotated[
     str, typer.Option("--style", help="Prompt style: auto (chat if the tokenizer has a template) | chat | plain.")
 ]
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Contradictory options found while building settings are usage errors: exit code 2, not 1."""
+    from gsmkit.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as err:
+        raise typer.BadParameter(err.message + (f" (hint: {err.hint})" if err.hint else "")) from None

@@ -21,10 +21,10 @@ from typing import Any
 
 from gsmkit.answers import score_completion
 from gsmkit.errors import ConfigError, ResumeError
+from gsmkit.evaluation.stats import wilson_interval
 from gsmkit.jsonl import Journal, read_jsonl, write_json, write_jsonl
 from gsmkit.modeling import ModelSpec
 from gsmkit.records import Prediction
-from gsmkit.evaluation.stats import wilson_interval
 
 PREDICTIONS = "predictions.jsonl"
 PARTIAL = "predictions.partial.jsonl"
@@ -67,6 +67,12 @@ class EvalSettings:
             raise ConfigError(f"--offset must be >= 0, got {self.offset}")
         if self.limit is not None and self.limit == 0:
             raise ConfigError("--limit 0 selects no problems", hint="omit --limit to evaluate the whole split")
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError("--do-sample needs --temperature > 0", hint="drop --do-sample for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"unknown --backend '{self.backend}'", hint="choose hf or vllm")
 
@@ -192,11 +198,24 @@ def evaluate_gsm8k(
         excluded = before - len(problems)
     journal, done = _prepare_out(settings)
 
-    from gsmkit.modeling import eos_token_ids, load_model
+    from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
     from gsmkit.prompts import add_special_tokens_for, render_prompt, resolve_style, stop_strings
 
-    loaded = load_model(settings.model)
-    tok = loaded.tokenizer
+    if settings.backend == "vllm":
+        from gsmkit.generation import check_vllm_available
+
+        check_vllm_available()
+        # vLLM loads the weights itself; loading them here too would hold them twice on the GPU.
+        if settings.model.load_in_4bit:
+            raise ConfigError("--load-in-4bit is not supported with --backend vllm", hint="use --backend hf")
+        if locate_weights(settings.model.model)[2] == "gguf":
+            raise ConfigError("--backend vllm needs a model folder or Hub id, not a .gguf file",
+                              hint="use --backend hf, or save the model with save_pretrained first")
+        loaded = None
+        tok = load_tokenizer(settings.model.model, settings.model.trust_remote_code)
+    else:
+        loaded = load_model(settings.model)
+        tok = loaded.tokenizer
     style = resolve_style(settings.style, tok)
     stops = tuple(dict.fromkeys(stop_strings(style) + settings.stop))
 
@@ -206,9 +225,6 @@ def evaluate_gsm8k(
     prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, text in prompts.items()}
     by_id = {p.id: p for p in problems}
     todo = [p for p in problems if p.id not in done]
-
-    settings.out.mkdir(parents=True, exist_ok=True)
-    write_json(settings.out / RUN_FINGERPRINT, settings.fingerprint())
 
     from gsmkit.generation import GenRequest, HFEngine, SamplingSettings, VLLMEngine
 
@@ -226,15 +242,20 @@ def evaluate_gsm8k(
     requests = [
         GenRequest(p.id, tuple(tok(prompts[p.id], add_special_tokens=add_special).input_ids)) for p in todo
     ]
+    # Only now, with data, model and engine ready, does the output folder come into being.
+    settings.out.mkdir(parents=True, exist_ok=True)
+    write_json(settings.out / RUN_FINGERPRINT, settings.fingerprint())
     if on_start is not None:
         on_start(len(problems), len(done))
+
+    import contextlib
 
     import torch
 
     t_gen = time.perf_counter()
     tokens_this_run = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode() if loaded else contextlib.nullcontext():
             for res in engine.generate(requests, sampling):
                 p = by_id[res.key]
                 extracted, ok_strict, ok_flex = score_completion(res.text, p.gold)
@@ -264,8 +285,10 @@ def evaluate_gsm8k(
         "eval gsm8k", settings,
         inputs={"data": _data_file(settings), "pool": settings.pool},
         seeds={"seed": settings.seed},
-        extra={"resolved": {"style": style, "stop": list(stops), "dtype": str(loaded.dtype),
-                            "device": str(loaded.device), "excluded_pool_problems": excluded}},
+        extra={"resolved": {"style": style, "stop": list(stops), "backend": settings.backend,
+                            "dtype": str(loaded.dtype) if loaded else settings.model.dtype,
+                            "device": str(loaded.device) if loaded else "cuda",
+                            "excluded_pool_problems": excluded}},
     )
     write_jsonl(settings.out / PREDICTIONS, (pr.to_dict() for pr in preds))
     write_json(settings.out / METRICS, {**metrics.to_dict(), "manifest": manifest})

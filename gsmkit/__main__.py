@@ -1,0 +1,5 @@
+"""`python -m gsmkit` runs the CLI."""
+
+from gsmkit.cli import main
+
+main()
