@@ -188,6 +188,14 @@ def load_model(spec: ModelSpec, for_training: bool = False) -> LoadedModel:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
         kwargs["device_map"] = {"": device}
+    if source == "gguf":
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # transformers < 5 dequantizes GGUF weights to plain tensors anyway
+            pass
+        else:
+            # Dequantize to ordinary dense weights: the model then trains, merges and saves like any other.
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
