@@ -75,8 +75,10 @@ def root(
 
 from gsmkit.cli import eval as _eval
 from gsmkit.cli import fewshot as _fewshot
+from gsmkit.cli import train as _train
 
 app.command("fewshot")(_fewshot.fewshot)
+app.add_typer(_train.app, name="train")
 app.add_typer(_eval.app, name="eval")
 
 

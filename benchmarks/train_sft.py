@@ -1,0 +1,204 @@
+"""Training benchmarks for `gsmkit train sft | qlora` on SmolLM2-135M-Instruct (CPU, float32).
+
+Two parts, each run as separate processes so timings and peak memory do not leak between tools:
+
+speed     `gsmkit train sft` against a plain TRL `SFTTrainer` script with the same model, rows
+          (GSM8K train minus the few-shot pool, as chat prompt/completion), LoRA (r=16, alpha=32,
+          dropout 0.05, q/k/v/o/gate/up/down), batch, max length, learning rate, steps and gradient
+          checkpointing (off in both unless --gc; TRL's own default is on). Reported:
+          real (non-padding) training tokens per second, as counted by transformers' Trainer
+          (`include_num_input_tokens_seen="non_padding"`) over `trainer.train()`, and peak RSS.
+learning  `--steps` optimizer steps of `train sft` and of `train qlora`; mean response-only loss and
+          perplexity on `--eval-rows` GSM8K *test* answers (chat style, the answer and end-of-turn
+          tokens scored) before and after, each adapter scored on the base it was trained with.
+
+Run from the project root:
+    python benchmarks/train_sft.py speed --out bench-out/train_speed --steps 8
+    python benchmarks/train_sft.py learning --out bench-out/train_learning --steps 200 --batch-size 4
+Writes `<out>/results.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    ROOT,
+    ensure_hf_model,
+    ensure_project_importable,
+    gsmkit_command,
+    machine_info,
+    run_timed,
+    tail,
+)
+
+ensure_project_importable()
+
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+TRL_SCRIPT = r'''
+import json, resource, sys, time
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+model_dir, rows_path, out, steps, batch, max_len, lr, seed, gc = sys.argv[1:10]
+rows = [json.loads(x) for x in open(rows_path)]
+ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
+                         "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+cfg = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_length=int(max_len),
+                learning_rate=float(lr), max_steps=int(steps), lr_scheduler_type="cosine", warmup_steps=0.03,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=int(seed),
+                include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+                gradient_checkpointing=gc == "1")
+peft = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=TARGETS,
+                  bias="none", task_type="CAUSAL_LM")
+trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft)
+t0 = time.perf_counter()
+result = trainer.train()
+seconds = time.perf_counter() - t0
+tokens = int(trainer.state.num_input_tokens_seen)
+print(json.dumps({"steps": trainer.state.global_step, "train_s": seconds, "tokens": tokens,
+                  "tokens_per_s": tokens / seconds, "train_loss": result.training_loss,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def prepare_rows(gsm8k_dir: Path, pool: Path, out: Path, n: int) -> Path:
+    """The first n GSM8K train rows that are not in the few-shot pool, as {question, answer} JSONL."""
+    from gsmkit.data.fewshot import pool_hashes, read_pool
+    from gsmkit.data.gsm8k import load_gsm8k
+
+    hashes = pool_hashes(read_pool(pool))
+    rows = [p for p in load_gsm8k(gsm8k_dir, "train") if p.sha256 not in hashes][:n]
+    path = out / "train_rows.jsonl"
+    path.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in rows))
+    return path
+
+
+def last_json(log: Path) -> dict:
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"no JSON summary in {log}:\n{tail(log)}")
+
+
+def run_speed(args, model_dir: Path, rows: Path, pool: Path) -> dict:
+    out = args.out
+    common = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+              "--learning-rate", str(args.lr), "--seed", "42"]
+    gsm_cmd = gsmkit_command() + [
+        "train", "sft", "--model", str(model_dir), "--data", str(rows), "--fewshot-pool", str(pool),
+        "--max-steps", str(args.steps), "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
+        "--lora-dropout", str(LORA["dropout"]), "--out", str(out / "gsmkit"), "--overwrite", "--json",
+        "--gradient-checkpointing" if args.gc else "--no-gradient-checkpointing", *common]
+    script = out / "trl_sft.py"
+    script.write_text(TRL_SCRIPT.replace("LORA_R", str(LORA["r"])).replace("LORA_ALPHA", str(LORA["alpha"]))
+                      .replace("LORA_DROPOUT", str(LORA["dropout"])).replace("TARGETS", repr(TARGETS)))
+    trl_cmd = [sys.executable, str(script), str(model_dir), str(rows), str(out / "trl"), str(args.steps),
+               str(args.batch_size), str(args.max_length), str(args.lr), "42", "1" if args.gc else "0"]
+    results = {}
+    # Each tool runs in its own process and reports its own peak RSS (ru_maxrss of itself).
+    for name, cmd in (("trl", trl_cmd), ("gsmkit", gsm_cmd)):
+        log = out / "logs" / f"{name}.log"
+        wall, code = run_timed(cmd, log)
+        if code != 0:
+            raise SystemExit(f"{name} failed ({code}):\n{tail(log)}")
+        summary = last_json(log)
+        results[name] = {"wall_s": round(wall, 1), "command": cmd, **summary}
+    g, t = results["gsmkit"], results["trl"]
+    results["ratio_tokens_per_s"] = g["tokens_per_s"] / t["tokens_per_s"]
+    return results
+
+
+def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
+    import torch
+
+    from gsmkit.evaluation.perplexity import perplexity, response_nll
+    from gsmkit.modeling import ModelSpec, load_model
+    from gsmkit.training.data import load_train_examples
+    from gsmkit.training.masking import encode_example
+
+    test = load_train_examples(args.gsm8k_dir, "test")[: args.eval_rows]
+    out = args.out
+    results: dict = {}
+
+    def score(mode: str, adapter: Path | None) -> dict:
+        loaded = load_model(ModelSpec(str(model_dir), adapter=str(adapter) if adapter else None,
+                                      load_in_4bit=mode == "qlora"))
+        enc = [encode_example(ex, loaded.tokenizer, "chat", 1024) for ex in test]
+        t0 = time.perf_counter()
+        nll, n, _ = response_nll(loaded.model, enc, batch_size=8, pad_id=loaded.tokenizer.pad_token_id)
+        del loaded
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return {"loss": nll / n, "ppl": perplexity(nll, n), "tokens": n, "seconds": round(time.perf_counter() - t0, 1)}
+
+    for mode in args.modes:
+        before = score(mode, None)
+        run_dir = out / mode
+        cmd = gsmkit_command() + [
+            "train", mode, "--model", str(model_dir), "--data", str(rows), "--fewshot-pool", str(pool),
+            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
+            str(args.max_length), "--learning-rate", str(args.lr), "--lora-r", str(LORA["r"]), "--lora-alpha",
+            str(LORA["alpha"]), "--out", str(run_dir), "--overwrite", "--json"]
+        log = out / "logs" / f"train_{mode}.log"
+        wall, code = run_timed(cmd, log)
+        if code != 0:
+            raise SystemExit(f"train {mode} failed ({code}):\n{tail(log)}")
+        summary = last_json(log)
+        after = score(mode, run_dir)
+        results[mode] = {"before": before, "after": after, "train": summary, "wall_s": round(wall, 1),
+                         "ppl_reduction": 1 - after["ppl"] / before["ppl"], "command": cmd}
+        (out / "results.partial.json").write_text(json.dumps(results, indent=2))
+    if "sft" in results and "qlora" in results:
+        results["qlora_vs_sft_after_ppl"] = results["qlora"]["after"]["ppl"] / results["sft"]["after"]["ppl"] - 1
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["speed", "learning"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--rows", type=int, default=2048, help="training rows (GSM8K train minus the pool)")
+    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--gc", action="store_true", help="gradient checkpointing in both tools (TRL's default)")
+    parser.add_argument("--modes", nargs="+", default=["sft", "qlora"], choices=["sft", "qlora"])
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.out.parent / "smollm2-hf"
+    ensure_hf_model(model_dir)
+    pool = args.out / "pool.jsonl"
+    code = run_timed(gsmkit_command() + ["fewshot", "--data", str(args.gsm8k_dir), "--out", str(pool)],
+                     args.out / "logs" / "fewshot.log")[1]
+    if code != 0:
+        raise SystemExit("gsmkit fewshot failed")
+    rows = prepare_rows(args.gsm8k_dir, pool, args.out, args.rows)
+    results = run_speed(args, model_dir, rows, pool) if args.part == "speed" else run_learning(args, model_dir, rows, pool)
+    record = {"benchmark": f"train_{args.part}", "settings": {k: str(v) for k, v in vars(args).items()},
+              "machine": machine_info(), "results": results}
+    (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str))
+    from rich.console import Console
+
+    Console().print_json(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)} |
+                                    {k: {kk: vv for kk, vv in v.items() if kk != "command"}
+                                     for k, v in results.items() if isinstance(v, dict)}, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""`gsmkit train sft | qlora`: response-only fine-tuning with LoRA, 4-bit QLoRA or full weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gsmkit.cli.options import DeviceOpt, DTypeOpt, JsonOpt, ModelOpt, usage_errors
+
+app = typer.Typer(help="Fine-tune a model on GSM8K (or traces, or any prompt/response JSONL).", no_args_is_help=True)
+
+# Options default to None so that a preset or --config value is overridden only by flags actually given.
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the adapter, logs and manifest.",
+                                      file_okay=False)]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Training data: GSM8K Hub id or local file/folder, or a JSONL of {question, answer}, {prompt, response} or {messages}. [default: openai/gsm8k]")]
+TracesOpt = Annotated[str | None, typer.Option("--traces", help="A traces JSONL from `gsmkit generate-traces`, used instead of --data.")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of a GSM8K source. [default: train]")]
+PoolOpt = Annotated[Path | None, typer.Option("--fewshot-pool", help="Few-shot pool to keep out of training. [default: ./fewshot_pool.jsonl, else the default pool drawn from GSM8K train]", exists=True, dir_okay=False)]
+KOpt = Annotated[int | None, typer.Option("--k", help="Exemplars the run's evaluation uses (recorded in the manifest). [default: 5]", min=0)]
+StyleOpt = Annotated[str | None, typer.Option("--style", help="Prompt style shared with eval: auto | chat | plain. [default: auto]")]
+SystemOpt = Annotated[str | None, typer.Option("--system-prompt", help="System prompt (chat) or preamble (plain).")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="simple (1 epoch, k=3, eval 512 tokens) | medium (1 epoch, k=5, checkpoint sweep) | strong (2 epochs, k=8, uses --traces).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file with the same keys as the long options (flags win).", exists=True, dir_okay=False)]
+LoraROpt = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank. [default: 16]", min=1)]
+LoraAlphaOpt = Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha. [default: 32]", min=1)]
+LoraDropoutOpt = Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout. [default: 0.05]")]
+TargetsOpt = Annotated[list[str] | None, typer.Option("--target-modules", help="LoRA target module names (repeatable). [default: q/k/v/o/gate/up/down_proj present in the model]")]
+LrOpt = Annotated[float | None, typer.Option("--learning-rate", "--lr", help="Peak learning rate. [default: 2e-4]")]
+SchedOpt = Annotated[str | None, typer.Option("--lr-scheduler", help="linear | cosine | constant ... [default: cosine]")]
+WarmupOpt = Annotated[float | None, typer.Option("--warmup-ratio", help="Share of steps for warmup. [default: 0.03]")]
+EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Training epochs. [default: 1]")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Rows per device per step. [default: 8]", min=1)]
+AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="Gradient accumulation steps. [default: 1]", min=1)]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Max tokens per example; the prompt is cut first. [default: 512]")]
+MaxSamplesOpt = Annotated[int | None, typer.Option("--max-samples", help="Use only the first N training rows.", min=1)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 42]")]
+GcOpt = Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory. [default: on for qlora]")]
+SaveStepsOpt = Annotated[int | None, typer.Option("--save-steps", help="Keep an adapter checkpoint every N steps (enables --resume).", min=1)]
+SaveLimitOpt = Annotated[int | None, typer.Option("--save-total-limit", help="Keep at most this many checkpoints.", min=1)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a finished or interrupted run in --out.")]
+EvalLimitOpt = Annotated[int | None, typer.Option("--eval-limit", help="After training, run `eval gsm8k` on N test problems with the run's k and style.", min=1)]
+EvalDataOpt = Annotated[str | None, typer.Option("--eval-data", help="GSM8K source for --eval-limit (test split). [default: --data]")]
+EvalTokensOpt = Annotated[int | None, typer.Option("--eval-max-new-tokens", help="Generation budget of that evaluation. [default: 256]")]
+SweepOpt = Annotated[int | None, typer.Option("--sweep-last", help="Also evaluate the last M checkpoints and record the best.", min=1)]
+ShowMaskingOpt = Annotated[int, typer.Option("--show-masking", help="Print N encoded examples with trained tokens highlighted, then exit.", min=0)]
+FullOpt = Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA (writes a full model).")]
+
+
+def _run(mode: str, flags: dict, config: Path | None, preset: str | None, show_masking: int, json_out: bool) -> None:
+    from gsmkit.progress import make_progress, stderr_console
+    from gsmkit.training.sft import resolve_settings
+
+    with usage_errors():
+        settings = resolve_settings({**flags, "mode": mode}, config, preset)
+    console = stderr_console()
+    if show_masking:
+        _show_masking(settings, show_masking, console)
+        return
+    from gsmkit.training.sft import train
+
+    progress = make_progress(console)
+    task = None
+    last = {}
+
+    def on_start(total: int) -> None:
+        nonlocal task
+        task = progress.add_task(f"train {mode}", total=total, unit="steps")
+        progress.start()
+
+    def on_step(step: int, total: int) -> None:
+        progress.update(task, completed=step, total=total,
+                        description=f"train {mode} loss {last.get('loss', float('nan')):.3f}")
+
+    try:
+        result = train(settings, on_start=on_start, on_step=on_step, on_log=last.update)
+    finally:
+        progress.stop()
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    console.print(
+        f"trained {result.steps} steps on {result.train_rows} rows ({result.removed_fewshot} few-shot rows removed), "
+        f"loss {result.train_loss if result.train_loss is not None else float('nan'):.4f}, "
+        f"{result.tokens_per_s:.1f} tokens/s; adapter in {result.out}"
+    )
+    if result.eval:
+        console.print(f"eval: strict {result.eval['accuracy_strict']:.1%}, flexible {result.eval['accuracy_flexible']:.1%} "
+                      f"on {result.eval['n']} problems")
+
+
+def _show_masking(settings, n: int, console) -> None:
+    from gsmkit.modeling import load_tokenizer
+    from gsmkit.training.masking import masking_preview
+    from gsmkit.training.sft import prepare_examples
+
+    tok = load_tokenizer(settings.model)
+    encoded, removed, origin, style = prepare_examples(settings, tok)
+    console.print(f"style {style}; {len(encoded)} rows after removing {len(removed)} few-shot rows ({origin}); "
+                  "trained tokens highlighted", highlight=False)
+    for e in encoded[:n]:
+        console.rule(f"{e.where}  ({e.num_trainable} trained of {len(e.input_ids)} tokens{', truncated' if e.truncated else ''})")
+        console.print(masking_preview(e, tok))
+
+
+def _flags(**kw):
+    kw["target_modules"] = tuple(kw["target_modules"]) if kw.get("target_modules") else None
+    return kw
+
+
+@app.command("sft")
+def sft(
+    model: ModelOpt, out: OutOpt = Path("runs/sft"), data: DataOpt = None, traces: TracesOpt = None,
+    split: SplitOpt = None, fewshot_pool: PoolOpt = None, k: KOpt = None, style: StyleOpt = None,
+    system_prompt: SystemOpt = None, preset: PresetOpt = None, config: ConfigOpt = None, full: FullOpt = False,
+    lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
+    target_modules: TargetsOpt = None, learning_rate: LrOpt = None, lr_scheduler: SchedOpt = None,
+    warmup_ratio: WarmupOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = None, grad_accum: AccumOpt = None, max_length: MaxLenOpt = None,
+    max_samples: MaxSamplesOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = "auto", device: DeviceOpt = "auto",
+    gradient_checkpointing: GcOpt = None, save_steps: SaveStepsOpt = None, save_total_limit: SaveLimitOpt = None,
+    resume: ResumeOpt = False, overwrite: OverwriteOpt = False, eval_limit: EvalLimitOpt = None,
+    eval_data: EvalDataOpt = None, eval_max_new_tokens: EvalTokensOpt = None, sweep_last: SweepOpt = None,
+    show_masking: ShowMaskingOpt = 0, json_out: JsonOpt = False,
+) -> None:
+    """LoRA (or --full) fine-tuning on a full-precision base, loss on the response tokens only.
+
+    The few-shot pool is removed from the training rows by content hash. Writes the adapter,
+    tokenizer, manifest.json, trainer_log.jsonl and loss_curve.png to --out.
+
+    Example: gsmkit train sft --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
+    --max-steps 200 --out runs/sft
+    """
+    flags = _flags(model=model, out=out, data=data, traces=traces, split=split, fewshot_pool=fewshot_pool, k=k,
+                   style=style, system_prompt=system_prompt, full=full or None, lora_r=lora_r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, target_modules=target_modules, learning_rate=learning_rate,
+                   lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
+                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, max_samples=max_samples,
+                   seed=seed, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                   save_steps=save_steps, save_total_limit=save_total_limit, resume=resume or None,
+                   overwrite=overwrite or None, eval_limit=eval_limit, eval_data=eval_data,
+                   eval_max_new_tokens=eval_max_new_tokens, sweep_last=sweep_last)
+    _run("sft", flags, config, preset, show_masking, json_out)
+
+
+@app.command("qlora")
+def qlora(
+    model: ModelOpt, out: OutOpt = Path("runs/qlora"), data: DataOpt = None, traces: TracesOpt = None,
+    split: SplitOpt = None, fewshot_pool: PoolOpt = None, k: KOpt = None, style: StyleOpt = None,
+    system_prompt: SystemOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
+    lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
+    target_modules: TargetsOpt = None, learning_rate: LrOpt = None, lr_scheduler: SchedOpt = None,
+    warmup_ratio: WarmupOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = None, grad_accum: AccumOpt = None, max_length: MaxLenOpt = None,
+    max_samples: MaxSamplesOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = "auto", device: DeviceOpt = "auto",
+    gradient_checkpointing: GcOpt = None, save_steps: SaveStepsOpt = None, save_total_limit: SaveLimitOpt = None,
+    resume: ResumeOpt = False, overwrite: OverwriteOpt = False, eval_limit: EvalLimitOpt = None,
+    eval_data: EvalDataOpt = None, eval_max_new_tokens: EvalTokensOpt = None, sweep_last: SweepOpt = None,
+    show_masking: ShowMaskingOpt = 0, json_out: JsonOpt = False,
+) -> None:
+    """4-bit QLoRA: nf4 base with double quantization, LoRA adapters trained in higher precision.
+
+    Same data handling and outputs as `train sft`; gradient checkpointing is on by default.
+
+    Example: gsmkit train qlora --model Qwen/Qwen2.5-1.5B-Instruct --data ../shared/data/gsm8k --k 5
+    --max-steps 200 --out runs/qlora
+    """
+    flags = _flags(model=model, out=out, data=data, traces=traces, split=split, fewshot_pool=fewshot_pool, k=k,
+                   style=style, system_prompt=system_prompt, lora_r=lora_r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, target_modules=target_modules, learning_rate=learning_rate,
+                   lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
+                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, max_samples=max_samples,
+                   seed=seed, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                   save_steps=save_steps, save_total_limit=save_total_limit, resume=resume or None,
+                   overwrite=overwrite or None, eval_limit=eval_limit, eval_data=eval_data,
+                   eval_max_new_tokens=eval_max_new_tokens, sweep_last=sweep_last)
+    _run("qlora", flags, config, preset, show_masking, json_out)

@@ -1,0 +1,187 @@
+"""Response-only loss masking: one training example in, token ids and labels out.
+
+In: a `TrainExample`, a fast tokenizer, a resolved prompt style (`chat` or `plain`), a length limit
+and an optional system prompt.
+Out: `Encoded(input_ids, labels, where, truncated)`; labels are IGNORE_INDEX (-100) on every prompt
+token and equal input_ids on the response, so the loss (and so the gradient) sees the response only.
+
+Where the response starts: the prompt and the whole example are rendered as text, the same way
+`eval gsm8k` renders prompts (`gsmkit.prompts`), and the whole text must start with the prompt text.
+The whole text is tokenised once with character offsets, and a token is trained iff it starts at or
+after the end of the prompt text. A token merged across the boundary therefore counts as prompt.
+Because the boundary comes from the rendered template, this needs no `{% generation %}` markers
+and works for ChatML (Qwen, SmolLM), Llama 3, Mistral and other templates. What is trained:
+- chat: the reply and the template's end of turn (`<|im_end|>\n` for ChatML, `<|eot_id|>` for Llama 3),
+  so the model learns to stop the way generation stops;
+- plain: the ` answer` of `Question: ...\nAnswer: answer` (or a row's response) and then the
+  tokenizer's EOS token; the prompt gets the tokenizer's BOS when it adds one, as at evaluation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+
+from gsmkit.errors import ConfigError, DataError, ModelError
+from gsmkit.prompts import add_special_tokens_for, build_messages, render_prompt, render_target
+from gsmkit.training.data import TrainExample
+
+IGNORE_INDEX = -100  # the label torch's cross_entropy (and HF models) ignore by default
+TRAINED_STYLE = "bold green"
+MASKED_STYLE = "dim"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised example: `labels[i]` is `input_ids[i]` where trained, else IGNORE_INDEX."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+    truncated: bool
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None) -> tuple[str, str]:
+    """(prompt text, whole text) through the chat template."""
+    if not _has_template(tokenizer):
+        raise ConfigError("prompt style 'chat' needs a tokenizer with a chat template, and this one has none",
+                          hint="use --style plain")
+    if ex.kind == "messages":
+        context = list(ex.messages[:-1])  # type: ignore[index]
+        reply = ex.messages[-1]  # type: ignore[index]
+        if system_prompt:
+            if context and context[0]["role"] == "system":
+                # Replacing or keeping the row's own system message silently would both surprise someone.
+                raise ConfigError(f"{ex.where}: the row has its own system message, and a system prompt was also given",
+                                  hint="drop --system-prompt, or the rows' system messages")
+            context.insert(0, {"role": "system", "content": system_prompt})
+        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template([*context, reply], tokenize=False)
+        hint = ("this chat template renders earlier turns differently once a reply follows (some drop "
+                "reasoning from past turns); use a template that does not, or question/answer rows with --style plain")
+    else:
+        # A prompt/response row in chat style is one user turn and one assistant turn.
+        question = ex.question if ex.kind == "qa" else ex.prompt
+        answer = ex.answer if ex.kind == "qa" else ex.response
+        # render_prompt is what `eval gsm8k` sends, so training and evaluation prompts cannot drift.
+        prompt = render_prompt("chat", question, (), tokenizer, system_prompt)
+        reply = {"role": "assistant", "content": render_target("chat", answer)}
+        whole = tokenizer.apply_chat_template([*build_messages(question, (), system_prompt), reply], tokenize=False)
+        hint = "use --style plain"
+    if not whole.startswith(prompt):
+        raise ConfigError(f"{ex.where}: the chat template's generation prompt is not a prefix of the rendered "
+                          "conversation, so the reply cannot be located", hint=hint)
+    return prompt, whole
+
+
+def _plain_texts(ex: TrainExample, system_prompt: str | None) -> tuple[str, str]:
+    if ex.kind == "messages":
+        raise ConfigError(f"{ex.where}: messages rows need the chat style, and the style is plain",
+                          hint="use --style chat (or auto) with a tokenizer that has a chat template")
+    if ex.kind == "pr":
+        if system_prompt:
+            # The prompt is used exactly as given; quietly dropping the system prompt would mislead.
+            raise ConfigError(f"{ex.where}: a system prompt cannot be added to prompt/response rows in plain style",
+                              hint="put it into the rows' prompts, or use --style chat")
+        return ex.prompt, ex.prompt + ex.response  # type: ignore[operator]
+    prompt = render_prompt("plain", ex.question, (), None, system_prompt)  # type: ignore[arg-type]
+    return prompt, prompt + render_target("plain", ex.answer)  # type: ignore[arg-type]
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before text when it adds special tokens (its BOS, if any).
+
+    Probed rather than read from `bos_token_id`: many tokenizers have a BOS they never add, and any
+    suffix it adds (an EOS on some) is left out because the EOS is appended as a trained token instead.
+    """
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return list(full[:i])
+    return []
+
+
+def _tokenize_split(tokenizer: Any, prompt: str, whole: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of `whole`, split at the first token starting at or after len(prompt)."""
+    try:
+        enc = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ModelError("response-only training needs a fast tokenizer (one that reports character offsets)",
+                         hint="use a tokenizer with a tokenizer.json (load it with use_fast=True)") from None
+    ids = list(enc["input_ids"])
+    # Offsets are non-decreasing, so tokens before the cut are exactly the prompt's.
+    cut = next((i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= len(prompt)), len(ids))
+    return ids[:cut], ids[cut:]
+
+
+def encode_example(
+    ex: TrainExample,
+    tokenizer: Any,
+    style: str,
+    max_length: int,
+    system_prompt: str | None = None,
+) -> Encoded:
+    """Tokenise one example with labels on its response only, cut to at most `max_length` tokens.
+
+    Truncation cuts prompt tokens from the left first, so the response stays whole; a response longer
+    than `max_length` keeps its first `max_length` tokens. `truncated` says whether anything was cut.
+    """
+    if max_length < 1:
+        raise ConfigError(f"maximum sequence length must be at least 1, got {max_length}")
+    if style == "chat":
+        prompt, whole = _chat_texts(ex, tokenizer, system_prompt)
+        # The template writes its own special tokens, as at evaluation (add_special_tokens_for("chat")).
+        prompt_ids, response_ids = _tokenize_split(tokenizer, prompt, whole)
+    elif style == "plain":
+        prompt, whole = _plain_texts(ex, system_prompt)
+        prompt_ids, response_ids = _tokenize_split(tokenizer, prompt, whole)
+        if add_special_tokens_for("plain"):
+            prompt_ids = _special_prefix(tokenizer) + prompt_ids
+        if tokenizer.eos_token_id is None:
+            raise ModelError("the tokenizer has no EOS token, so plain-style training cannot teach the model to stop",
+                             hint="use --style chat, or a tokenizer that defines eos_token")
+        response_ids.append(int(tokenizer.eos_token_id))
+    else:
+        raise ConfigError(f"prompt style '{style}' is not resolved", hint="call resolve_style first")
+
+    if not response_ids:
+        raise DataError(f"{ex.where}: no trainable token: the response renders to nothing after the prompt",
+                        hint="check that the row's answer is not empty and that the chat template renders "
+                             "the assistant's message")
+    truncated = len(prompt_ids) + len(response_ids) > max_length
+    if truncated:
+        if len(response_ids) >= max_length:
+            prompt_ids, response_ids = [], response_ids[:max_length]
+        else:
+            # Left side: the question's end and the template's turn header stay next to the response.
+            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):]
+    return Encoded(input_ids=prompt_ids + response_ids,
+                   labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                   where=ex.where, truncated=truncated)
+
+
+def masking_preview(encoded: Encoded, tokenizer: Any) -> Text:
+    """A header line, then the decoded example: trained tokens bold green, masked ones dim.
+
+    Special tokens are shown as written (`<|im_end|>`); runs of tokens are decoded together so that a
+    character split over several byte-level tokens still prints.
+    """
+    header = f"{encoded.where}: {len(encoded.input_ids)} tokens, {encoded.num_trainable} trained"
+    text = Text(header + (" (truncated)" if encoded.truncated else "") + "\n", style="bold")
+    pairs = zip(encoded.input_ids, encoded.labels, strict=True)
+    for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
+        ids = [token for token, _ in run]
+        text.append(tokenizer.decode(ids, skip_special_tokens=False), style=TRAINED_STYLE if trained else MASKED_STYLE)
+    return text

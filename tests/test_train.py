@@ -1,0 +1,186 @@
+"""`gsmkit train sft | qlora` on tiny random models: weights change, loss falls, the few-shot pool never
+reaches a batch, resume continues to the same step count, outputs load with PEFT and in `eval gsm8k`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gsmkit.cli import app
+from gsmkit.errors import ConfigError
+from gsmkit.training import sft as sft_mod
+from gsmkit.training.sft import TrainSettings, resolve_settings, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, small_gsm8k) -> Path:
+    out = tmp_path_factory.mktemp("pool") / "pool.jsonl"
+    assert runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "4", "--out", str(out)]).exit_code == 0
+    return out
+
+
+def _settings(model, data, pool, out, **kw) -> TrainSettings:
+    base = {"model": str(model), "out": out, "data": str(data), "fewshot_pool": pool, "batch_size": 4,
+            "max_length": 192, "max_steps": 4, "logging_steps": 1, "learning_rate": 5e-3, "warmup_ratio": 0.0,
+            "lr_scheduler": "constant", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def _lora_b_norm(adapter_dir: Path) -> float:
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    return sum(float(v.abs().sum()) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_sft_trains_lora_and_never_sees_the_pool(tmp_path, tiny_model_dir, small_gsm8k, pool, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pool_questions = [json.loads(x)["question"] for x in pool.read_text().splitlines()]
+    seen_batches: list[str] = []
+    real_call = sft_mod.PadCollator.__call__
+
+    def spy(self, rows):
+        batch = real_call(self, rows)
+        seen_batches.extend(tok.batch_decode(batch["input_ids"], skip_special_tokens=True))
+        return batch
+
+    monkeypatch.setattr(sft_mod.PadCollator, "__call__", spy)
+    out = tmp_path / "run"
+    result = train(_settings(tiny_model_dir, small_gsm8k, pool, out, max_steps=10, epochs=3.0))
+    assert result.steps == 10 and result.removed_fewshot == 4 and result.train_rows == 36
+    # every row of every batch is decoded: no pool question appears in any of them
+    assert len(seen_batches) >= 10 * 4
+    norm = " ".join
+    assert not any(norm(q.split()) in norm(text.split()) for q in pool_questions for text in seen_batches)
+    assert any("Question:" in t or "assistant" in t or len(t) > 20 for t in seen_batches)
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "trainer_log.jsonl",
+                 "loss_curve.png", "tokenizer.json"):
+        assert (out / name).exists(), name
+    assert not (out / "model.safetensors").exists()  # adapter only
+    assert _lora_b_norm(out) > 0  # LoRA B starts at zero: non-zero means it trained
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["removed_fewshot"] == 4 and len(manifest["resolved"]["removed_fewshot_hashes"]) == 4
+    assert manifest["settings"]["k"] == 5 and manifest["command"] == "train sft"
+    assert set(manifest["resolved"]["lora_targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"}
+    log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r][:3] == [1, 2, 3]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, out)  # loads with plain PEFT
+    res = runner.invoke(app, ["eval", "gsm8k", "--model", str(tiny_model_dir), "--adapter", str(out), "--data",
+                              str(small_gsm8k), "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev" / "predictions.jsonl").exists()
+
+
+def test_loss_falls_on_a_repeated_batch(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    result = train(_settings(tiny_model_dir, small_gsm8k, pool, tmp_path / "r", max_samples=4, max_steps=12,
+                             learning_rate=2e-2, group_by_length=False))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "r" / "trainer_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert result.steps == 12
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_qlora_trains_in_4bit(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q"
+    result = train(_settings(tiny_model_dir, small_gsm8k, pool, out, mode="qlora", max_steps=3))
+    assert result.steps == 3 and _lora_b_norm(out) > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "train qlora" and manifest["resolved"]["gradient_checkpointing"] is True
+
+
+def test_resume_reaches_the_same_step_count(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    out = tmp_path / "res"
+    settings = _settings(tiny_model_dir, small_gsm8k, pool, out, max_steps=6, save_steps=2)
+
+    def crash(step, total):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, on_step=crash)
+    assert (out / "checkpoints" / "checkpoint-2").exists() and not (out / "adapter_config.json").exists()
+    res = runner.invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
+                              "--fewshot-pool", str(pool), "--out", str(out), "--max-steps", "6"])
+    assert res.exit_code == 1 and "--resume" in res.output  # an interrupted run is never silently restarted
+    resumed = train(_settings(tiny_model_dir, small_gsm8k, pool, out, max_steps=6, save_steps=2, resume=True))
+    assert resumed.steps == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["resumed_from"].endswith("checkpoint-2")
+    assert _lora_b_norm(out) > 0
+    steps = [json.loads(x)["step"] for x in (out / "trainer_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # no duplicated log rows after resume
+
+
+def test_show_masking_previews_and_writes_nothing(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    out = tmp_path / "none"
+    res = runner.invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
+                              "--fewshot-pool", str(pool), "--out", str(out), "--show-masking", "2"])
+    assert res.exit_code == 0, res.output
+    assert "trained" in res.output and "4 few-shot rows" in res.output
+    assert not out.exists()
+
+
+def test_presets_config_and_flags_layer_in_order(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.001\nepochs: 3\nlora_r: 8\n")
+    s = resolve_settings({"model": "m", "out": tmp_path, "lora_r": 32}, cfg, "strong")
+    assert (s.k, s.epochs, s.learning_rate, s.lora_r) == (8, 3, 0.001, 32)  # preset < config < flags
+    s = resolve_settings({"model": "m", "out": tmp_path}, None, "simple")
+    assert (s.k, s.epochs, s.eval_max_new_tokens) == (3, 1.0, 512)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning_rat'"):
+        resolve_settings({"model": "m", "out": tmp_path}, bad)
+    with pytest.raises(ConfigError, match="preset"):
+        resolve_settings({"model": "m", "out": tmp_path}, None, "huge")
+
+
+def test_bad_training_options(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    def run(*extra):
+        return runner.invoke(app, ["train", *extra, "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
+                                   "--fewshot-pool", str(pool), "--out", str(tmp_path / "o")])
+
+    res = run("sft", "--sweep-last", "2")
+    assert res.exit_code == 2 and "--save-steps" in res.output
+    res = run("sft", "--resume")
+    assert res.exit_code == 1 and "no checkpoint" in res.output and "Traceback" not in res.output
+    res = run("sft", "--target-modules", "nope_proj", "--max-steps", "1")
+    assert res.exit_code == 1 and "nope_proj" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    res = runner.invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(bad), "--fewshot-pool",
+                              str(pool), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "bad.jsonl:1" in res.output and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_runs_under_accelerate_launch(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    out = tmp_path / "acc"
+    cmd = ["accelerate", "launch", "--num_processes", "1", "--cpu", "-m", "gsmkit", "train", "sft", "--model",
+           str(tiny_model_dir), "--data", str(small_gsm8k), "--fewshot-pool", str(pool), "--out", str(out),
+           "--max-steps", "2", "--batch-size", "2", "--max-length", "128", "--json"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert (out / "adapter_model.safetensors").exists()
