@@ -19,9 +19,15 @@ class RateColumn(ProgressColumn):
     """Items per second, with the task's unit (`problems/s`, `rows/s`)."""
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
+        # Average over the whole run, not rich's windowed estimate: rows often finish in bursts (one
+        # decode step ends several), and a burst over microseconds makes the windowed rate absurd.
+        # `start` is the count already done when the task began (a resumed run), so it is not counted.
         unit = task.fields.get("unit", "it")
-        return Text("-" if speed is None else f"{speed:.2f} {unit}/s", style="progress.data.speed")
+        elapsed = task.elapsed
+        done = task.completed - task.fields.get("start", 0)
+        if not elapsed or done <= 0:
+            return Text(f"- {unit}/s", style="progress.data.speed")
+        return Text(f"{done / elapsed:.2f} {unit}/s", style="progress.data.speed")
 
 
 def stderr_console() -> Console:

@@ -73,11 +73,15 @@ def root(
     ctx.obj = {"debug": debug}
 
 
+from gsmkit.cli import audit as _audit
 from gsmkit.cli import eval as _eval
 from gsmkit.cli import fewshot as _fewshot
+from gsmkit.cli import merge as _merge
 from gsmkit.cli import train as _train
 
 app.command("fewshot")(_fewshot.fewshot)
+app.command("audit-svd")(_audit.audit_svd)
+app.command("merge")(_merge.merge)
 app.add_typer(_train.app, name="train")
 app.add_typer(_eval.app, name="eval")
 

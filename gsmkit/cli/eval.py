@@ -86,7 +86,7 @@ def gsm8k(
         nonlocal task
         if done:
             console.print(f"resuming: {done} of {total} problems already done")
-        task = progress.add_task("eval gsm8k", total=total, completed=done, unit="problems")
+        task = progress.add_task("eval gsm8k", total=total, completed=done, unit="problems", start=done)
         progress.start()
 
     try:
@@ -109,4 +109,82 @@ def gsm8k(
     console.print(
         f"{metrics.generated_this_run} generated in {metrics.generation_s:.1f}s: {metrics.problems_per_s:.2f} problems/s, "
         f"{metrics.tokens_per_s:.1f} tokens/s; truncated at --max-new-tokens: {metrics.truncated:.1%}; results in {out}"
+    )
+
+
+@app.command("ppl")
+def ppl(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option("--data", help="JSONL of {prompt, response} (loss on the response only) or "
+                                       "{text} (loss on every token after the first) rows, optional metadata.",
+                                       dir_okay=False, show_default=False)],
+    out: OutDirOpt = Path("runs/eval-ppl"),
+    adapter: AdapterOpt = None,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", help="Window in tokens; longer texts are scored with a sliding window, never truncated "
+        "(default: the model's max_position_embeddings, at most 4096).", show_default=False)] = None,
+    stride: Annotated[int | None, typer.Option(
+        "--stride", help="Tokens between window starts; each token keeps at least window - stride tokens of "
+        "context (default: half the window).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences scored together (length-sorted).")] = 8,
+    limit: Annotated[int | None, typer.Option("--limit", help="Score only the first N rows.", show_default=False)] = None,
+    dtype: DTypeOpt = "auto",
+    load_in_4bit: Load4bitOpt = False,
+    device: DeviceOpt = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier evaluation in --out.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Token-weighted loss and perplexity, overall and per metadata source / difficulty / domain.
+
+    Writes OUT/items.jsonl (one row per item), OUT/metrics.json and OUT/manifest.json.
+
+    Example: gsmkit eval ppl --model HuggingFaceTB/SmolLM2-135M-Instruct --data benchmarks.jsonl
+    --limit 100 --out runs/ppl
+    """
+    from gsmkit.evaluation.perplexity import EvalPplSettings, evaluate_ppl
+    from gsmkit.modeling import ModelSpec
+    from gsmkit.progress import make_progress, stderr_console
+
+    with usage_errors():
+        settings = EvalPplSettings(
+            model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
+                            load_in_4bit=load_in_4bit, device=device),
+            data=data, out=out, max_length=max_length, stride=stride, batch_size=batch_size, limit=limit,
+            overwrite=overwrite,
+        )
+    console = stderr_console()
+    progress = make_progress(console)
+    task = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task("eval ppl", total=total, unit="windows")
+            progress.start()
+        progress.update(task, completed=done)
+
+    try:
+        metrics = evaluate_ppl(settings, on_progress=on_progress)
+    finally:
+        progress.stop()
+    if json_out:
+        from gsmkit.manifest import to_jsonable
+
+        typer.echo(json.dumps(to_jsonable({"out": str(out), **metrics.to_dict()})))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Perplexity ({metrics.n} items, {metrics.tokens} scored tokens)")
+    for name, justify in (("group", "left"), ("value", "left"), ("n", "right"), ("tokens", "right"),
+                          ("loss", "right"), ("ppl", "right")):
+        table.add_column(name, justify=justify)
+    table.add_row("overall", "", str(metrics.n), str(metrics.tokens), f"{metrics.loss:.4f}", f"{metrics.ppl:.3f}")
+    for name, by_value in metrics.groups.items():
+        for value, g in by_value.items():
+            table.add_row(name, value, str(g.n), str(g.tokens), f"{g.loss:.4f}", f"{g.ppl:.3f}")
+    console.print(table)
+    console.print(
+        f"window {metrics.max_length} tokens, stride {metrics.stride}: {metrics.windows} windows, "
+        f"{metrics.items_over_window} items longer than the window; {metrics.tokens_per_s:.1f} tokens/s; "
+        f"results in {out}", highlight=False,
     )

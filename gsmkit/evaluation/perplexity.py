@@ -1,15 +1,66 @@
-"""Token-weighted response-only loss and perplexity of a causal LM on encoded examples.
+"""Token-weighted loss and perplexity of a causal LM, on encoded examples or on a JSONL file.
 
-In: a model and `Encoded` examples (labels -100 where not scored, from `training.masking`).
-Out: `(sum of negative log-likelihood, number of scored tokens)`; perplexity is exp(sum / n).
-Batches are length-sorted so padding stays small; padding is never scored.
+Low level, in: a model and `Encoded` examples (labels -100 where not scored, from `training.masking`).
+Out: `response_nll` gives `(sum of negative log-likelihood, number of scored tokens, per example)`;
+perplexity is exp(sum / n). Batches are length-sorted so padding stays small; padding is never scored.
+
+`eval ppl`, in: `EvalPplSettings` (model + adapter, a JSONL file of `{prompt, response}` rows, scored
+on the response only, or `{text}` rows, scored on every token after the first; optional
+`metadata: {source, difficulty, domain, ...}`). Out: `<out>/items.jsonl` (one row per item, file
+order), `<out>/metrics.json` (overall and per metadata group) and `<out>/manifest.json`; returns
+`PplMetrics`.
+
+How a row becomes tokens: the prompt and the response are concatenated as given (nothing is
+inserted between them) and tokenised together, like `training.masking` does; a token is scored iff it
+starts at or after the end of the prompt text (a token merged across the boundary counts as
+prompt). The tokenizer's BOS is put in front when it adds one and the text does not already start
+with it. No EOS is appended: the file's text is scored, nothing else.
+
+Texts longer than the window (`max_length` tokens) are scored with a sliding window as in the
+Hugging Face perplexity guide (https://huggingface.co/docs/transformers/perplexity): windows start
+every `stride` tokens, each window scores only the tokens that no earlier window scored, so every
+token is scored exactly once, with at least `max_length - stride` tokens of left context. Nothing is
+ever truncated.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from gsmkit.errors import ConfigError, DataError
+from gsmkit.modeling import ModelSpec
+
+ITEMS = "items.jsonl"
+METRICS = "metrics.json"
+MANIFEST = "manifest.json"
+GROUP_FIELDS = ("source", "difficulty", "domain")  # metadata fields that get their own breakdown
+DEFAULT_WINDOW_CAP = 4096  # --max-length default: the model's max_position_embeddings, at most this
+IGNORE = -100  # training.masking.IGNORE_INDEX; repeated so the module imports without rich/prompts
+
+ROW_HINT = ('each row needs {"prompt", "response"} (loss on the response only) or {"text"} (loss on every '
+            'token after the first), optionally with "metadata": {"source", "difficulty", "domain", ...}')
+
+
+def _collate(encoded: Sequence[Any], idx: Sequence[int], pad_id: int):
+    """Right-padded (input_ids, labels, attention_mask) tensors for the rows `idx` of `encoded`."""
+    import torch
+
+    width = max(len(encoded[i].input_ids) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        n = len(encoded[i].input_ids)
+        ids[row, :n] = torch.tensor(encoded[i].input_ids)
+        labels[row, :n] = torch.tensor(encoded[i].labels)
+        attn[row, :n] = 1
+    return ids, labels, attn
 
 
 def response_nll(
@@ -25,15 +76,7 @@ def response_nll(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i].input_ids) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i].input_ids)
-                ids[row, :n] = torch.tensor(encoded[i].input_ids)
-                labels[row, :n] = torch.tensor(encoded[i].labels)
-                attn[row, :n] = 1
+            ids, labels, attn = _collate(encoded, idx, pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
             # position t predicts token t+1
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
@@ -51,5 +94,357 @@ def response_nll(
     return total, count, per
 
 
+def scored_logits(model: Any, encoded: Sequence[Any], batch_size: int = 8, pad_id: int = 0):
+    """Yield `(index, logits [n, vocab] float32 on the CPU, targets [n])` for each example's scored tokens.
+
+    The rows of `logits` are the model's predictions for the scored tokens `targets`, in position
+    order; examples come in length-sorted batch order, so consumers key results by `index`.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, labels, attn = _collate(encoded, idx, pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            shift_labels = labels[:, 1:]
+            for row, i in enumerate(idx):
+                mask = shift_labels[row] != IGNORE
+                yield i, logits[row, :-1][mask.to(device)].float().cpu(), shift_labels[row][mask]
+
+
 def perplexity(total_nll: float, tokens: int) -> float:
-    return math.exp(total_nll / tokens) if tokens else float("nan")
+    """exp(mean NLL); nan without tokens, inf where exp overflows (a loss above ~709)."""
+    if not tokens:
+        return float("nan")
+    mean = total_nll / tokens
+    return math.exp(mean) if mean < 709.0 else float("inf")
+
+
+# --- reading `eval ppl` files -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PplItem:
+    """One row to score: `prompt` is "" in text mode, where `response` holds the whole text."""
+
+    index: int
+    where: str
+    mode: str  # "response" ({prompt, response}) or "text" ({text})
+    prompt: str
+    response: str
+    groups: dict[str, str] = field(default_factory=dict)  # metadata source/difficulty/domain as strings
+
+
+def _group_values(obj: dict[str, Any], where: str) -> dict[str, str]:
+    if "metadata" not in obj or obj["metadata"] is None:
+        return {}
+    meta = obj["metadata"]
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: field 'metadata': must be an object, got {type(meta).__name__}", hint=ROW_HINT)
+    groups: dict[str, str] = {}
+    for name in GROUP_FIELDS:
+        value = meta.get(name)
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            raise DataError(f"{where}: field 'metadata.{name}': must be a string or number, "
+                            f"got {type(value).__name__}", hint=ROW_HINT)
+        # Numbers and booleans are grouped by their JSON spelling: 3 -> "3", true -> "true".
+        groups[name] = value if isinstance(value, str) else json.dumps(value)
+    return groups
+
+
+def _text_field(obj: dict[str, Any], key: str, where: str, *, allow_empty: bool) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}': must be a string, got {type(value).__name__}", hint=ROW_HINT)
+    if not allow_empty and not value:
+        raise DataError(f"{where}: field '{key}': empty", hint=ROW_HINT)
+    return value
+
+
+def parse_ppl_row(obj: dict[str, Any], where: str, index: int, *, question_answer: bool = False) -> PplItem:
+    """One validated item from a JSONL row; `question_answer` also accepts GSM8K `{question, answer}`
+    rows, scored on the answer as `Question: q\\nAnswer: a` (the plain prompt style)."""
+    has_pr = "prompt" in obj or "response" in obj
+    has_text = "text" in obj
+    has_qa = question_answer and ("question" in obj or "answer" in obj)
+    if has_pr + has_text + has_qa > 1:
+        raise DataError(f"{where}: row has the fields of more than one shape", hint="keep one of them; " + ROW_HINT)
+    groups = _group_values(obj, where)
+    if has_text:
+        text = _text_field(obj, "text", where, allow_empty=False)
+        return PplItem(index, where, "text", "", text, groups)
+    if has_pr or has_qa:
+        keys = ("prompt", "response") if has_pr else ("question", "answer")
+        missing = next((k for k in keys if k not in obj), None)
+        if missing:
+            raise DataError(f"{where}: missing field '{missing}'", hint=ROW_HINT)
+        if has_pr:
+            # The prompt may be empty (then the response is scored from its second token, or its
+            # first after a BOS); the response may not, or there would be nothing to score.
+            prompt = _text_field(obj, "prompt", where, allow_empty=True)
+            return PplItem(index, where, "response", prompt, _text_field(obj, "response", where, allow_empty=False),
+                           groups)
+        from gsmkit.prompts import render_prompt, render_target
+
+        question = _text_field(obj, "question", where, allow_empty=False)
+        answer = _text_field(obj, "answer", where, allow_empty=False)
+        return PplItem(index, where, "response", render_prompt("plain", question), render_target("plain", answer),
+                       groups)
+    shapes = ROW_HINT + (', or a GSM8K {"question", "answer"} row' if question_answer else "")
+    raise DataError(f"{where}: row has neither 'prompt'/'response' nor 'text'", hint=shapes)
+
+
+def read_ppl_items(path: str | Path, limit: int | None = None, *, question_answer: bool = False) -> list[PplItem]:
+    """The first `limit` rows of a JSONL file as validated items (missing/empty file: DataError)."""
+    from gsmkit.jsonl import iter_jsonl
+
+    items: list[PplItem] = []
+    for lineno, obj in iter_jsonl(path):
+        if limit is not None and len(items) >= limit:
+            break
+        items.append(parse_ppl_row(obj, f"{path}:{lineno}", len(items), question_answer=question_answer))
+    return items
+
+
+# --- encoding and sliding windows ---------------------------------------------------------------
+
+
+def encode_item(item: PplItem, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole text; labels are IGNORE except on scored tokens.
+
+    The first token is never scored (nothing predicts it); see the module docstring for the rest.
+    """
+    from gsmkit.training.masking import _special_prefix, _tokenize_split
+
+    prompt_ids, response_ids = _tokenize_split(tokenizer, item.prompt, item.prompt + item.response)
+    ids = prompt_ids + response_ids
+    bos = _special_prefix(tokenizer)
+    prefix = bos if bos and ids[:len(bos)] != bos else []
+    labels = [IGNORE] * (len(prefix) + len(prompt_ids)) + response_ids
+    ids = prefix + ids
+    if labels:
+        labels[0] = IGNORE
+    if all(label == IGNORE for label in labels):
+        raise DataError(f"{item.where}: nothing to score: the "
+                        f"{'text' if item.mode == 'text' else 'response'} gives no token after the first",
+                        hint="a text needs at least two tokens; a response must add a token after the prompt")
+    return ids, labels
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens `[begin, end)` of an item; `labels` (length end - begin) score only this window's targets."""
+
+    item: int
+    begin: int
+    end: int
+    input_ids: list[int]
+    labels: list[int]
+
+
+def sliding_windows(ids: Sequence[int], labels: Sequence[int], max_length: int, stride: int,
+                    item: int = 0) -> list[Window]:
+    """Windows that together score each scored token of `labels` exactly once.
+
+    As in the HF perplexity guide: windows start at 0, stride, 2*stride, ... and are `max_length`
+    long (the last may be shorter); a window scores the tokens after the previous window's end, so a
+    scored token has at least `max_length - stride` tokens of context (all of them in the first
+    window). Windows with no scored token are left out. Needs 1 <= stride < max_length.
+    """
+    if not 1 <= stride < max_length:
+        raise ConfigError(f"the stride must be at least 1 and smaller than the window, got stride {stride} "
+                          f"and window {max_length}", hint="use --stride <= --max-length / 2")
+    n = len(ids)
+    if n <= max_length:
+        return [Window(item, 0, n, list(ids), list(labels))] if any(lb != IGNORE for lb in labels) else []
+    windows: list[Window] = []
+    begin = prev_end = 0
+    while True:
+        end = min(begin + max_length, n)
+        window_labels = [IGNORE] * (end - begin)
+        # Position `begin` has no context inside the window: only the first window may start there,
+        # and it is never a target (the first token of an item is not scored).
+        for t in range(max(prev_end, begin + 1), end):
+            window_labels[t - begin] = labels[t]
+        if any(lb != IGNORE for lb in window_labels):
+            windows.append(Window(item, begin, end, list(ids[begin:end]), window_labels))
+        prev_end = end
+        if end == n:
+            return windows
+        begin += stride
+
+
+# --- eval ppl -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPplSettings:
+    model: ModelSpec
+    data: Path
+    out: Path
+    max_length: int | None = None  # None: the model's max_position_embeddings, at most DEFAULT_WINDOW_CAP
+    stride: int | None = None  # None: max_length // 2
+    batch_size: int = 8
+    limit: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}", hint="omit --limit to score every row")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"--stride must be at least 1, got {self.stride}")
+        if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
+            raise ConfigError(f"--stride {self.stride} must be smaller than --max-length {self.max_length}",
+                              hint="each window needs left context for its first scored token; "
+                                   "the default stride is half the window")
+
+
+@dataclass
+class PplGroup:
+    n: int
+    tokens: int
+    loss: float
+    ppl: float
+
+
+@dataclass
+class PplMetrics:
+    n: int
+    tokens: int
+    loss: float
+    ppl: float
+    groups: dict[str, dict[str, PplGroup]]
+    max_length: int
+    stride: int
+    windows: int
+    items_over_window: int
+    scoring_s: float
+    tokens_per_s: float
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _summary(rows: Sequence[tuple[float, int]]) -> PplGroup:
+    nll = sum(r[0] for r in rows)
+    tokens = sum(r[1] for r in rows)
+    loss = nll / tokens if tokens else float("nan")
+    return PplGroup(n=len(rows), tokens=tokens, loss=loss, ppl=perplexity(nll, tokens))
+
+
+def model_window(model: Any) -> int:
+    """The default window: the model's max_position_embeddings (or n_positions), at most DEFAULT_WINDOW_CAP."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(int(limit), DEFAULT_WINDOW_CAP) if limit else DEFAULT_WINDOW_CAP
+
+
+def resolve_window(model: Any, max_length: int | None, stride: int | None) -> tuple[int, int]:
+    """(window, stride) for this model; a window longer than the model's positions is an error."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_length is None:
+        max_length = model_window(model)
+    elif limit and max_length > int(limit):
+        raise ConfigError(f"--max-length {max_length} is longer than the model's context ({limit} positions)",
+                          hint=f"use --max-length {limit} or less; longer texts are scored with a sliding window")
+    if stride is None:
+        stride = max(1, max_length // 2)
+    if stride >= max_length:
+        raise ConfigError(f"--stride {stride} must be smaller than the window ({max_length} tokens)",
+                          hint="the default stride is half the window")
+    return max_length, stride
+
+
+def _check_out(settings: EvalPplSettings) -> None:
+    out = settings.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names a folder")
+    if not settings.overwrite and any((out / name).exists() for name in (ITEMS, METRICS)):
+        raise ConfigError(f"{out}: already holds a perplexity evaluation",
+                          hint="pass --overwrite to replace it, or choose another --out")
+
+
+def evaluate_ppl(
+    settings: EvalPplSettings, on_progress: Callable[[int, int], None] | None = None
+) -> PplMetrics:
+    """Score the file; `on_progress(done, total)` counts windows (one per item that fits the window)."""
+    t_wall = time.perf_counter()
+    from gsmkit.jsonl import write_json, write_jsonl
+    from gsmkit.manifest import build_manifest, to_jsonable
+    from gsmkit.modeling import load_model, load_tokenizer
+    from gsmkit.training.masking import Encoded
+
+    # Everything that can fail on input is checked before the model loads.
+    items = read_ppl_items(settings.data, settings.limit)
+    _check_out(settings)
+    tokenizer = load_tokenizer(settings.model.model, settings.model.trust_remote_code)
+    encoded = [encode_item(item, tokenizer) for item in items]
+    loaded = load_model(settings.model)
+    max_length, stride = resolve_window(loaded.model, settings.max_length, settings.stride)
+
+    windows = [w for i, (ids, labels) in enumerate(encoded) for w in sliding_windows(ids, labels, max_length, stride, i)]
+    rows = [Encoded(input_ids=w.input_ids, labels=w.labels, where=items[w.item].where, truncated=False)
+            for w in windows]
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, len(rows))
+
+    if on_progress is not None:
+        on_progress(0, len(rows))
+    t0 = time.perf_counter()
+    _, _, per_window = response_nll(loaded.model, rows, settings.batch_size, loaded.tokenizer.pad_token_id, advance)
+    scoring_s = time.perf_counter() - t0
+
+    per_item = [[0.0, 0, 0] for _ in items]  # nll, tokens, windows
+    for w, (nll, tokens) in zip(windows, per_window, strict=True):
+        per_item[w.item][0] += nll
+        per_item[w.item][1] += tokens
+        per_item[w.item][2] += 1
+    item_rows: list[dict[str, Any]] = []
+    for item, (nll, tokens, n_windows) in zip(items, per_item, strict=True):
+        row: dict[str, Any] = {"index": item.index, "line": int(item.where.rsplit(":", 1)[1]), "mode": item.mode}
+        row.update(item.groups)
+        row.update({"tokens": tokens, "loss": nll / tokens, "ppl": perplexity(nll, tokens), "windows": n_windows})
+        item_rows.append(row)
+
+    overall = _summary([(nll, tokens) for nll, tokens, _ in per_item])
+    groups: dict[str, dict[str, PplGroup]] = {}
+    for name in GROUP_FIELDS:
+        by_value: dict[str, list[tuple[float, int]]] = {}
+        for item, (nll, tokens, _) in zip(items, per_item, strict=True):
+            if name in item.groups:
+                by_value.setdefault(item.groups[name], []).append((nll, tokens))
+        if by_value:
+            groups[name] = {value: _summary(rs) for value, rs in sorted(by_value.items())}
+    metrics = PplMetrics(
+        n=overall.n, tokens=overall.tokens, loss=overall.loss, ppl=overall.ppl, groups=groups,
+        max_length=max_length, stride=stride, windows=len(windows),
+        items_over_window=sum(len(ids) > max_length for ids, _ in encoded),
+        scoring_s=round(scoring_s, 3), tokens_per_s=round(overall.tokens / scoring_s, 2) if scoring_s > 0 else 0.0,
+        wall_s=round(time.perf_counter() - t_wall, 3),
+    )
+    manifest = build_manifest(
+        "eval ppl", settings, inputs={"data": settings.data},
+        extra={"resolved": {"max_length": max_length, "stride": stride, "dtype": str(loaded.dtype),
+                            "device": str(loaded.device)}},
+    )
+    settings.out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(settings.out / ITEMS, (to_jsonable(r) for r in item_rows))
+    write_json(settings.out / METRICS, to_jsonable({**metrics.to_dict(), "manifest": manifest}))
+    write_json(settings.out / MANIFEST, manifest)
+    return metrics

@@ -1,0 +1,1 @@
+"""Adapter folders in, adapter artifacts out: merging (+ verification), SVD audit, compression."""
