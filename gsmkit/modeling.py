@@ -9,6 +9,7 @@ native support, CUDA without a GPU) is an error, never a silent fallback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,3 +233,39 @@ def eos_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
         if name in vocab:
             ids.add(int(vocab[name]))
     return ids
+
+
+def dequantize_4bit_model(model: Any) -> Any:
+    """Replace every bitsandbytes 4-bit linear layer by a float32 `nn.Linear` holding its dequantized
+    weight: the exact weights a QLoRA adapter was trained against, in a form an adapter can merge into."""
+    import torch
+    from torch import nn
+
+    import bitsandbytes.functional as bnbf
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Linear4bit":
+            continue
+        weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(torch.float32)
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias.to(torch.float32))
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, dense)
+        replaced += 1
+    if replaced == 0:
+        raise ModelError("no 4-bit layer to dequantize", hint="load the base with load_in_4bit=True first")
+    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, False)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+    return model

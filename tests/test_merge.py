@@ -168,3 +168,21 @@ def test_bad_adapter_and_verify_inputs(tmp_path, tiny_model_dir, adapter, verify
     _clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(bad)), out, f"{bad}:1:", "'answer'")
     res = _merge(tiny_model_dir, adapter, out, "--dtype", "int8")
     assert res.exit_code == 2 and not out.exists()
+
+
+def test_qlora_adapter_merges_into_the_dequantized_nf4_weights(tmp_path, tiny_model_dir, adapter, verify_file):
+    """A QLoRA adapter learned against nf4-rounded weights: the merged model must carry those weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    res = _merge(tiny_model_dir, adapter, tmp_path / "m4", "--verify-data", str(verify_file), "--from-4bit", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["float32"]["passed"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    # k_proj has no LoRA update: merged == nf4(original) != original, and close to it
+    w_m = merged.model.layers[0].self_attn.k_proj.weight
+    w_o = original.model.layers[0].self_attn.k_proj.weight
+    assert not torch.equal(w_m, w_o)
+    assert float((w_m - w_o).norm() / w_o.norm()) < 0.2

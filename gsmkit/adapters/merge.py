@@ -4,9 +4,11 @@ In: `MergeSettings` (base model, adapter folder, output folder and dtype, verifi
 Out: `<out>/` with the merged model (`save_pretrained`: config, safetensors weights, generation
 config), the tokenizer, `merge_report.json` and `manifest.json`; returns a `MergeReport`.
 
-How: the base is loaded in float32 on full-precision weights, also for an adapter trained with
-QLoRA (its `manifest.json` says `"command": "train qlora"`, or `--from-4bit`): merging into 4-bit
-weights would round the update away, so a base stored quantized is refused. The adapter is
+How: the base is loaded in float32. For an adapter trained with QLoRA (its `manifest.json` says
+`"command": "train qlora"`, or `--from-4bit`) the base is first quantized exactly as in training
+(nf4, double quantization) and then dequantized to float32, so the update is merged into the weights
+it was trained against; merging into 4-bit storage would round the update away, so a base stored
+quantized on disk is refused. The adapter is
 attached, the verification set scored (logits kept at every scored position), the adapter merged
 (`merge_and_unload`), and the merged float32 model scored again. The gate: the relative perplexity
 difference `|ppl_merged - ppl_unmerged| / ppl_unmerged` must be at most `tolerance`; the maximum
@@ -234,8 +236,17 @@ def merge_adapter(
     import torch
 
     stage("load base (float32)")
-    loaded = load_model(ModelSpec(model=settings.model, dtype="float32", device=settings.device))
-    base = loaded.model
+    if trained_4bit:
+        # QLoRA: the adapter learned against nf4-rounded weights, so merge into exactly those weights,
+        # dequantized to float32 (never into the 4-bit storage, which would round the update away).
+        from gsmkit.modeling import dequantize_4bit_model
+
+        loaded = load_model(ModelSpec(model=settings.model, dtype="float32", device=settings.device,
+                                      load_in_4bit=True))
+        base = dequantize_4bit_model(loaded.model)
+    else:
+        loaded = load_model(ModelSpec(model=settings.model, dtype="float32", device=settings.device))
+        base = loaded.model
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False) or any(
             "4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in base.modules()):
         raise ModelError(f"{settings.model}: the base model is stored quantized, and merging into quantized "

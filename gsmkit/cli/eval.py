@@ -92,7 +92,8 @@ def gsm8k(
     try:
         metrics = evaluate_gsm8k(settings, on_start=on_start, on_progress=lambda n: progress.advance(task, n))
     finally:
-        progress.stop()
+        if progress.live.is_started:  # never started: stopping would print a blank line
+            progress.stop()
     if json_out:
         typer.echo(json.dumps({"out": str(out), **metrics.to_dict()}))
         return
@@ -166,7 +167,8 @@ def ppl(
     try:
         metrics = evaluate_ppl(settings, on_progress=on_progress)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # never started: stopping would print a blank line
+            progress.stop()
     if json_out:
         from gsmkit.manifest import to_jsonable
 

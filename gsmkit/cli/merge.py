@@ -71,7 +71,8 @@ def merge(
     try:
         report = merge_adapter(settings, on_progress=on_progress)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # never started: stopping would print a blank line
+            progress.stop()
     if json_out:
         from gsmkit.manifest import to_jsonable
 

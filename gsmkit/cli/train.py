@@ -79,7 +79,8 @@ def _run(mode: str, flags: dict, config: Path | None, preset: str | None, show_m
     try:
         result = train(settings, on_start=on_start, on_step=on_step, on_log=last.update)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # never started: stopping would print a blank line
+            progress.stop()
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
         return
