@@ -238,10 +238,9 @@ def eos_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
 def dequantize_4bit_model(model: Any) -> Any:
     """Replace every bitsandbytes 4-bit linear layer by a float32 `nn.Linear` holding its dequantized
     weight: the exact weights a QLoRA adapter was trained against, in a form an adapter can merge into."""
+    import bitsandbytes.functional as bnbf
     import torch
     from torch import nn
-
-    import bitsandbytes.functional as bnbf
 
     replaced = 0
     for name, module in list(model.named_modules()):
