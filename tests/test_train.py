@@ -183,3 +183,17 @@ def test_runs_under_accelerate_launch(tmp_path, tiny_model_dir, small_gsm8k, poo
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_config_numbers_presets_and_eval_guard(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: simple\nlearning_rate: 2e-4\nlora_r: '8'\n")  # YAML 1.1 reads 2e-4 as a string
+    s = resolve_settings({"model": "m", "out": tmp_path}, cfg)
+    assert s.learning_rate == 2e-4 and s.lora_r == 8 and s.k == 3 and s.preset == "simple"
+    assert resolve_settings({"model": "m", "out": tmp_path}, cfg, "strong").k == 8  # --preset wins
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: fast\n")
+    with pytest.raises(ConfigError, match="must be a number"):
+        resolve_settings({"model": "m", "out": tmp_path}, bad)
+    with pytest.raises(ConfigError, match="training file itself"):
+        resolve_settings({"model": "m", "out": tmp_path, "data": "traces.jsonl", "eval_limit": 5})

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gsmkit.cli.options import DeviceOpt, DTypeOpt, JsonOpt, ModelOpt, usage_errors
+from gsmkit.cli.options import JsonOpt, ModelOpt, usage_errors
 
 app = typer.Typer(help="Fine-tune a model on GSM8K (or traces, or any prompt/response JSONL).", no_args_is_help=True)
 
@@ -48,6 +48,9 @@ EvalDataOpt = Annotated[str | None, typer.Option("--eval-data", help="GSM8K sour
 EvalTokensOpt = Annotated[int | None, typer.Option("--eval-max-new-tokens", help="Generation budget of that evaluation. [default: 256]")]
 SweepOpt = Annotated[int | None, typer.Option("--sweep-last", help="Also evaluate the last M checkpoints and record the best.", min=1)]
 ShowMaskingOpt = Annotated[int, typer.Option("--show-masking", help="Print N encoded examples with trained tokens highlighted, then exit.", min=0)]
+DTypeOpt = Annotated[str | None, typer.Option("--dtype", help="Weights dtype: auto | float32 | bfloat16 | float16. [default: auto]")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps. [default: auto]")]
+LoggingOpt = Annotated[int | None, typer.Option("--logging-steps", help="Log (and draw the loss curve) every N steps. [default: 5]", min=1)]
 FullOpt = Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA (writes a full model).")]
 
 
@@ -122,7 +125,8 @@ def sft(
     target_modules: TargetsOpt = None, learning_rate: LrOpt = None, lr_scheduler: SchedOpt = None,
     warmup_ratio: WarmupOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     batch_size: BatchOpt = None, grad_accum: AccumOpt = None, max_length: MaxLenOpt = None,
-    max_samples: MaxSamplesOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = "auto", device: DeviceOpt = "auto",
+    max_samples: MaxSamplesOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = None, device: DeviceOpt = None,
+    logging_steps: LoggingOpt = None,
     gradient_checkpointing: GcOpt = None, save_steps: SaveStepsOpt = None, save_total_limit: SaveLimitOpt = None,
     resume: ResumeOpt = False, overwrite: OverwriteOpt = False, eval_limit: EvalLimitOpt = None,
     eval_data: EvalDataOpt = None, eval_max_new_tokens: EvalTokensOpt = None, sweep_last: SweepOpt = None,
@@ -142,6 +146,7 @@ def sft(
                    lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
                    batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, max_samples=max_samples,
                    seed=seed, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                   logging_steps=logging_steps,
                    save_steps=save_steps, save_total_limit=save_total_limit, resume=resume or None,
                    overwrite=overwrite or None, eval_limit=eval_limit, eval_data=eval_data,
                    eval_max_new_tokens=eval_max_new_tokens, sweep_last=sweep_last)
@@ -157,7 +162,8 @@ def qlora(
     target_modules: TargetsOpt = None, learning_rate: LrOpt = None, lr_scheduler: SchedOpt = None,
     warmup_ratio: WarmupOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     batch_size: BatchOpt = None, grad_accum: AccumOpt = None, max_length: MaxLenOpt = None,
-    max_samples: MaxSamplesOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = "auto", device: DeviceOpt = "auto",
+    max_samples: MaxSamplesOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = None, device: DeviceOpt = None,
+    logging_steps: LoggingOpt = None,
     gradient_checkpointing: GcOpt = None, save_steps: SaveStepsOpt = None, save_total_limit: SaveLimitOpt = None,
     resume: ResumeOpt = False, overwrite: OverwriteOpt = False, eval_limit: EvalLimitOpt = None,
     eval_data: EvalDataOpt = None, eval_max_new_tokens: EvalTokensOpt = None, sweep_last: SweepOpt = None,
@@ -176,6 +182,7 @@ def qlora(
                    lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
                    batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, max_samples=max_samples,
                    seed=seed, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                   logging_steps=logging_steps,
                    save_steps=save_steps, save_total_limit=save_total_limit, resume=resume or None,
                    overwrite=overwrite or None, eval_limit=eval_limit, eval_data=eval_data,
                    eval_max_new_tokens=eval_max_new_tokens, sweep_last=sweep_last)

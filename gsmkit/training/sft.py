@@ -104,6 +104,9 @@ class TrainSettings:
                               hint="add --save-steps N (for example a tenth of the run's steps)")
         if self.sweep_last and not self.eval_limit:
             raise ConfigError("--sweep-last needs --eval-limit N problems to evaluate each checkpoint on")
+        if self.eval_limit and self.eval_data is None and Path(self.data).suffix in (".jsonl", ".json", ".parquet"):
+            raise ConfigError("--eval-limit would evaluate on the training file itself",
+                              hint="name held-out problems with --eval-data (a GSM8K folder or test file)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other")
         if self.k < 0:
@@ -115,32 +118,46 @@ class TrainSettings:
         return self.traces or self.data
 
 
+_FLOATS = {"learning_rate", "warmup_ratio", "epochs", "lora_dropout"}
+_INTS = {"k", "lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length", "max_samples", "seed",
+         "logging_steps", "save_steps", "save_total_limit", "eval_limit", "eval_max_new_tokens", "sweep_last"}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """YAML reads `2e-4` as a string (YAML 1.1 needs `2.0e-4`); numbers are what the user meant."""
+    try:
+        if name in _FLOATS and isinstance(value, str | int) and not isinstance(value, bool):
+            return float(value)
+        if name in _INTS and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}") from None
+    return value
+
+
 def resolve_settings(flags: dict[str, Any], config_file: Path | None = None, preset: str | None = None) -> TrainSettings:
-    """defaults < preset < --config file < flags given on the command line (None means not given)."""
+    """defaults < preset < --config file < flags given on the command line (None means not given).
+
+    A `preset:` key in the config file applies that preset under the file's other keys; --preset wins."""
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     values: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
+    if config_file is not None:
+        loaded = _read_config(config_file)
+    preset = preset or loaded.get("preset")
     if preset is not None:
         if preset not in PRESETS:
-            raise ConfigError(f"unknown --preset '{preset}'", hint=f"choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset '{preset}'", hint=f"choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
         values["preset"] = preset
-    if config_file is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{config_file}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config_file}: expected a mapping of option names to values")
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in names or name in ("model", "out", "mode"):
-                raise ConfigError(f"{config_file}: unknown key '{key}'",
-                                  hint="keys are the long option names, e.g. learning_rate, lora_r, max_steps")
-            values[name] = tuple(value) if isinstance(value, list) else value
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in names or name in ("model", "out", "mode"):
+            raise ConfigError(f"{config_file}: unknown key '{key}'",
+                              hint="keys are the long option names, e.g. learning_rate, lora_r, max_steps")
+        if name == "preset":
+            continue
+        values[name] = _coerce(name, tuple(value) if isinstance(value, list) else value, str(config_file))
     for key, value in flags.items():
         if value is not None:
             values[key] = value
@@ -151,6 +168,20 @@ def resolve_settings(flags: dict[str, Any], config_file: Path | None = None, pre
         return TrainSettings(**values)
     except TypeError as err:
         raise ConfigError(f"invalid settings: {err}") from None
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{config_file}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{config_file}: expected a mapping of option names to values")
+    return loaded
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -445,12 +476,17 @@ def train(
 
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, out, settings.full)
+        from gsmkit.data.fewshot import write_pool
+
+        # The pool this run kept out of training, beside the adapter: evaluation takes its exemplars from it.
+        write_pool(out / "fewshot_pool.jsonl", resolve_pool(settings)[0])
         from gsmkit.jsonl import write_json
         from gsmkit.manifest import build_manifest
 
         manifest = build_manifest(
             f"train {settings.mode}", settings,
-            inputs={"data": _data_file(settings.train_source, settings.split), "fewshot_pool": settings.fewshot_pool},
+            inputs={"data": _data_file(settings.train_source, settings.split),
+                    "fewshot_pool": settings.fewshot_pool or (DEFAULT_POOL if DEFAULT_POOL.exists() else None)},
             seeds={"seed": settings.seed},
             extra={"resolved": {"style": style, "k": settings.k, "lora_targets": targets,
                                 "gradient_checkpointing": gc, "dtype": str(loaded.dtype), "device": str(loaded.device),
@@ -513,8 +549,8 @@ def _evaluate_after(settings: TrainSettings, style: str, checkpoints: Path, torc
     from gsmkit.evaluation.gsm8k import EvalSettings, evaluate_gsm8k
     from gsmkit.modeling import ModelSpec
 
-    pool_path = settings.fewshot_pool or (DEFAULT_POOL if DEFAULT_POOL.exists() else None)
-    k = settings.k if pool_path else 0
+    pool_path = settings.out / "fewshot_pool.jsonl"  # written by train(): the pool kept out of training
+    k = settings.k
     eval_data = settings.eval_data or settings.data
 
     def run(adapter: Path, out: Path) -> dict:
