@@ -111,8 +111,12 @@ def _show_masking(settings, n: int, console) -> None:
         console.print(masking_preview(e, tok))
 
 
-def _flags(**kw):
+def _flags(params: dict) -> dict:
+    """The command's parameters as TrainSettings overrides: None (and an unset switch) means "not given"."""
+    kw = {k: v for k, v in params.items() if k not in ("config", "preset", "show_masking", "json_out")}
     kw["target_modules"] = tuple(kw["target_modules"]) if kw.get("target_modules") else None
+    for switch in ("full", "resume", "overwrite"):
+        kw[switch] = kw.get(switch) or None
     return kw
 
 
@@ -140,16 +144,7 @@ def sft(
     Example: gsmkit train sft --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
     --max-steps 200 --out runs/sft
     """
-    flags = _flags(model=model, out=out, data=data, traces=traces, split=split, fewshot_pool=fewshot_pool, k=k,
-                   style=style, system_prompt=system_prompt, full=full or None, lora_r=lora_r, lora_alpha=lora_alpha,
-                   lora_dropout=lora_dropout, target_modules=target_modules, learning_rate=learning_rate,
-                   lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
-                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, max_samples=max_samples,
-                   seed=seed, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
-                   logging_steps=logging_steps,
-                   save_steps=save_steps, save_total_limit=save_total_limit, resume=resume or None,
-                   overwrite=overwrite or None, eval_limit=eval_limit, eval_data=eval_data,
-                   eval_max_new_tokens=eval_max_new_tokens, sweep_last=sweep_last)
+    flags = _flags(locals())
     _run("sft", flags, config, preset, show_masking, json_out)
 
 
@@ -176,14 +171,5 @@ def qlora(
     Example: gsmkit train qlora --model Qwen/Qwen2.5-1.5B-Instruct --data ../shared/data/gsm8k --k 5
     --max-steps 200 --out runs/qlora
     """
-    flags = _flags(model=model, out=out, data=data, traces=traces, split=split, fewshot_pool=fewshot_pool, k=k,
-                   style=style, system_prompt=system_prompt, lora_r=lora_r, lora_alpha=lora_alpha,
-                   lora_dropout=lora_dropout, target_modules=target_modules, learning_rate=learning_rate,
-                   lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
-                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, max_samples=max_samples,
-                   seed=seed, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
-                   logging_steps=logging_steps,
-                   save_steps=save_steps, save_total_limit=save_total_limit, resume=resume or None,
-                   overwrite=overwrite or None, eval_limit=eval_limit, eval_data=eval_data,
-                   eval_max_new_tokens=eval_max_new_tokens, sweep_last=sweep_last)
+    flags = _flags(locals())
     _run("qlora", flags, config, preset, show_masking, json_out)
