@@ -79,11 +79,12 @@ from gsmkit.cli import fewshot as _fewshot
 from gsmkit.cli import merge as _merge
 from gsmkit.cli import train as _train
 
+# in pipeline order (Typer lists single commands before command groups)
 app.command("fewshot")(_fewshot.fewshot)
-app.command("audit-svd")(_audit.audit_svd)
-app.command("merge")(_merge.merge)
 app.add_typer(_train.app, name="train")
 app.add_typer(_eval.app, name="eval")
+app.command("merge")(_merge.merge)
+app.command("audit-svd")(_audit.audit_svd)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from gsmkit.cli.options import (
     usage_errors,
 )
 
-app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy, perplexity.", no_args_is_help=True)
 
 
 @app.command("gsm8k")
