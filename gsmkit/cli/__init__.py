@@ -74,6 +74,7 @@ def root(
 
 
 from gsmkit.cli import audit as _audit
+from gsmkit.cli import convert as _convert
 from gsmkit.cli import eval as _eval
 from gsmkit.cli import fewshot as _fewshot
 from gsmkit.cli import merge as _merge
@@ -81,6 +82,7 @@ from gsmkit.cli import train as _train
 
 # in pipeline order (Typer lists single commands before command groups)
 app.command("fewshot")(_fewshot.fewshot)
+app.command("convert-benchmarks")(_convert.convert_benchmarks)
 app.add_typer(_train.app, name="train")
 app.add_typer(_eval.app, name="eval")
 app.command("merge")(_merge.merge)
