@@ -283,3 +283,24 @@ def test_empty_benchmark_reported(tmp_path):
     assert summary["missing"] == ["gpqa", "mmlu"] and len(summary["warnings"]) == 3  # + drop has < 100
     with pytest.raises(DataError, match="none of the benchmarks"):
         convert_benchmarks(ConvertSettings(tmp_path, tmp_path / "p.jsonl", benchmarks=("gpqa",)))
+
+
+def test_hub_parquet_export_of_mmlu(tmp_path):
+    """The Hub's parquet layout (`mmlu/test-00000-of-00001.parquet`, int answer, choices list)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "mmlu").mkdir()
+    rows = [{"question": f"What is {i}+1?", "subject": "abstract_algebra" if i % 2 else "marketing",
+             "choices": [str(i), str(i + 1), str(i + 2), str(i + 3)], "answer": 1} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mmlu" / "test-00000-of-00001.parquet")
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["convert-benchmarks", "--input-dir", str(tmp_path), "--benchmarks", "mmlu",
+                                   "--out", str(out), "--samples-per-benchmark", "-1"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(got) == 10
+    by_q = {r["prompt"].split("\n")[0]: r for r in got}
+    first = by_q["What is 3+1?"]
+    assert first["response"] == "B. 4" and first["metadata"]["difficulty"] == "hard"
+    assert by_q["What is 2+1?"]["metadata"]["difficulty"] == "medium"
