@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,10 +23,10 @@ class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         # Average over the whole run, not rich's windowed estimate: rows often finish in bursts (one
         # decode step ends several), and a burst over microseconds makes the windowed rate absurd.
-        # `start` is the count already done when the task began (a resumed run), so it is not counted.
+        # `resumed` is the count already done when the task began (a resumed run), so it is not counted.
         unit = task.fields.get("unit", "it")
         elapsed = task.elapsed
-        done = task.completed - task.fields.get("start", 0)
+        done = task.completed - task.fields.get("resumed", 0)
         if not elapsed or done <= 0:
             return Text(f"- {unit}/s", style="progress.data.speed")
         return Text(f"{done / elapsed:.2f} {unit}/s", style="progress.data.speed")
@@ -47,3 +49,41 @@ def make_progress(console: Console | None = None, disable: bool = False) -> Prog
         disable=disable,
         transient=False,
     )
+
+
+class ProgressTask:
+    """One progress bar that is drawn only once the work reports its size.
+
+    Commands open it around a library call and hand its methods over as callbacks; if the call fails
+    before `start` (bad input, say), nothing is drawn and no blank line is left behind.
+    """
+
+    def __init__(self, description: str, unit: str, console: Console | None = None, disable: bool = False):
+        self.description = description
+        self.unit = unit
+        self.progress = make_progress(console, disable=disable)
+        self.task = None
+
+    def start(self, total: int, completed: int = 0) -> None:
+        # `resumed` = work already done when this run began, left out of the rate. (Not `start`: that
+        # keyword of add_task decides whether the task's clock runs at all.)
+        self.task = self.progress.add_task(self.description, total=total, completed=completed, unit=self.unit,
+                                           resumed=completed)
+        self.progress.start()
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def update(self, completed: int, total: int | None = None, description: str | None = None) -> None:
+        """Set the position; the bar starts on the first call if `start` was never called."""
+        if self.task is None:
+            self.start(total or 0)
+        self.progress.update(self.task, completed=completed, total=total,
+                             description=description or self.description)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()

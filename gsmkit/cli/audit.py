@@ -53,25 +53,14 @@ def audit_svd(
     Example: gsmkit audit-svd --adapter runs/sft --energy 0.9 --out runs/sft/audit
     """
     from gsmkit.adapters.svd import AuditSettings, audit_adapter, audit_tables
-    from gsmkit.progress import make_progress, stderr_console
+    from gsmkit.progress import ProgressTask, stderr_console
 
     with usage_errors():
         settings = AuditSettings(adapter=adapter, out=out, energy=energy, compress=compress, rank=rank,
                                  overwrite=overwrite)
     console = stderr_console()
-    progress = make_progress(console, disable=json_out)
-    task = None
-
-    def on_start(total: int) -> None:
-        nonlocal task
-        task = progress.add_task("audit-svd", total=total, unit="modules")
-        progress.start()
-
-    try:
-        result = audit_adapter(settings, on_start=on_start, on_progress=lambda n: progress.advance(task, n))
-    finally:
-        if task is not None:  # stopping a never-started Progress still prints an empty line
-            progress.stop()
+    with ProgressTask("audit-svd", "modules", console, disable=json_out) as bar:
+        result = audit_adapter(settings, on_start=bar.start, on_progress=bar.advance)
     summary = {
         "out": str(settings.out_dir),
         "modules": len(result.modules),

@@ -67,7 +67,7 @@ def gsm8k(
     """
     from gsmkit.evaluation.gsm8k import EvalSettings, evaluate_gsm8k
     from gsmkit.modeling import ModelSpec
-    from gsmkit.progress import make_progress, stderr_console
+    from gsmkit.progress import ProgressTask, stderr_console
 
     with usage_errors():
         settings = EvalSettings(
@@ -79,21 +79,14 @@ def gsm8k(
             prefix_cache=prefix_cache, backend=backend, overwrite=overwrite,
         )
     console = stderr_console()
-    progress = make_progress(console)
-    task = None
+    with ProgressTask("eval gsm8k", "problems", console) as bar:
 
-    def on_start(total: int, done: int) -> None:
-        nonlocal task
-        if done:
-            console.print(f"resuming: {done} of {total} problems already done")
-        task = progress.add_task("eval gsm8k", total=total, completed=done, unit="problems", start=done)
-        progress.start()
+        def on_start(total: int, done: int) -> None:
+            if done:
+                console.print(f"resuming: {done} of {total} problems already done")
+            bar.start(total, done)
 
-    try:
-        metrics = evaluate_gsm8k(settings, on_start=on_start, on_progress=lambda n: progress.advance(task, n))
-    finally:
-        if progress.live.is_started:  # never started: stopping would print a blank line
-            progress.stop()
+        metrics = evaluate_gsm8k(settings, on_start=on_start, on_progress=bar.advance)
     if json_out:
         typer.echo(json.dumps({"out": str(out), **metrics.to_dict()}))
         return
@@ -144,7 +137,7 @@ def ppl(
     """
     from gsmkit.evaluation.perplexity import EvalPplSettings, evaluate_ppl
     from gsmkit.modeling import ModelSpec
-    from gsmkit.progress import make_progress, stderr_console
+    from gsmkit.progress import ProgressTask, stderr_console
 
     with usage_errors():
         settings = EvalPplSettings(
@@ -154,21 +147,8 @@ def ppl(
             overwrite=overwrite,
         )
     console = stderr_console()
-    progress = make_progress(console)
-    task = None
-
-    def on_progress(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            task = progress.add_task("eval ppl", total=total, unit="windows")
-            progress.start()
-        progress.update(task, completed=done)
-
-    try:
-        metrics = evaluate_ppl(settings, on_progress=on_progress)
-    finally:
-        if progress.live.is_started:  # never started: stopping would print a blank line
-            progress.stop()
+    with ProgressTask("eval ppl", "windows", console) as bar:
+        metrics = evaluate_ppl(settings, on_progress=lambda done, total: bar.update(done, total))
     if json_out:
         from gsmkit.manifest import to_jsonable
 

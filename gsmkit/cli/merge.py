@@ -49,7 +49,7 @@ def merge(
     """
     from gsmkit.adapters.merge import MergeSettings, merge_adapter
     from gsmkit.cli.options import usage_errors
-    from gsmkit.progress import make_progress, stderr_console
+    from gsmkit.progress import ProgressTask, stderr_console
 
     with usage_errors():
         settings = MergeSettings(
@@ -58,21 +58,9 @@ def merge(
             batch_size=batch_size, device=device, overwrite=overwrite,
         )
     console = stderr_console()
-    progress = make_progress(console)
-    task = None
-
-    def on_progress(done: int, total: int, stage: str) -> None:
-        nonlocal task
-        if task is None:
-            task = progress.add_task("merge", total=total, unit="stages")
-            progress.start()
-        progress.update(task, completed=done, description=f"merge: {stage}")
-
-    try:
-        report = merge_adapter(settings, on_progress=on_progress)
-    finally:
-        if progress.live.is_started:  # never started: stopping would print a blank line
-            progress.stop()
+    with ProgressTask("merge", "stages", console) as bar:
+        report = merge_adapter(
+            settings, on_progress=lambda done, total, stage: bar.update(done, total, f"merge: {stage}"))
     if json_out:
         from gsmkit.manifest import to_jsonable
 

@@ -55,7 +55,7 @@ FullOpt = Annotated[bool, typer.Option("--full", help="Full fine-tuning instead 
 
 
 def _run(mode: str, flags: dict, config: Path | None, preset: str | None, show_masking: int, json_out: bool) -> None:
-    from gsmkit.progress import make_progress, stderr_console
+    from gsmkit.progress import ProgressTask, stderr_console
     from gsmkit.training.sft import resolve_settings
 
     with usage_errors():
@@ -66,24 +66,13 @@ def _run(mode: str, flags: dict, config: Path | None, preset: str | None, show_m
         return
     from gsmkit.training.sft import train
 
-    progress = make_progress(console)
-    task = None
-    last = {}
+    last: dict = {}
+    with ProgressTask(f"train {mode}", "steps", console) as bar:
 
-    def on_start(total: int) -> None:
-        nonlocal task
-        task = progress.add_task(f"train {mode}", total=total, unit="steps")
-        progress.start()
+        def on_step(step: int, total: int) -> None:
+            bar.update(step, total, f"train {mode} loss {last.get('loss', float('nan')):.3f}")
 
-    def on_step(step: int, total: int) -> None:
-        progress.update(task, completed=step, total=total,
-                        description=f"train {mode} loss {last.get('loss', float('nan')):.3f}")
-
-    try:
-        result = train(settings, on_start=on_start, on_step=on_step, on_log=last.update)
-    finally:
-        if progress.live.is_started:  # never started: stopping would print a blank line
-            progress.stop()
+        result = train(settings, on_start=bar.start, on_step=on_step, on_log=last.update)
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
         return
