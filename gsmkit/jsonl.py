@@ -21,6 +21,23 @@ T = TypeVar("T")
 _BOM = b"\xef\xbb\xbf"
 
 
+def parse_line(line: str, where: str) -> dict[str, Any]:
+    """One JSON Lines record; DataError `where: reason` when it is not a JSON object."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{where}: not valid JSON ({err.msg} at column {err.colno})",
+            hint="each line must be one JSON object (JSON Lines)",
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"{where}: expected a JSON object, got {type(obj).__name__}",
+            hint="each line must be one JSON object (JSON Lines)",
+        )
+    return obj
+
+
 def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line; raise DataError naming path:line."""
     path = Path(path)
@@ -44,20 +61,8 @@ def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple
                 ) from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})",
-                    hint="each line must be one JSON object (JSON Lines)",
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}",
-                    hint="each line must be one JSON object (JSON Lines)",
-                )
             seen += 1
-            yield lineno, obj
+            yield lineno, parse_line(line, f"{path}:{lineno}")
     if seen == 0 and not allow_empty:
         raise DataError(f"{path}: file is empty", hint="expected at least one JSON object per line")
 

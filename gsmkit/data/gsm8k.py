@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.jsonl import parse_line
 from gsmkit.records import Problem
 
 DEFAULT_SOURCE = "openai/gsm8k"
@@ -57,21 +58,10 @@ def _rows_from_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         return [(f"{path}:item {i + 1}", r) for i, r in enumerate(rows)]
-    out = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028, U+2029 or U+0085 unescaped, and
     # splitlines() would cut a row in two there (and misnumber every later line).
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})",
-                hint="each line must be one JSON object (JSON Lines)",
-            ) from None
-        out.append((f"{path}:{lineno}", obj))
-    return out
+    return [(f"{path}:{lineno}", parse_line(line, f"{path}:{lineno}"))
+            for lineno, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
 def _validate(pairs: list[tuple[str, Any]], origin: str) -> list[Problem]:
