@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.jsonl import iter_jsonl, parse_line
 from gsmkit.records import content_hash, normalize_text
 
 BENCHMARKS = ("drop", "gpqa", "humaneval", "math", "math500", "mmlu", "mgsm", "gsm8k")
@@ -125,25 +126,13 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             with gzip.open(path, "rt", encoding="utf-8") as fh:
                 for lineno, line in enumerate(fh, start=1):
                     if line.strip():
-                        yield f"{path}:{lineno}", _loads(line, f"{path}:{lineno}")
+                        yield f"{path}:{lineno}", parse_line(line, f"{path}:{lineno}")
         except (EOFError, gzip.BadGzipFile, zlib.error) as err:
             raise DataError(f"{path}:{lineno + 1}: truncated or corrupt gzip ({err})",
                             hint="download the file again") from None
         return
-    from gsmkit.jsonl import iter_jsonl
-
     for lineno, obj in iter_jsonl(path, allow_empty=True):
         yield f"{path}:{lineno}", obj
-
-
-def _loads(line: str, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _field(obj: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
