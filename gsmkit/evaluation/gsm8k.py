@@ -22,6 +22,7 @@ from typing import Any
 from gsmkit.answers import score_completion
 from gsmkit.errors import ConfigError, ResumeError
 from gsmkit.evaluation.stats import wilson_interval
+from gsmkit.generation import SamplingSettings
 from gsmkit.jsonl import Journal, read_jsonl, write_json, write_jsonl
 from gsmkit.modeling import ModelSpec
 from gsmkit.records import Prediction
@@ -67,14 +68,18 @@ class EvalSettings:
             raise ConfigError(f"--offset must be >= 0, got {self.offset}")
         if self.limit is not None and self.limit == 0:
             raise ConfigError("--limit 0 selects no problems", hint="omit --limit to evaluate the whole split")
-        if self.do_sample and self.temperature <= 0:
-            raise ConfigError("--do-sample needs --temperature > 0", hint="drop --do-sample for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        self.sampling()  # decoding options are checked where they are defined, before any model loads
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"unknown --backend '{self.backend}'", hint="choose hf or vllm")
+
+    def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
+        """The decoding settings; `stop` adds the prompt style's stop strings to --stop."""
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=tuple(dict.fromkeys(stop + self.stop)),
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes predictions)."""
@@ -217,7 +222,6 @@ def evaluate_gsm8k(
         loaded = load_model(settings.model)
         tok = loaded.tokenizer
     style = resolve_style(settings.style, tok)
-    stops = tuple(dict.fromkeys(stop_strings(style) + settings.stop))
 
     prompts: dict[str, str] = {}
     for p in problems:
@@ -226,12 +230,9 @@ def evaluate_gsm8k(
     by_id = {p.id: p for p in problems}
     todo = [p for p in problems if p.id not in done]
 
-    from gsmkit.generation import GenRequest, HFEngine, SamplingSettings, VLLMEngine
+    from gsmkit.generation import GenRequest, HFEngine, VLLMEngine
 
-    sampling = SamplingSettings(
-        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, temperature=settings.temperature,
-        top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=stops,
-    )
+    sampling = settings.sampling(stop_strings(style))
     if settings.backend == "vllm":
         engine = VLLMEngine(settings.model.model, tok, settings.model.adapter, settings.model.dtype,
                             settings.batch_size, settings.seed)
@@ -285,7 +286,7 @@ def evaluate_gsm8k(
         "eval gsm8k", settings,
         inputs={"data": _data_file(settings), "pool": settings.pool},
         seeds={"seed": settings.seed},
-        extra={"resolved": {"style": style, "stop": list(stops), "backend": settings.backend,
+        extra={"resolved": {"style": style, "stop": list(sampling.stop), "backend": settings.backend,
                             "dtype": str(loaded.dtype) if loaded else settings.model.dtype,
                             "device": str(loaded.device) if loaded else "cuda",
                             "excluded_pool_problems": excluded}},
