@@ -42,7 +42,9 @@ __all__ = [
     "gold_from_solution",
     "has_reasoning_section",
     "normalize_number",
+    "primary_answer",
     "score_completion",
+    "to_tags",
 ]
 
 # Verbatim from lm_eval/tasks/gsm8k/gsm8k.yaml (filter_list).  Do not "improve" these: any change makes
@@ -174,9 +176,16 @@ def gold_from_solution(solution: str) -> str | None:
     return value if value is not None and _PLAIN_NUMBER.fullmatch(value) else None
 
 
-def score_completion(completion: str, gold: str) -> tuple[ExtractedAnswers, bool, bool]:
-    """Extract both answers from ``completion``; return them with (correct_strict, correct_flexible)."""
-    answers = extract_all(completion)
+def score_completion(completion: str, gold: str, answer_format: str = "hash") -> tuple[ExtractedAnswers, bool, bool]:
+    """Extract both answers from ``completion``; return them with (correct_strict, correct_flexible).
+
+    "strict" is the format's own marker (``primary_answer``): ``#### n``, or the ``<SOLUTION>`` tag for
+    the reasoning-tags format; "flexible" is always lm-eval's last number."""
+    if answer_format == "hash":
+        answers = extract_all(completion)
+    else:
+        answers = ExtractedAnswers(strict=primary_answer(completion, answer_format),
+                                   flexible=extract_flexible(completion))
     return answers, answers_equal(answers.strict, gold), answers_equal(answers.flexible, gold)
 
 
@@ -192,3 +201,32 @@ def has_reasoning_section(text: str) -> bool:
     """True when the text has ``<start_working_out>`` ... ``<end_working_out>`` in that order with
     some non-blank reasoning between (an empty section would let a format reward be gamed)."""
     return any(body.strip() for body in _REASONING_SECTION.findall(text))
+
+
+def to_tags(solution: str) -> str:
+    """A GSM8K solution ("steps ... #### n") in the reasoning-tags format:
+    ``<start_working_out>steps<end_working_out>`` then ``<SOLUTION>n</SOLUTION>``.
+
+    Text that already has a ``<SOLUTION>`` tag, or has no ``#### n`` to convert, is returned as is.
+    """
+    if _SOLUTION_TAG.search(solution):
+        return solution
+    gold = gold_from_solution(solution)
+    if gold is None:
+        return solution
+    steps = solution.rpartition(_GOLD_MARKER)[0].strip()
+    return f"{REASONING_START}{steps}{REASONING_END}\n{SOLUTION_START}{gold}{SOLUTION_END}"
+
+
+ANSWER_FORMATS = ("hash", "tags")
+
+
+def primary_answer(text: str, answer_format: str = "hash") -> str | None:
+    """The answer a completion states in its format's own marker: the first ``#### n`` ("hash", lm-eval's
+    strict-match) or the last ``<SOLUTION>n</SOLUTION>`` ("tags"). The metric's strict column, the
+    correctness reward and trace selection all use this one function."""
+    if answer_format == "hash":
+        return extract_strict(text)
+    if answer_format == "tags":
+        return extract_solution_tag(text)
+    raise ValueError(f"unknown answer format {answer_format!r}; expected one of {ANSWER_FORMATS}")

@@ -7,6 +7,10 @@ Styles (PROMPT_VERSION is recorded in every manifest; bump it when a rendering c
 - `plain`: lm-evaluation-harness's gsm8k task format, `Question: ...\nAnswer: ...`, exemplars joined
   by a blank line, generation stopped at `Question:`.
 - `chat`: exemplars as earlier user/assistant turns of the tokenizer's chat template.
+- `tags`: the reasoning-tags format of GRPO recipes, through the chat template: a system prompt asks
+  for `<start_working_out>...<end_working_out>` then `<SOLUTION>n</SOLUTION>`, and exemplars and
+  training targets are GSM8K solutions rewritten that way (`to_tags`). Its answer is the content of
+  the last `<SOLUTION>` tag (`answers.primary_answer`), not `#### n`.
 - `auto`: `chat` when the tokenizer has a chat template, else `plain`.
 """
 
@@ -16,10 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gsmkit.answers import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, to_tags
 from gsmkit.errors import ConfigError
 
-PROMPT_VERSION = 1
-STYLES = ("auto", "chat", "plain")
+PROMPT_VERSION = 2  # 2: the `tags` style
+STYLES = ("auto", "chat", "plain", "tags")
+
+# The reasoning-tags style's default system prompt (the wording of the GRPO recipes our users follow).
+TAGS_SYSTEM_PROMPT = (
+    "You are given a problem. Think about the problem and provide your working out. "
+    f"Place it between {REASONING_START} and {REASONING_END}. "
+    f"Then, provide your solution between {SOLUTION_START}{SOLUTION_END}"
+)
 
 # lm-eval's gsm8k `until` list; the end-of-sequence token is a stop in every style besides these.
 PLAIN_STOP = ("Question:", "</s>", "<|im_end|>")
@@ -38,12 +50,24 @@ def resolve_style(style: str, tokenizer: Any) -> str:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if style == "auto":
         return "chat" if has_template else "plain"
-    if style == "chat" and not has_template:
+    if style in ("chat", "tags") and not has_template:
         raise ConfigError(
-            "prompt style 'chat' needs a tokenizer with a chat template, and this one has none",
+            f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
             hint="use --style plain",
         )
     return style
+
+
+def answer_format(style: str) -> str:
+    """How a completion in this style states its answer: "tags" (`<SOLUTION>n</SOLUTION>`) or "hash" (`#### n`)."""
+    return "tags" if style == "tags" else "hash"
+
+
+def style_system_prompt(style: str, system_prompt: str | None) -> str | None:
+    """The system prompt a style uses: the user's, else the style's own (only `tags` has one)."""
+    if system_prompt:
+        return system_prompt
+    return TAGS_SYSTEM_PROMPT if style == "tags" else None
 
 
 def _plain_prefix(exemplars: Sequence[Exemplar]) -> str:
@@ -72,12 +96,15 @@ def render_prompt(
     if style == "plain":
         prefix = f"{system_prompt}\n\n" if system_prompt else ""
         return prefix + _plain_prefix(exemplars) + f"Question: {question}\nAnswer:"
-    if style == "chat":
+    if style in ("chat", "tags"):
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("prompt style 'chat' needs a tokenizer with a chat template, and this one has none",
+            raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
                               hint="use --style plain")
+        if style == "tags":
+            exemplars = [Exemplar(ex.question, to_tags(ex.answer)) for ex in exemplars]
         return tokenizer.apply_chat_template(
-            build_messages(question, exemplars, system_prompt), tokenize=False, add_generation_prompt=True
+            build_messages(question, exemplars, style_system_prompt(style, system_prompt)), tokenize=False,
+            add_generation_prompt=True,
         )
     raise ConfigError(f"prompt style '{style}' is not resolved", hint="call resolve_style first")
 
@@ -86,6 +113,8 @@ def render_target(style: str, answer: str, tokenizer: Any = None) -> str:
     """The text a training example teaches after `render_prompt` (lm-eval's target delimiter is a space)."""
     if style == "plain":
         return f" {answer}"
+    if style == "tags":
+        return to_tags(answer)
     return answer
 
 

@@ -59,6 +59,9 @@ def gsm8k(
 ) -> None:
     """GSM8K exact-match accuracy (strict `#### n` and flexible last-number), with a 95% Wilson interval.
 
+    With --style tags, strict reads the last `<SOLUTION>n</SOLUTION>`, and the summary adds the share of
+    outputs with a reasoning section and with an extractable answer.
+
     Writes OUT/predictions.jsonl, OUT/metrics.json and OUT/manifest.json. Interrupted runs resume:
     rerun the same command.
 
@@ -100,6 +103,9 @@ def gsm8k(
     table.add_row("95% CI", "{:.1%}-{:.1%}".format(*metrics.ci95_strict), "{:.1%}-{:.1%}".format(*metrics.ci95_flexible))
     table.add_row("no answer", f"{metrics.no_answer_strict:.1%}", f"{metrics.no_answer_flexible:.1%}")
     console.print(table)
+    if metrics.with_reasoning_section is not None:
+        console.print(f"reasoning-tags format: {metrics.with_reasoning_section:.1%} with a reasoning section, "
+                      f"{metrics.extractable:.1%} with a <SOLUTION> answer (the strict column)")
     console.print(
         f"{metrics.generated_this_run} generated in {metrics.generation_s:.1f}s: {metrics.problems_per_s:.2f} problems/s, "
         f"{metrics.tokens_per_s:.1f} tokens/s; truncated at --max-new-tokens: {metrics.truncated:.1%}; results in {out}"

@@ -36,7 +36,7 @@ PoolOpt = Annotated[
 ]
 KOpt = Annotated[int, typer.Option("--k", help="Number of few-shot exemplars, taken in order from --pool.", min=0)]
 StyleOpt = Annotated[
-    str, typer.Option("--style", help="Prompt style: auto (chat if the tokenizer has a template) | chat | plain.")
+    str, typer.Option("--style", help="Prompt style: auto (chat if the tokenizer has a template) | chat | plain | tags (reasoning tags, <SOLUTION>n</SOLUTION>).")
 ]
 
 

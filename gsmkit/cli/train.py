@@ -20,7 +20,7 @@ TracesOpt = Annotated[str | None, typer.Option("--traces", help="A traces JSONL 
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split of a GSM8K source. [default: train]")]
 PoolOpt = Annotated[Path | None, typer.Option("--fewshot-pool", help="Few-shot pool to keep out of training. [default: ./fewshot_pool.jsonl, else the default pool drawn from GSM8K train]", exists=True, dir_okay=False)]
 KOpt = Annotated[int | None, typer.Option("--k", help="Exemplars the run's evaluation uses (recorded in the manifest). [default: 5]", min=0)]
-StyleOpt = Annotated[str | None, typer.Option("--style", help="Prompt style shared with eval: auto | chat | plain. [default: auto]")]
+StyleOpt = Annotated[str | None, typer.Option("--style", help="Prompt style shared with eval: auto | chat | plain | tags. [default: auto]")]
 SystemOpt = Annotated[str | None, typer.Option("--system-prompt", help="System prompt (chat) or preamble (plain).")]
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="simple (1 epoch, k=3, eval 512 tokens) | medium (1 epoch, k=5, checkpoint sweep) | strong (2 epochs, k=8, uses --traces).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file with the same keys as the long options (flags win).", exists=True, dir_okay=False)]

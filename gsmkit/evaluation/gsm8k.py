@@ -106,6 +106,9 @@ class EvalMetrics:
     generated_tokens: int
     k: int
     style: str
+    answer_format: str  # "hash" (`#### n`) or "tags" (`<SOLUTION>n</SOLUTION>`): what "strict" extracts
+    extractable: float  # share of completions with a strict (format-marked) answer
+    with_reasoning_section: float | None  # tags style: share with a non-empty <start_working_out> section
     generated_this_run: int
     generation_s: float
     problems_per_s: float
@@ -118,6 +121,10 @@ class EvalMetrics:
 
 
 def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any]) -> EvalMetrics:
+    from gsmkit.answers import has_reasoning_section
+    from gsmkit.prompts import answer_format
+
+    fmt = answer_format(style)
     n = len(preds)
     cs = sum(p.correct_strict for p in preds)
     cf = sum(p.correct_flexible for p in preds)
@@ -137,6 +144,10 @@ def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any
         generated_tokens=sum(p.num_tokens for p in preds),
         k=k,
         style=style,
+        answer_format=fmt,
+        extractable=sum(p.strict is not None for p in preds) / n if n else 0.0,
+        with_reasoning_section=(sum(has_reasoning_section(p.completion) for p in preds) / n if n else 0.0)
+        if fmt == "tags" else None,
         generated_this_run=done,
         generation_s=round(gen_s, 3),
         problems_per_s=round(done / gen_s, 4) if gen_s > 0 else 0.0,
@@ -204,7 +215,7 @@ def evaluate_gsm8k(
     journal, done = _prepare_out(settings)
 
     from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
-    from gsmkit.prompts import add_special_tokens_for, render_prompt, resolve_style, stop_strings
+    from gsmkit.prompts import add_special_tokens_for, answer_format, render_prompt, resolve_style, stop_strings
 
     if settings.backend == "vllm":
         from gsmkit.generation import check_vllm_available
@@ -222,6 +233,7 @@ def evaluate_gsm8k(
         loaded = load_model(settings.model)
         tok = loaded.tokenizer
     style = resolve_style(settings.style, tok)
+    fmt = answer_format(style)
 
     prompts: dict[str, str] = {}
     for p in problems:
@@ -259,7 +271,7 @@ def evaluate_gsm8k(
         with torch.inference_mode() if loaded else contextlib.nullcontext():
             for res in engine.generate(requests, sampling):
                 p = by_id[res.key]
-                extracted, ok_strict, ok_flex = score_completion(res.text, p.gold)
+                extracted, ok_strict, ok_flex = score_completion(res.text, p.gold, fmt)
                 pred = Prediction(
                     id=p.id, prompt_sha256=prompt_sha[p.id], completion=res.text,
                     strict=extracted.strict, flexible=extracted.flexible, gold=p.gold,

@@ -1,6 +1,6 @@
 """Response-only loss masking: one training example in, token ids and labels out.
 
-In: a `TrainExample`, a fast tokenizer, a resolved prompt style (`chat` or `plain`), a length limit
+In: a `TrainExample`, a fast tokenizer, a resolved prompt style (`chat`, `tags` or `plain`), a length limit
 and an optional system prompt.
 Out: `Encoded(input_ids, labels, where, truncated)`; labels are IGNORE_INDEX (-100) on every prompt
 token and equal input_ids on the response, so the loss (and so the gradient) sees the response only.
@@ -26,7 +26,7 @@ from typing import Any
 from rich.text import Text
 
 from gsmkit.errors import ConfigError, DataError, ModelError
-from gsmkit.prompts import add_special_tokens_for, build_messages, render_prompt, render_target
+from gsmkit.prompts import add_special_tokens_for, build_messages, render_prompt, render_target, style_system_prompt
 from gsmkit.training.data import TrainExample
 
 IGNORE_INDEX = -100  # the label torch's cross_entropy (and HF models) ignore by default
@@ -52,14 +52,16 @@ def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None) -> tuple[str, str]:
-    """(prompt text, whole text) through the chat template."""
+def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None, style: str = "chat") -> tuple[str, str]:
+    """(prompt text, whole text) through the chat template (`chat` or `tags` style)."""
     if not _has_template(tokenizer):
-        raise ConfigError("prompt style 'chat' needs a tokenizer with a chat template, and this one has none",
+        raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
                           hint="use --style plain")
     if ex.kind == "messages":
         context = list(ex.messages[:-1])  # type: ignore[index]
         reply = ex.messages[-1]  # type: ignore[index]
+        if not system_prompt and not (context and context[0]["role"] == "system"):
+            system_prompt = style_system_prompt(style, None)  # the style's own, unless the row has one
         if system_prompt:
             if context and context[0]["role"] == "system":
                 # Replacing or keeping the row's own system message silently would both surprise someone.
@@ -72,11 +74,12 @@ def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None) -> 
                 "reasoning from past turns); use a template that does not, or question/answer rows with --style plain")
     else:
         # A prompt/response row in chat style is one user turn and one assistant turn.
+        system_prompt = style_system_prompt(style, system_prompt)
         question = ex.question if ex.kind == "qa" else ex.prompt
         answer = ex.answer if ex.kind == "qa" else ex.response
         # render_prompt is what `eval gsm8k` sends, so training and evaluation prompts cannot drift.
-        prompt = render_prompt("chat", question, (), tokenizer, system_prompt)
-        reply = {"role": "assistant", "content": render_target("chat", answer)}
+        prompt = render_prompt(style, question, (), tokenizer, system_prompt)
+        reply = {"role": "assistant", "content": render_target(style, answer)}
         whole = tokenizer.apply_chat_template([*build_messages(question, (), system_prompt), reply], tokenize=False)
         hint = "use --style plain"
     if not whole.startswith(prompt):
@@ -140,8 +143,8 @@ def encode_example(
     """
     if max_length < 1:
         raise ConfigError(f"maximum sequence length must be at least 1, got {max_length}")
-    if style == "chat":
-        prompt, whole = _chat_texts(ex, tokenizer, system_prompt)
+    if style in ("chat", "tags"):
+        prompt, whole = _chat_texts(ex, tokenizer, system_prompt, style)
         # The template writes its own special tokens, as at evaluation (add_special_tokens_for("chat")).
         prompt_ids, response_ids = _tokenize_split(tokenizer, prompt, whole)
     elif style == "plain":
