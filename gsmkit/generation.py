@@ -9,6 +9,8 @@ Why it is fast on few-shot prompts:
 - Rows leave the batch the moment they finish (stop string, end-of-sequence or length) and waiting
   requests are admitted in their place (continuous refill), so the batch stays full.
 - Requests are admitted longest-suffix first, so rows prefilled together have similar lengths.
+- Several samples of one request (`num_samples`) share one encoding of its suffix; a caller that no
+  longer needs some samples (`cancelled(key, sample_index)`) stops them at the next step.
 
 How rows of different lengths share one batch: every row's keys and values are right-aligned in a
 common slot axis; a boolean slot mask says which slots hold real tokens for which row, and each row
@@ -248,9 +250,10 @@ class HFEngine:
         requests: Sequence[GenRequest],
         settings: SamplingSettings,
         on_result: Callable[[GenResult], None] | None = None,
-        cancelled: Callable[[str], bool] | None = None,
+        cancelled: Callable[[str, int], bool] | None = None,
     ) -> Iterator[GenResult]:
-        """Yield results as rows finish. `cancelled(key)` lets a caller drop a request's other samples."""
+        """Yield results as rows finish. `cancelled(key, sample_index)` lets a caller drop samples it no
+        longer needs (queued ones are never started, running ones leave the batch at the next step)."""
         import torch
 
         requests = [r for r in requests if r.num_samples > 0]
@@ -309,7 +312,7 @@ class HFEngine:
                 group: list[_Row] = []
                 while queue and len(group) < free:
                     req, s = queue.popleft()
-                    if cancelled is not None and cancelled(req.key):
+                    if cancelled is not None and cancelled(req.key, s):
                         continue
                     group.append(_Row(req, s, make_generator(req.key, s)))
                 if group:
@@ -324,7 +327,7 @@ class HFEngine:
             # ---- bookkeeping: append chosen tokens, emit finished rows, drop them from the batch ----
             keep: list[int] = []
             for i, (row, tok) in enumerate(zip(rows, next_tokens, strict=True)):
-                if cancelled is not None and cancelled(row.request.key):
+                if cancelled is not None and cancelled(row.request.key, row.sample_index):
                     continue
                 row.tokens.append(tok)
                 self.stats["generated_tokens"] += 1
@@ -357,11 +360,30 @@ class HFEngine:
             self.stats["decode_steps"] += 1
 
     def _prefill(self, group: Sequence[_Row], P: int, prefix_kv):
-        """Encode each new row's suffix after the shared prefix; returns its cache, mask, positions, logits."""
+        """Encode each new row's suffix after the shared prefix; returns its cache, mask, positions, logits.
+
+        Samples of one request share its suffix encoding: the suffix is prefilled once and the row's
+        cache copied for each sample (they diverge from their first sampled token on)."""
         import torch
 
-        n = len(group)
-        suffixes = [row.request.prompt_ids[P:] for row in group]
+        slot: dict[int, int] = {}  # id(request) -> row of the prefill batch
+        unique: list[GenRequest] = []
+        for row in group:
+            if id(row.request) not in slot:
+                slot[id(row.request)] = len(unique)
+                unique.append(row.request)
+        cache, row_mask, next_pos, logits = self._prefill_unique(unique, P, prefix_kv)
+        if len(unique) == len(group):
+            return cache, row_mask, next_pos, logits
+        idx = torch.tensor([slot[id(row.request)] for row in group], dtype=torch.long, device=self.device)
+        cache.batch_select_indices(idx)
+        return cache, row_mask[idx], next_pos[idx], logits[idx]
+
+    def _prefill_unique(self, requests: Sequence[GenRequest], P: int, prefix_kv):
+        import torch
+
+        n = len(requests)
+        suffixes = [r.prompt_ids[P:] for r in requests]
         S = max(len(s) for s in suffixes)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((n, S), pad, dtype=torch.long)

@@ -124,10 +124,32 @@ def test_cancelled_requests_stop_consuming_samples(tiny_model_dir):
     out = []
     with torch.inference_mode():
         for res in engine.generate(reqs, SamplingSettings(max_new_tokens=4, do_sample=True, seed=1),
-                                   cancelled=lambda key: key in done):
+                                   cancelled=lambda key, sample: key in done):
             out.append(res)
             done.add(res.key)
     assert 1 <= len(out) <= 2  # the second row may finish in the same step as the first
+
+
+def test_samples_of_one_request_share_its_suffix_encoding(tiny_model_dir):
+    model, tok = _load(tiny_model_dir)
+    req = _requests(tok, 1)[0]
+    settings = SamplingSettings(max_new_tokens=6, do_sample=True, seed=3)
+    shared = HFEngine(model, tok, batch_size=4, prefix_cache=False)
+    together = _run(shared, [GenRequest("a", req.prompt_ids, num_samples=4)], settings)
+    assert shared.stats["prefill_tokens"] == len(req.prompt_ids)  # one prefill for four samples
+    alone = HFEngine(model, tok, batch_size=1, prefix_cache=False)
+    one_by_one = _run(alone, [GenRequest("a", req.prompt_ids, num_samples=4)], settings)
+    assert alone.stats["prefill_tokens"] == 4 * len(req.prompt_ids)
+    assert {k: v.token_ids for k, v in together.items()} == {k: v.token_ids for k, v in one_by_one.items()}
+
+
+def test_cancelling_later_samples_keeps_earlier_ones(tiny_model_dir):
+    model, tok = _load(tiny_model_dir)
+    req = GenRequest("a", _requests(tok, 1)[0].prompt_ids, num_samples=6)
+    with torch.inference_mode():
+        out = list(HFEngine(model, tok, batch_size=2).generate(
+            [req], SamplingSettings(max_new_tokens=4, do_sample=True, seed=1), cancelled=lambda key, s: s >= 3))
+    assert sorted(r.sample_index for r in out) == [0, 1, 2]
 
 
 def test_common_prefix_and_cut_at_stop():
