@@ -449,6 +449,30 @@ class HFEngine:
         return cache, mask[:, first:]
 
 
+def build_engine(spec: Any, backend: str = "hf", batch_size: int = 16, prefix_cache: bool = True, seed: int = 0):
+    """Load what `spec` (a `modeling.ModelSpec`) names and wrap it in an engine: (loaded, tokenizer, engine).
+
+    `loaded` is None for vLLM, which loads the weights itself (loading them here too would hold them
+    twice on the GPU). Everything that can be refused is refused before any weights load."""
+    from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend '{backend}'", hint="choose hf or vllm")
+    if backend == "vllm":
+        check_vllm_available()
+        if spec.load_in_4bit:
+            raise ConfigError("--load-in-4bit is not supported with --backend vllm", hint="use --backend hf")
+        if locate_weights(spec.model)[2] == "gguf":
+            raise ConfigError("--backend vllm needs a model folder or Hub id, not a .gguf file",
+                              hint="use --backend hf, or save the model with save_pretrained first")
+        tok = load_tokenizer(spec.model, spec.trust_remote_code)
+        return None, tok, VLLMEngine(spec.model, tok, spec.adapter, spec.dtype, batch_size, seed)
+    loaded = load_model(spec)
+    engine = HFEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
+                      stop_token_ids=eos_token_ids(loaded.tokenizer, loaded.model))
+    return loaded, loaded.tokenizer, engine
+
+
 def check_vllm_available() -> None:
     """Raise ConfigError unless vllm is installed and a CUDA GPU is visible (checked before any model loads)."""
     import importlib.util

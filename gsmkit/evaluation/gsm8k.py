@@ -214,24 +214,11 @@ def evaluate_gsm8k(
         excluded = before - len(problems)
     journal, done = _prepare_out(settings)
 
-    from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
+    from gsmkit.generation import GenRequest, build_engine
     from gsmkit.prompts import add_special_tokens_for, answer_format, render_prompt, resolve_style, stop_strings
 
-    if settings.backend == "vllm":
-        from gsmkit.generation import check_vllm_available
-
-        check_vllm_available()
-        # vLLM loads the weights itself; loading them here too would hold them twice on the GPU.
-        if settings.model.load_in_4bit:
-            raise ConfigError("--load-in-4bit is not supported with --backend vllm", hint="use --backend hf")
-        if locate_weights(settings.model.model)[2] == "gguf":
-            raise ConfigError("--backend vllm needs a model folder or Hub id, not a .gguf file",
-                              hint="use --backend hf, or save the model with save_pretrained first")
-        loaded = None
-        tok = load_tokenizer(settings.model.model, settings.model.trust_remote_code)
-    else:
-        loaded = load_model(settings.model)
-        tok = loaded.tokenizer
+    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
+                                       settings.seed)
     style = resolve_style(settings.style, tok)
     fmt = answer_format(style)
 
@@ -242,15 +229,7 @@ def evaluate_gsm8k(
     by_id = {p.id: p for p in problems}
     todo = [p for p in problems if p.id not in done]
 
-    from gsmkit.generation import GenRequest, HFEngine, VLLMEngine
-
     sampling = settings.sampling(stop_strings(style))
-    if settings.backend == "vllm":
-        engine = VLLMEngine(settings.model.model, tok, settings.model.adapter, settings.model.dtype,
-                            settings.batch_size, settings.seed)
-    else:
-        engine = HFEngine(loaded.model, tok, batch_size=settings.batch_size, prefix_cache=settings.prefix_cache,
-                          stop_token_ids=eos_token_ids(tok, loaded.model))
     add_special = add_special_tokens_for(style)
     requests = [
         GenRequest(p.id, tuple(tok(prompts[p.id], add_special_tokens=add_special).input_ids)) for p in todo
