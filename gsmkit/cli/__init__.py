@@ -78,11 +78,13 @@ from gsmkit.cli import convert as _convert
 from gsmkit.cli import eval as _eval
 from gsmkit.cli import fewshot as _fewshot
 from gsmkit.cli import merge as _merge
+from gsmkit.cli import traces as _traces
 from gsmkit.cli import train as _train
 
 # in pipeline order (Typer lists single commands before command groups)
 app.command("fewshot")(_fewshot.fewshot)
 app.command("convert-benchmarks")(_convert.convert_benchmarks)
+app.command("generate-traces")(_traces.generate_traces)
 app.add_typer(_train.app, name="train")
 app.add_typer(_eval.app, name="eval")
 app.command("merge")(_merge.merge)

@@ -1,0 +1,383 @@
+"""Self-generated reasoning traces: up to K sampled attempts per problem, keep the first correct one.
+
+In: `TraceSettings` (model + adapter, GSM8K problems, few-shot pool and k, prompt style, sampling
+options, K). Out: `<out>` (traces JSONL in dataset order), `<out>.stats.json` and
+`<out>.manifest.json`; returns `TraceStats`.
+
+Semantics (the same as sampling attempts one after another until one is right):
+- attempt i of a problem is the i-th sample of its prompt, drawn from a generator seeded by
+  (seed, problem id, i), so what attempt i says does not depend on batching or on interruptions;
+- the kept trace is the lowest-numbered correct attempt; `attempts` is its number (1-based), or K
+  when none of the K is correct, in which case the gold solution is kept (`source: fallback`);
+- "correct" is `answers.primary_answer` equal to the gold: the same extractor as the metric's strict
+  column and the GRPO correctness reward (`#### n`, or `<SOLUTION>n</SOLUTION>` in the tags style).
+
+Speed: all K attempts of a problem enter the engine together and share one encoding of its prompt
+(the few-shot prefix shared by every problem is encoded once per run); once attempt i is known
+correct, attempts after i are cancelled, queued ones never start and running ones leave the batch.
+Attempts before i keep running: one of them may still be correct and come first. With
+`all_attempts`, every attempt runs (no early stop), which gives the combinatorial pass@k estimator
+more samples to work with.
+
+Resumable: decided problems are appended to `<out>.partial.jsonl` next to `<out>.run.json` (the
+settings fingerprint); a rerun skips them, and the final file is written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gsmkit.errors import ConfigError, ResumeError
+from gsmkit.generation import SamplingSettings
+from gsmkit.modeling import ModelSpec
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    model: ModelSpec
+    out: Path
+    data: str = "openai/gsm8k"
+    split: str = "train"
+    offset: int = 0
+    num_samples: int | None = None  # problems to take from the split (after --offset); None: all
+    max_attempts: int = 5
+    pool: Path | None = None
+    k: int = 0
+    style: str = "auto"
+    system_prompt: str | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    seed: int = 0
+    keep_attempts: bool = False
+    all_attempts: bool = False
+    prefix_cache: bool = True
+    backend: str = "hf"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.k < 0:
+            raise ConfigError(f"--k must be >= 0, got {self.k}")
+        if self.k > 0 and self.pool is None:
+            raise ConfigError(f"--k {self.k} needs a few-shot pool",
+                              hint="make one with `gsmkit fewshot --out pool.jsonl` and pass --pool pool.jsonl")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.out.suffix != ".jsonl":
+            raise ConfigError(f"--out {self.out}: traces are written as JSON Lines", hint="name it like traces.jsonl")
+        self.sampling()
+
+    def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+                                top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a partial run to be resumed (everything that changes the rows)."""
+        import json
+
+        d = asdict(self)
+        for key in ("out", "overwrite", "batch_size", "prefix_cache", "backend"):
+            d.pop(key)
+        return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}))
+
+    @property
+    def partial(self) -> Path:
+        return self.out.with_name(self.out.stem + ".partial.jsonl")
+
+    @property
+    def run_file(self) -> Path:
+        return self.out.with_name(self.out.stem + ".run.json")
+
+    @property
+    def stats_file(self) -> Path:
+        return self.out.with_name(self.out.stem + ".stats.json")
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.out.with_name(self.out.stem + ".manifest.json")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    # Product form: no huge binomials, exact enough for any n a run can draw.
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@dataclass
+class TraceStats:
+    total_samples: int  # problems in the traces file
+    successes: int  # problems whose kept trace is the model's own
+    fallback_count: int  # problems that kept the gold solution
+    success_rate: float
+    success_rate_ci95: tuple[float, float]
+    avg_attempts_for_successes: float | None
+    avg_attempts_overall: float
+    total_attempts: int  # attempts counted by the sequential semantics (sum of `attempts`)
+    max_attempts: int
+    pass_at_k: dict[str, float]  # "1".."K"
+    pass_at_k_estimator: str
+    excluded_pool_problems: int
+    generated_this_run: int  # problems decided by this run (the rest were resumed)
+    attempts_this_run: int
+    completions_this_run: int  # every completion the engine produced, including cancelled-race extras
+    generated_tokens_this_run: int
+    generation_s: float
+    attempts_per_s: float
+    problems_per_s: float
+    tokens_per_s: float
+    wall_s: float
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(rows: list[dict[str, Any]], max_attempts: int, all_attempts: bool, timing: dict[str, Any],
+              excluded: int = 0) -> TraceStats:
+    """The stats sidecar, computed from the trace rows themselves (so the two always agree)."""
+    from gsmkit.evaluation.stats import wilson_interval
+
+    n = len(rows)
+    wins = [r for r in rows if r["source"] == "model"]
+    passes: dict[str, float] = {}
+    for k in range(1, max_attempts + 1):
+        if all_attempts:
+            # Every attempt ran: the combinatorial estimator over all K samples of each problem.
+            vals = [pass_at_k(max_attempts, r["num_correct"], k) for r in rows]
+        else:
+            # Attempts are i.i.d. draws, so "one of the first k was correct" is an unbiased estimate of
+            # pass@k for each problem; the first correct attempt's number says exactly that.
+            vals = [1.0 if r["source"] == "model" and r["attempts"] <= k else 0.0 for r in rows]
+        passes[str(k)] = sum(vals) / n if n else 0.0
+    gen_s = timing.get("generation_s", 0.0)
+    return TraceStats(
+        total_samples=n, successes=len(wins), fallback_count=n - len(wins),
+        success_rate=len(wins) / n if n else 0.0, success_rate_ci95=wilson_interval(len(wins), n),
+        avg_attempts_for_successes=sum(r["attempts"] for r in wins) / len(wins) if wins else None,
+        avg_attempts_overall=sum(r["attempts"] for r in rows) / n if n else 0.0,
+        total_attempts=sum(r["attempts"] for r in rows), max_attempts=max_attempts, pass_at_k=passes,
+        pass_at_k_estimator="unbiased (n=K samples per problem)" if all_attempts else "first-k (sequential attempts)",
+        excluded_pool_problems=excluded,
+        generated_this_run=timing.get("problems", 0), attempts_this_run=timing.get("attempts", 0),
+        completions_this_run=timing.get("completions", 0), generated_tokens_this_run=timing.get("tokens", 0),
+        generation_s=round(gen_s, 3),
+        attempts_per_s=round(timing.get("attempts", 0) / gen_s, 4) if gen_s > 0 else 0.0,
+        problems_per_s=round(timing.get("problems", 0) / gen_s, 4) if gen_s > 0 else 0.0,
+        tokens_per_s=round(timing.get("tokens", 0) / gen_s, 2) if gen_s > 0 else 0.0,
+        wall_s=round(timing.get("wall_s", 0.0), 3), engine=timing.get("engine", {}),
+    )
+
+
+def cut_after_answer(text: str, answer_format: str) -> str:
+    """The completion up to the end of the marker its answer was read from (`#### n` line or the last
+    `</SOLUTION>`), so a kept trace ends in its answer and not in whatever the model wrote next."""
+    from gsmkit.answers import SOLUTION_END, STRICT_PATTERN
+
+    if answer_format == "tags":
+        end = text.rfind(SOLUTION_END)
+        return text[: end + len(SOLUTION_END)].strip() if end != -1 else text.strip()
+    match = STRICT_PATTERN.search(text)
+    return text[: match.end()].rstrip(".,").strip() if match else text.strip()
+
+
+class _Problem:
+    """The attempts of one problem as they arrive (in any order), and the decision they allow."""
+
+    def __init__(self, max_attempts: int, all_attempts: bool):
+        self.max_attempts = max_attempts
+        self.all_attempts = all_attempts
+        self.results: dict[int, tuple[bool, Any]] = {}
+        self.first_correct: int | None = None  # lowest correct index seen so far (maybe not final yet)
+
+    def add(self, index: int, correct: bool, result: Any) -> None:
+        self.results[index] = (correct, result)
+        if correct and (self.first_correct is None or index < self.first_correct):
+            self.first_correct = index
+
+    def needed(self, index: int) -> bool:
+        """Whether attempt `index` can still change the outcome (or the stats, with all_attempts)."""
+        if self.all_attempts:
+            return True
+        return self.first_correct is None or index < self.first_correct
+
+    def decided(self) -> bool:
+        if self.all_attempts:
+            return len(self.results) == self.max_attempts
+        if self.first_correct is not None:
+            return all(i in self.results for i in range(self.first_correct))
+        return len(self.results) == self.max_attempts
+
+
+def generate_traces(
+    settings: TraceSettings,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> TraceStats:
+    """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
+    t_wall = time.perf_counter()
+    from gsmkit.answers import answers_equal, primary_answer, to_tags
+    from gsmkit.data.fewshot import pool_exemplars, pool_hashes, read_pool
+    from gsmkit.data.gsm8k import load_gsm8k, select_problems
+    from gsmkit.jsonl import Journal, write_json, write_jsonl
+    from gsmkit.manifest import build_manifest
+
+    problems = select_problems(load_gsm8k(settings.data, settings.split), settings.offset, settings.num_samples)
+    exemplars = []
+    excluded = 0
+    if settings.k > 0:
+        pool = read_pool(settings.pool)
+        exemplars = pool_exemplars(pool, settings.k, str(settings.pool))
+        # A problem that is its own exemplar would be "solved" by copying: never trace it.
+        hashes = pool_hashes(pool[: settings.k])
+        before = len(problems)
+        problems = [p for p in problems if p.sha256 not in hashes]
+        excluded = before - len(problems)
+    journal, done = _prepare_out(settings)
+
+    from gsmkit.generation import GenRequest, build_engine
+    from gsmkit.prompts import add_special_tokens_for, answer_format, render_prompt, resolve_style, stop_strings
+
+    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
+                                       settings.seed)
+    style = resolve_style(settings.style, tok)
+    fmt = answer_format(style)
+    sampling = settings.sampling(stop_strings(style))
+    add_special = add_special_tokens_for(style)
+    by_id = {p.id: p for p in problems}
+    todo = [p for p in problems if p.id not in done]
+    requests = [
+        GenRequest(p.id, tuple(tok(render_prompt(style, p.question, exemplars, tok, settings.system_prompt),
+                                   add_special_tokens=add_special).input_ids), num_samples=settings.max_attempts)
+        for p in todo
+    ]
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(settings.run_file, settings.fingerprint())
+    if on_start is not None:
+        on_start(len(problems), len(done))
+
+    state = {p.id: _Problem(settings.max_attempts, settings.all_attempts) for p in todo}
+    finished: set[str] = set()
+    counts = {"problems": 0, "attempts": 0, "completions": 0, "tokens": 0}
+
+    def cancelled(key: str, index: int) -> bool:
+        return key in finished or not state[key].needed(index)
+
+    def decide(pid: str) -> dict[str, Any]:
+        p, st = by_id[pid], state[pid]
+        attempts = st.first_correct + 1 if st.first_correct is not None else settings.max_attempts
+        if st.first_correct is not None:
+            answer, source = cut_after_answer(st.results[st.first_correct][1].text, fmt), "model"
+        else:
+            answer, source = (to_tags(p.answer) if fmt == "tags" else p.answer), "fallback"
+        row: dict[str, Any] = {"id": p.id, "question": p.question, "answer": answer, "source": source,
+                               "attempts": attempts, "gold": p.gold}
+        if settings.all_attempts:
+            row["num_correct"] = sum(ok for ok, _ in st.results.values())
+        if settings.keep_attempts:
+            shown = range(settings.max_attempts) if settings.all_attempts else range(attempts)
+            row["attempt_texts"] = [
+                {"text": st.results[i][1].text, "answer": primary_answer(st.results[i][1].text, fmt),
+                 "correct": st.results[i][0], "finish_reason": st.results[i][1].finish_reason} for i in shown
+            ]
+        counts["attempts"] += settings.max_attempts if settings.all_attempts else attempts
+        return row
+
+    import contextlib
+
+    import torch
+
+    t_gen = time.perf_counter()
+    try:
+        with torch.inference_mode() if loaded else contextlib.nullcontext():
+            for res in engine.generate(requests, sampling, cancelled=cancelled):
+                counts["completions"] += 1
+                counts["tokens"] += len(res.token_ids)
+                if res.key in finished or not state[res.key].needed(res.sample_index):
+                    continue  # finished in the same step as the attempt that made it unnecessary
+                p = by_id[res.key]
+                correct = answers_equal(primary_answer(res.text, fmt), p.gold)
+                state[res.key].add(res.sample_index, correct, res)
+                if state[res.key].decided():
+                    row = decide(res.key)
+                    journal.append(row)
+                    done[res.key] = row
+                    finished.add(res.key)
+                    counts["problems"] += 1
+                    if on_progress is not None:
+                        on_progress(1)
+    finally:
+        journal.close()
+    gen_s = time.perf_counter() - t_gen
+    missing = [p.id for p in problems if p.id not in done]
+    if missing:  # the engine returned fewer attempts than asked: a bug, never a silently short file
+        raise RuntimeError(f"{len(missing)} problems were not decided (first: {missing[0]})")
+
+    rows = [done[p.id] for p in problems]
+    timing = {**counts, "generation_s": gen_s, "wall_s": time.perf_counter() - t_wall, "engine": dict(engine.stats)}
+    stats = summarize(rows, settings.max_attempts, settings.all_attempts, timing, excluded)
+    manifest = build_manifest(
+        "generate-traces", settings,
+        inputs={"data": _data_file(settings), "pool": settings.pool},
+        seeds={"seed": settings.seed},
+        extra={"resolved": {"style": style, "answer_format": fmt, "stop": list(sampling.stop),
+                            "backend": settings.backend, "dtype": str(loaded.dtype) if loaded else settings.model.dtype,
+                            "device": str(loaded.device) if loaded else "cuda", "excluded_pool_problems": excluded}},
+    )
+    write_jsonl(settings.out, rows)
+    write_json(settings.stats_file, {**stats.to_dict(), "traces": str(settings.out)})
+    write_json(settings.manifest_file, manifest)
+    journal.remove()
+    settings.run_file.unlink(missing_ok=True)
+    return stats
+
+
+def _prepare_out(settings: TraceSettings):
+    """Check the output paths; return the journal and the rows already decided there."""
+    import json
+
+    from gsmkit.jsonl import Journal
+
+    out = settings.out
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"{out}: is a folder", hint="--out names the traces .jsonl file")
+    journal = Journal(settings.partial)
+    if settings.overwrite:
+        journal.remove()
+        for path in (out, settings.stats_file, settings.manifest_file, settings.run_file):
+            path.unlink(missing_ok=True)
+        return journal, {}
+    if out.exists() and not journal.path.exists():
+        raise ConfigError(f"{out}: already holds finished traces",
+                          hint="pass --overwrite to generate them again, or choose another --out")
+    if not journal.path.exists():
+        return journal, {}
+    try:
+        recorded = json.loads(settings.run_file.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != settings.fingerprint():
+        raise ResumeError(f"{journal.path}: holds a partial run made with different settings",
+                          hint="rerun with the same options to resume, or pass --overwrite to start again")
+    return journal, {row["id"]: row for row in journal.load()}
+
+
+def _data_file(settings: TraceSettings):
+    from gsmkit.data.gsm8k import resolve_split_files
+
+    files = resolve_split_files(settings.data, settings.split)
+    return files[0] if files else settings.data
