@@ -1,4 +1,4 @@
-"""`gsmkit train sft | qlora`: response-only fine-tuning with LoRA, 4-bit QLoRA or full weights."""
+"""`gsmkit train sft | qlora | grpo`: response-only fine-tuning with LoRA, 4-bit QLoRA or full weights, and GRPO."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from gsmkit.cli.options import JsonOpt, ModelOpt, usage_errors
 
-app = typer.Typer(help="Fine-tune a model on GSM8K (or traces, or any prompt/response JSONL).", no_args_is_help=True)
+app = typer.Typer(help="Fine-tune a model on GSM8K (or traces, or any prompt/response JSONL), or train it with GRPO.", no_args_is_help=True)
 
 # Options default to None so that a preset or --config value is overridden only by flags actually given.
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the adapter, logs and manifest.",
@@ -162,3 +162,98 @@ def qlora(
     """
     flags = _flags(locals())
     _run("qlora", flags, config, preset, show_masking, json_out)
+
+
+@app.command("grpo")
+def grpo(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the adapter, logs, reward curve and manifest.",
+                                      file_okay=False)] = Path("runs/grpo"),
+    init_adapter: Annotated[Path | None, typer.Option("--init-adapter", help="Continue training this SFT adapter "
+                                                      "(the 'prep SFT, then GRPO' recipe) instead of a fresh LoRA.",
+                                                      exists=True, file_okay=False)] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: nf4 base with double quantization.")] = False,
+    data: Annotated[str, typer.Option("--data", help="GSM8K Hub id or local file/folder, or a JSONL of {question, answer} "
+                                      "rows (traces too).")] = "openai/gsm8k",
+    split: Annotated[str, typer.Option("--split", help="Split of a GSM8K source.")] = "train",
+    train_samples: Annotated[int | None, typer.Option("--train-samples", help="Sample budget: train on N problems "
+                                                      "drawn with --seed (default: all).", min=1, show_default=False)] = None,
+    fewshot_pool: PoolOpt = None,
+    k: Annotated[int, typer.Option("--k", help="Few-shot exemplars in each prompt, from the pool.", min=0)] = 0,
+    style: Annotated[str, typer.Option("--style", help="Prompt style shared with eval: auto | chat | plain | tags.")] = "auto",
+    system_prompt: SystemOpt = None,
+    reward_weights: Annotated[str | None, typer.Option(
+        "--reward-weights", help="name=weight pairs, comma-separated; names: correctness, strict_format, soft_format, "
+        "integer; 0 drops one. [default: correctness=2,strict_format=0.5,soft_format=0.5,integer=0.5]",
+        show_default=False)] = None,
+    num_generations: Annotated[int, typer.Option("--num-generations", help="Completions sampled per prompt (the group).", min=2)] = 4,
+    prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", help="Prompts per device per optimizer step "
+                                                  "(times --num-generations completions).", min=1)] = 2,
+    max_completion_length: Annotated[int, typer.Option("--max-completion-length", help="Tokens per completion.", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature of the rollouts.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass of the rollouts.")] = 1.0,
+    beta: Annotated[float, typer.Option("--beta", help="KL coefficient (0: no reference model).", min=0.0)] = 0.0,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", "--lr", help="Learning rate.")] = 2e-5,
+    lr_scheduler: Annotated[str, typer.Option("--lr-scheduler", help="constant | linear | cosine ...")] = "constant",
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of steps for warmup.")] = 0.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.", min=1)] = 100,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.", min=1)] = 1,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank (fresh adapters).", min=1)] = 16,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha.", min=1)] = 32,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")] = 0.0,
+    target_modules: TargetsOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (rollouts, data order, --train-samples).")] = 42,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: auto | float32 | bfloat16 | float16.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
+    gradient_checkpointing: GcOpt = None,
+    logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log rewards every N steps.", min=1)] = 1,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Keep an adapter checkpoint every N steps "
+                                            "(enables --resume).", min=0)] = 0,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    use_vllm: Annotated[bool, typer.Option("--use-vllm", help="Generate rollouts with TRL's colocated vLLM "
+                                           "(needs vllm and a GPU).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """GRPO with LoRA on TRL's GRPOTrainer, rewarded for correct answers (answers.py) and format.
+
+    Prompts are rendered as `eval gsm8k` renders them; the few-shot pool is removed from the problems.
+    Writes the adapter, tokenizer, manifest.json, trainer_log.jsonl (rewards per step) and
+    reward_curve.png to --out; the adapter loads in `eval gsm8k --adapter`.
+
+    Example: gsmkit train grpo --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
+    --style tags --train-samples 200 --max-steps 50 --out runs/grpo
+    """
+    from gsmkit.progress import ProgressTask, stderr_console
+    from gsmkit.training.grpo import GrpoSettings, train_grpo
+    from gsmkit.training.rewards import parse_weights
+
+    with usage_errors():
+        weights = parse_weights(reward_weights)
+        settings = GrpoSettings(
+            model=model, out=out, init_adapter=str(init_adapter) if init_adapter else None, load_in_4bit=load_in_4bit,
+            data=data, split=split, train_samples=train_samples, fewshot_pool=fewshot_pool, k=k, style=style,
+            system_prompt=system_prompt, reward_weights=tuple(weights.items()), num_generations=num_generations,
+            prompts_per_step=prompts_per_step, max_completion_length=max_completion_length, temperature=temperature,
+            top_p=top_p, beta=beta, learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
+            max_steps=max_steps, grad_accum=grad_accum, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            target_modules=tuple(target_modules) if target_modules else None, seed=seed, dtype=dtype, device=device,
+            gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, save_steps=save_steps,
+            resume=resume, overwrite=overwrite, use_vllm=use_vllm,
+        )
+    console = stderr_console()
+    last: dict = {}
+    with ProgressTask("train grpo", "steps", console) as bar:
+
+        def on_step(step: int, total: int) -> None:
+            bar.update(step, total, f"train grpo reward {last.get('reward', float('nan')):.3f}")
+
+        result = train_grpo(settings, on_start=bar.start, on_step=on_step, on_log=last.update)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    first = f"{result.reward_first:.3f}" if result.reward_first is not None else "-"
+    final = f"{result.reward_last:.3f}" if result.reward_last is not None else "-"
+    console.print(f"trained {result.steps} GRPO steps on {result.train_problems} problems "
+                  f"({result.removed_fewshot} few-shot rows removed) in {result.train_s:.0f}s; reward {first} -> {final}; "
+                  f"adapter and reward_curve.png in {result.out}", highlight=False)

@@ -463,6 +463,9 @@ def train(
     args = _training_arguments(settings, loaded, checkpoints, gc)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
                       callbacks=_callbacks(log_path, on_log, on_step))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs go to trainer_log.jsonl and the progress bar; stdout stays for --json
     total_steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
         len(dataset) / (settings.batch_size * settings.grad_accum)) * math.ceil(settings.epochs)
     if on_start:

@@ -1,0 +1,119 @@
+"""GRPO reward functions, built on `answers.py`: the correctness reward reads answers with the very
+extractor the metric's strict column uses, so "rewarded" and "scored correct" cannot drift apart.
+
+Each reward has TRL's reward-function signature, `f(prompts, completions, **columns) -> list[float]`,
+reads the dataset's `gold` column where it needs it, and returns 0.0 or 1.0 per completion; the
+weights (`--reward-weights`) scale them. Completions may be strings or chat messages (TRL passes
+`[{"role": "assistant", "content": ...}]` for conversational prompts).
+
+- `correctness`: the format's answer (`#### n`, or `<SOLUTION>n</SOLUTION>` in the tags style) equals gold;
+- `strict_format`: the whole completion has the format's shape and ends with its answer
+  (`...\\n#### n`; or `<start_working_out>...<end_working_out>` then `<SOLUTION>n</SOLUTION>` and nothing else);
+- `soft_format`: the format's answer marker is somewhere (tags: a non-empty reasoning section, then a
+  solution tag);
+- `integer`: the format's answer is a whole number (GSM8K answers are).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gsmkit.answers import (
+    REASONING_END,
+    REASONING_START,
+    SOLUTION_END,
+    SOLUTION_START,
+    STRICT_PATTERN,
+    answers_equal,
+    has_reasoning_section,
+    primary_answer,
+)
+from gsmkit.errors import ConfigError
+
+DEFAULT_WEIGHTS = {"correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer": 0.5}
+
+_HASH_STRICT = re.compile(r"\S.*\n#### -?[0-9][0-9,]*(?:\.[0-9]+)?\s*", re.DOTALL)
+_TAGS_STRICT = re.compile(
+    r"\s*" + re.escape(REASONING_START) + r"(?P<r>.+?)" + re.escape(REASONING_END) + r"\s*"
+    + re.escape(SOLUTION_START) + r"[^<]+?" + re.escape(SOLUTION_END) + r"\s*", re.DOTALL)
+_TAGS_SOFT = re.compile(re.escape(REASONING_END) + r".*?" + re.escape(SOLUTION_START) + r".+?" + re.escape(SOLUTION_END),
+                        re.DOTALL)
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as a string or as chat messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def correctness(text: str, gold: str, answer_format: str) -> float:
+    return 1.0 if answers_equal(primary_answer(text, answer_format), gold) else 0.0
+
+
+def strict_format(text: str, answer_format: str) -> float:
+    if answer_format == "tags":
+        m = _TAGS_STRICT.fullmatch(text)
+        return 1.0 if m and m.group("r").strip() else 0.0
+    # exactly one `#### n`, on the last line, after some working
+    return 1.0 if _HASH_STRICT.fullmatch(text) and text.count("####") == 1 else 0.0
+
+
+def soft_format(text: str, answer_format: str) -> float:
+    if answer_format == "tags":
+        return 1.0 if has_reasoning_section(text) and _TAGS_SOFT.search(text) else 0.0
+    return 1.0 if STRICT_PATTERN.search(text) else 0.0
+
+
+def integer_answer(text: str, answer_format: str) -> float:
+    answer = primary_answer(text, answer_format)
+    return 1.0 if answer is not None and _INTEGER.fullmatch(answer) else 0.0
+
+
+def make_reward_funcs(answer_format: str, names: Sequence[str]) -> list[Callable[..., list[float]]]:
+    """TRL reward functions for `names` (keys of DEFAULT_WEIGHTS), in that order; each is named after its key
+    so TRL logs `rewards/<name>/mean`."""
+
+    def per_text(score: Callable[[str, dict[str, Any]], float], name: str):
+        def reward(prompts=None, completions=(), **columns) -> list[float]:
+            golds = columns.get("gold") or [None] * len(completions)
+            return [score(completion_text(c), {"gold": g}) for c, g in zip(completions, golds, strict=True)]
+
+        reward.__name__ = name
+        return reward
+
+    table = {
+        "correctness": lambda t, row: correctness(t, row["gold"], answer_format),
+        "strict_format": lambda t, row: strict_format(t, answer_format),
+        "soft_format": lambda t, row: soft_format(t, answer_format),
+        "integer": lambda t, row: integer_answer(t, answer_format),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ConfigError(f"unknown reward '{unknown[0]}'", hint=f"choose from {', '.join(table)}")
+    return [per_text(table[n], n) for n in names]
+
+
+def parse_weights(spec: str | None) -> dict[str, float]:
+    """`correctness=2,strict_format=0.5` -> weights; rewards not named keep their default, 0 drops one."""
+    weights = dict(DEFAULT_WEIGHTS)
+    if not spec:
+        return weights
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ConfigError(f"--reward-weights: cannot read '{part.strip()}'",
+                              hint=f"give name=weight pairs separated by commas; names: {', '.join(weights)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--reward-weights: '{value.strip()}' for {name} is not a number") from None
+    if not any(w != 0 for w in weights.values()):
+        raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
+    return weights

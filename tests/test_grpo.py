@@ -1,0 +1,161 @@
+"""GRPO rewards (the metric's extractor, format shapes, weights) and `gsmkit train grpo` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from gsmkit.answers import score_completion
+from gsmkit.cli import app
+from gsmkit.errors import ConfigError
+from gsmkit.training import rewards
+from gsmkit.training.grpo import GrpoSettings, train_grpo
+from gsmkit.training.rewards import (
+    DEFAULT_WEIGHTS,
+    correctness,
+    integer_answer,
+    make_reward_funcs,
+    parse_weights,
+    soft_format,
+    strict_format,
+)
+
+runner = CliRunner()
+TAGGED = "<start_working_out>2 + 3 = 5<end_working_out>\n<SOLUTION>5</SOLUTION>"
+
+
+@pytest.mark.parametrize(("text", "fmt", "expected"), [
+    ("2 + 3 = 5\n#### 5", "hash", (1, 1, 1, 1)),
+    ("2 + 3 = 5\n#### 5\nQuestion: more", "hash", (1, 0, 1, 1)),  # text after the answer line
+    ("#### 5", "hash", (1, 0, 1, 1)),  # no working at all
+    ("2 + 3 = 5\n#### 5\n#### 6", "hash", (1, 0, 1, 1)),  # two answers
+    ("so 5.5\n#### 5.5", "hash", (0, 1, 1, 0)),
+    ("the answer is 5", "hash", (0, 0, 0, 0)),
+    (TAGGED, "tags", (1, 1, 1, 1)),
+    ("  " + TAGGED + "\n", "tags", (1, 1, 1, 1)),
+    (TAGGED + " and more", "tags", (1, 0, 1, 1)),
+    ("<start_working_out> <end_working_out><SOLUTION>5</SOLUTION>", "tags", (1, 0, 0, 1)),  # empty reasoning
+    ("<SOLUTION>5</SOLUTION>", "tags", (1, 0, 0, 1)),
+    ("<start_working_out>x<end_working_out><SOLUTION>five</SOLUTION>", "tags", (0, 1, 1, 0)),
+    ("2 + 3 = 5\n#### 5", "tags", (0, 0, 0, 0)),  # the other format's marker earns nothing
+])
+def test_rewards(text, fmt, expected):
+    got = (correctness(text, "5", fmt), strict_format(text, fmt), soft_format(text, fmt), integer_answer(text, fmt))
+    assert got == tuple(float(x) for x in expected)
+
+
+@given(st.text(max_size=80), st.integers(-10**6, 10**6))
+def test_correctness_reward_agrees_with_the_metric(noise, gold):
+    """The reward and the metric's strict column are one extractor: they can never disagree."""
+    for text in (noise, f"{noise}\n#### {gold}", f"#### {gold}{noise}", f"<SOLUTION>{gold}</SOLUTION>{noise}"):
+        for fmt in ("hash", "tags"):
+            _, strict, _ = score_completion(text, str(gold), fmt)
+            assert correctness(text, str(gold), fmt) == float(strict)
+
+
+def test_reward_funcs_have_trl_signature_and_names():
+    funcs = make_reward_funcs("hash", list(DEFAULT_WEIGHTS))
+    assert [f.__name__ for f in funcs] == list(DEFAULT_WEIGHTS)
+    chat = [[{"role": "assistant", "content": "1 + 1 = 2\n#### 2"}], [{"role": "assistant", "content": "no"}]]
+    assert funcs[0](prompts=["p", "p"], completions=chat, gold=["2", "2"]) == [1.0, 0.0]
+    assert funcs[1](prompts=["p"], completions=["1 + 1 = 2\n#### 2"], gold=["3"]) == [1.0]
+    with pytest.raises(ConfigError):
+        make_reward_funcs("hash", ["length"])
+
+
+def test_parse_weights():
+    assert parse_weights(None) == DEFAULT_WEIGHTS
+    assert parse_weights("correctness=1, integer=0") == {**DEFAULT_WEIGHTS, "correctness": 1.0, "integer": 0.0}
+    for bad in ("correctness", "speed=1", "correctness=high", "correctness=0,strict_format=0,soft_format=0,integer=0"):
+        with pytest.raises(ConfigError):
+            parse_weights(bad)
+
+
+def _lora_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.fixture()
+def varied_reward(monkeypatch):
+    """A random tiny model never answers right, so every reward is 0 and GRPO has no signal; this makes
+    correctness depend on the completion's length parity so groups have reward variance."""
+    monkeypatch.setattr(rewards, "correctness", lambda text, gold, fmt: float(len(text) % 2))
+
+
+def _settings(model, data, out, **kw) -> GrpoSettings:
+    base = {"model": str(model), "out": out, "data": str(data), "train_samples": 8, "max_steps": 2,
+            "max_completion_length": 12, "num_generations": 4, "prompts_per_step": 2, "learning_rate": 5e-2,
+            "lora_r": 4, "lora_alpha": 8, "seed": 0}
+    base.update(kw)
+    return GrpoSettings(**base)
+
+
+def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+    out = tmp_path / "grpo"
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out))
+    assert result.steps == 2 and result.train_problems == 8
+    for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "trainer_log.jsonl",
+                 "reward_curve.png", "fewshot_pool.jsonl", "tokenizer.json"):
+        assert (out / name).exists(), name
+    weights = _lora_weights(out)
+    # LoRA B starts at zero: a non-zero B means the policy gradient reached the adapter.
+    assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)
+    log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "reward" in r] == [1, 2]
+    assert all("rewards/correctness/mean" in r for r in log if "reward" in r)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "train grpo" and manifest["resolved"]["reward_weights"] == DEFAULT_WEIGHTS
+    assert manifest["resolved"]["removed_fewshot"] > 0
+    # the adapter loads in `eval gsm8k`
+    res = runner.invoke(app, ["eval", "gsm8k", "--model", str(tiny_model_dir), "--adapter", str(out), "--data",
+                              str(small_gsm8k), "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "ev"),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["n"] == 2
+
+
+def test_grpo_continues_an_sft_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+    first = tmp_path / "first"
+    train_grpo(_settings(tiny_model_dir, small_gsm8k, first, max_steps=1))
+    before = _lora_weights(first)
+    second = tmp_path / "second"
+    train_grpo(_settings(tiny_model_dir, small_gsm8k, second, init_adapter=str(first), max_steps=1, seed=1))
+    after = _lora_weights(second)
+    assert set(after) == set(before)  # the same adapter, trained further
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grpo_qlora_runs(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q"
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, load_in_4bit=True, max_steps=1))
+    assert result.steps == 1 and (out / "adapter_model.safetensors").exists()
+
+
+def _cli(*args):
+    return runner.invoke(app, ["train", "grpo", *args])
+
+
+def test_grpo_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
+    base = ["--model", str(tiny_model_dir), "--data", str(small_gsm8k), "--out", str(tmp_path / "o")]
+    r = _cli(*base, "--reward-weights", "speed=2")
+    assert r.exit_code == 2 and "speed" in r.output
+    r = _cli(*base, "--num-generations", "1")
+    assert r.exit_code == 2
+    not_adapter = tmp_path / "empty"
+    not_adapter.mkdir()
+    r = _cli(*base, "--init-adapter", str(not_adapter))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    prs = tmp_path / "pr.jsonl"
+    prs.write_text('{"prompt": "a", "response": "b"}\n')
+    r = _cli("--model", str(tiny_model_dir), "--data", str(prs), "--out", str(tmp_path / "o2"))
+    assert r.exit_code == 1 and "question/answer" in r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
