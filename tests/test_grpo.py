@@ -133,6 +133,12 @@ def test_grpo_continues_an_sft_adapter(tmp_path, tiny_model_dir, small_gsm8k, va
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_time_limit_stops_after_the_step_that_crosses_it(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+    out = tmp_path / "t"
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=50, time_limit_s=1e-6))
+    assert result.steps == 1 and (out / "adapter_model.safetensors").exists()
+
+
 def test_grpo_qlora_runs(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"

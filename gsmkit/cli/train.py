@@ -209,6 +209,9 @@ def grpo(
     logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log rewards every N steps.", min=1)] = 1,
     save_steps: Annotated[int, typer.Option("--save-steps", help="Keep an adapter checkpoint every N steps "
                                             "(enables --resume).", min=0)] = 0,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Stop after the step that uses up this many "
+                                                     "minutes of training, and save (at most --max-steps).",
+                                                     show_default=False)] = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     use_vllm: Annotated[bool, typer.Option("--use-vllm", help="Generate rollouts with TRL's colocated vLLM "
@@ -239,7 +242,7 @@ def grpo(
             max_steps=max_steps, grad_accum=grad_accum, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             target_modules=tuple(target_modules) if target_modules else None, seed=seed, dtype=dtype, device=device,
             gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, save_steps=save_steps,
-            resume=resume, overwrite=overwrite, use_vllm=use_vllm,
+            time_limit_s=time_limit * 60 if time_limit is not None else None, resume=resume, overwrite=overwrite, use_vllm=use_vllm,
         )
     console = stderr_console()
     last: dict = {}

@@ -62,6 +62,7 @@ class GrpoSettings:
     gradient_checkpointing: bool | None = None
     logging_steps: int = 1
     save_steps: int = 0
+    time_limit_s: float | None = None  # stop (and save) after the step that crosses this wall-clock budget
     resume: bool = False
     overwrite: bool = False
     use_vllm: bool = False
@@ -79,6 +80,8 @@ class GrpoSettings:
             raise ConfigError("--temperature must be > 0: GRPO learns from differences between samples")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("--beta must be >= 0 and --learning-rate > 0")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ConfigError("--time-limit must be > 0 minutes")
         if self.train_samples is not None and self.train_samples < 1:
             raise ConfigError("--train-samples must be >= 1")
         if self.k < 0:
@@ -143,6 +146,23 @@ def _problems(settings: GrpoSettings):
     if not rows:
         raise DataError(f"{settings.data}: no training problems left after removing the few-shot pool")
     return rows, removed, pool, origin
+
+
+def _time_limit(seconds: float | None) -> list:
+    """A callback that ends training after the step during which `seconds` of training time ran out."""
+    if seconds is None:
+        return []
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if time.perf_counter() - self.start >= seconds:
+                control.should_training_stop = True
+
+    return [TimeLimit()]
 
 
 def plot_rewards(log_path: Path, png: Path) -> None:
@@ -298,7 +318,7 @@ def train_grpo(
     trainer = GRPOTrainer(
         model=model, reward_funcs=make_reward_funcs(fmt, list(weights)), args=config,
         train_dataset=Dataset.from_list(dataset_rows), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=_callbacks(log_path, on_log, on_step),
+        callbacks=_callbacks(log_path, on_log, on_step) + _time_limit(settings.time_limit_s),
     )
     from transformers.trainer_callback import PrinterCallback
 

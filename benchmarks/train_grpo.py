@@ -1,0 +1,131 @@
+"""A short GRPO run on SmolLM2-135M-Instruct: the reward curve, and the format and correctness rewards
+on held-out GSM8K test problems before and after.
+
+Steps (all through the gsmkit CLI, so the numbers are what a user gets):
+1. `gsmkit eval gsm8k` (greedy) on the first `--eval-problems` test problems with the starting policy
+   (the base model, or `--init-adapter`, e.g. the SFT adapter of `train_sft.py learning`);
+2. `gsmkit train grpo --time-limit M` from that policy on GSM8K train (as many steps as M minutes allow);
+3. the same evaluation with the GRPO adapter.
+Each evaluation's completions are scored with the very reward functions GRPO trains on
+(`gsmkit.training.rewards`), so "before" and "after" are in the units of the reward curve.
+
+Run from the project root:
+    python benchmarks/train_grpo.py --out bench-out/train_grpo --init-adapter bench-out/train_learning/sft
+    python benchmarks/train_grpo.py --out bench-out/train_grpo --minutes 1 --eval-problems 4   # quick check
+Writes `<out>/results.json` and `<out>/grpo/reward_curve.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, ensure_hf_model, ensure_project_importable, gsmkit_command, machine_info, run_timed, tail
+
+ensure_project_importable()
+from gsmkit.prompts import answer_format
+from gsmkit.training import rewards
+
+console = Console(stderr=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model-dir", type=Path, default=ROOT / "bench-out" / "smollm2-hf")
+    p.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
+    p.add_argument("--init-adapter", type=Path, default=None, help="starting adapter (default: the base model)")
+    p.add_argument("--style", default="chat")
+    p.add_argument("--minutes", type=float, default=15.0)
+    p.add_argument("--train-samples", type=int, default=256)
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--prompts-per-step", type=int, default=2)
+    p.add_argument("--max-completion-length", type=int, default=160)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--eval-problems", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def reward_means(predictions: Path, style: str) -> dict[str, float]:
+    """Mean of each reward over the completions of an `eval gsm8k` predictions file."""
+    fmt = answer_format(style)
+    rows = [json.loads(x) for x in predictions.read_text().splitlines() if x.strip()]
+    scores = {
+        "correctness": [rewards.correctness(r["completion"], r["gold"], fmt) for r in rows],
+        "strict_format": [rewards.strict_format(r["completion"], fmt) for r in rows],
+        "soft_format": [rewards.soft_format(r["completion"], fmt) for r in rows],
+        "integer": [rewards.integer_answer(r["completion"], fmt) for r in rows],
+    }
+    means = {k: sum(v) / len(v) for k, v in scores.items()}
+    means["weighted_total"] = sum(rewards.DEFAULT_WEIGHTS[k] * means[k] for k in rewards.DEFAULT_WEIGHTS)
+    means["n"] = len(rows)
+    return means
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir.resolve()
+    ensure_hf_model(model_dir)
+    gsmkit = gsmkit_command()
+    logs = out / "logs"
+    results: dict[str, Any] = {"benchmark": "train_grpo", "settings": {k: str(v) for k, v in vars(args).items()},
+                               "machine": machine_info(), "commands": {}}
+
+    def evaluate(name: str, adapter: Path | None) -> dict[str, Any]:
+        cmd = [*gsmkit, "eval", "gsm8k", "--model", str(model_dir), "--data", str(args.gsm8k_dir), "--limit",
+               str(args.eval_problems), "--style", args.style, "--max-new-tokens", str(args.max_completion_length),
+               "--out", str(out / name), "--overwrite", "--json"]
+        if adapter is not None:
+            cmd += ["--adapter", str(adapter)]
+        results["commands"][name] = cmd
+        console.print(f"[bold]{name}[/bold]: eval gsm8k on {args.eval_problems} test problems")
+        seconds, rc = run_timed(cmd, logs / f"{name}.log")
+        if rc:
+            raise SystemExit(tail(logs / f"{name}.log"))
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        return {"rewards": reward_means(out / name / "predictions.jsonl", args.style),
+                "accuracy_strict": metrics["accuracy_strict"], "accuracy_flexible": metrics["accuracy_flexible"],
+                "wall_s": round(seconds, 1)}
+
+    results["before"] = evaluate("eval_before", args.init_adapter.resolve() if args.init_adapter else None)
+
+    grpo_dir = out / "grpo"
+    cmd = [*gsmkit, "train", "grpo", "--model", str(model_dir), "--data", str(args.gsm8k_dir), "--style", args.style,
+           "--train-samples", str(args.train_samples), "--num-generations", str(args.num_generations),
+           "--prompts-per-step", str(args.prompts_per_step), "--max-completion-length",
+           str(args.max_completion_length), "--learning-rate", str(args.learning_rate), "--max-steps", "10000",
+           "--time-limit", str(args.minutes), "--seed", str(args.seed), "--out", str(grpo_dir), "--overwrite", "--json"]
+    if args.init_adapter:
+        cmd += ["--init-adapter", str(args.init_adapter.resolve())]
+    results["commands"]["grpo"] = cmd
+    console.print(f"[bold]train grpo[/bold] for {args.minutes} minutes")
+    seconds, rc = run_timed(cmd, logs / "grpo.log")
+    if rc:
+        raise SystemExit(tail(logs / "grpo.log"))
+    log = [json.loads(x) for x in (grpo_dir / "trainer_log.jsonl").read_text().splitlines() if x.strip()]
+    curve = [{"step": r["step"], "reward": r["reward"],
+              **{k.split("/")[1]: r[k] for k in r if k.startswith("rewards/") and k.endswith("/mean")}}
+             for r in log if "reward" in r]
+    results["grpo"] = {"wall_s": round(seconds, 1), "steps": curve[-1]["step"] if curve else 0, "curve": curve,
+                       "step_time_s": [r.get("step_time") for r in log if "reward" in r]}
+
+    results["after"] = evaluate("eval_after", grpo_dir)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    b, a = results["before"]["rewards"], results["after"]["rewards"]
+    for key in ("correctness", "strict_format", "soft_format", "integer", "weighted_total"):
+        console.print(f"{key:>15}: {b[key]:.3f} -> {a[key]:.3f}")
+    console.print(f"{results['grpo']['steps']} GRPO steps in {seconds:.0f}s; reward curve in {grpo_dir / 'reward_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
