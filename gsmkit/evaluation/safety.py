@@ -266,10 +266,12 @@ def evaluate_safety(
         single_token_id,
     )
     from gsmkit.manifest import build_manifest, sha256_file
-    from gsmkit.modeling import load_tokenizer
+    from gsmkit.modeling import load_tokenizer, resolve_device, resolve_dtype
 
-    # Everything that can fail on input is checked before any model loads: the prompts, the Safety
-    # Guidelines, the guard's folder, format, labels and chat template, the output folder.
+    # Everything that can fail on input is checked before any model loads: the device and dtype, the
+    # prompts, the Safety Guidelines, the guard's folder, format, labels and chat template, the output folder.
+    device = resolve_device(settings.model.device)
+    dtype = resolve_dtype(settings.model.dtype, device)
     all_prompts = load_safety_prompts(settings.prompts)
     prompts = select_safety_prompts(all_prompts, settings.hazards, settings.per_hazard, settings.limit,
                                     settings.seed, str(settings.prompts))
@@ -326,7 +328,8 @@ def evaluate_safety(
                 "adapter": settings.model.adapter},
         seeds={"seed": settings.seed},
         extra={"resolved": {"guard_format": fmt, "style": style, "prompts": selection,
-                            "safety_prompt_mode": "placeholders" if template.has_placeholders else "prepended"}},
+                            "safety_prompt_mode": "placeholders" if template.has_placeholders else "prepended",
+                            "dtype": str(dtype), "device": str(device)}},
     )
     write_jsonl(settings.out / SAFETY, verdicts)
     write_json(settings.out / METRICS, {**_jsonable(metrics), "manifest": manifest})
