@@ -263,13 +263,7 @@ class HFEngine:
             if not r.prompt_ids:
                 raise ConfigError(f"request '{r.key}' has an empty prompt")
 
-        # Shared prefix: every row keeps at least one suffix token, whose logits start generation.
-        P = 0
-        if self.prefix_cache:
-            P = min(common_prefix_length([r.prompt_ids for r in requests]), min(len(r.prompt_ids) for r in requests) - 1)
-            if P < self.min_prefix_tokens:
-                P = 0
-        prefix_kv = self._encode_prefix(requests[0].prompt_ids[:P]) if P else None
+        P, prefix_kv = self._shared_prefix(requests)
 
         # Longest suffix first; Python's sort is stable, so ties keep the caller's order.
         queue: deque[tuple[GenRequest, int]] = deque(
@@ -358,6 +352,42 @@ class HFEngine:
             positions = positions + 1
             next_tokens = self._choose(logits, rows, settings)
             self.stats["decode_steps"] += 1
+
+    def next_token_logprobs(
+        self, requests: Sequence[GenRequest], token_ids: Sequence[int],
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[str, list[float]]]:
+        """`(key, log-probabilities of token_ids)` as the next token after each prompt, one forward pass per
+        batch and the shared prefix encoded once: scoring without generating (ShieldGemma's Yes/No)."""
+        import torch
+
+        requests = list(requests)
+        for r in requests:
+            if not r.prompt_ids:
+                raise ConfigError(f"request '{r.key}' has an empty prompt")
+        if not requests:
+            return
+        P, prefix_kv = self._shared_prefix(requests)
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
+        order = sorted(requests, key=lambda r: -len(r.prompt_ids))  # similar lengths share a batch
+        for start in range(0, len(order), self.batch_size):
+            group = [_Row(r, 0, None) for r in order[start:start + self.batch_size]]
+            _, _, _, logits = self._prefill(group, P, prefix_kv)
+            picked = torch.log_softmax(logits, dim=-1)[:, ids].tolist()
+            for row, values in zip(group, picked, strict=True):
+                yield row.request.key, values
+            if on_batch is not None:
+                on_batch(len(group))
+
+    def _shared_prefix(self, requests: Sequence[GenRequest]):
+        """(P, KV of the first P tokens) shared by every prompt; every row keeps at least one suffix token,
+        whose logits start generation."""
+        P = 0
+        if self.prefix_cache:
+            P = min(common_prefix_length([r.prompt_ids for r in requests]), min(len(r.prompt_ids) for r in requests) - 1)
+            if P < self.min_prefix_tokens:
+                P = 0
+        return P, (self._encode_prefix(requests[0].prompt_ids[:P]) if P else None)
 
     def _prefill(self, group: Sequence[_Row], P: int, prefix_kv):
         """Encode each new row's suffix after the shared prefix; returns its cache, mask, positions, logits.

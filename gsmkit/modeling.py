@@ -164,10 +164,18 @@ def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool 
         ) from None
 
 
-def load_model(spec: ModelSpec, for_training: bool = False) -> LoadedModel:
-    """Load model (+ adapter) and tokenizer as `spec` says; raise ModelError/ConfigError otherwise."""
+def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-lm") -> LoadedModel:
+    """Load model (+ adapter) and tokenizer as `spec` says; raise ModelError/ConfigError otherwise.
+
+    `task` is "causal-lm" (AutoModelForCausalLM) or "sequence-classification"
+    (AutoModelForSequenceClassification, for safeguard classifiers).
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in ("causal-lm", "sequence-classification"):
+        raise ValueError(f"unknown task {task!r}")
+    auto_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
     if spec.adapter is not None:
         read_adapter_config(spec.adapter)  # fail before the (slow) base model loads
@@ -199,7 +207,7 @@ def load_model(spec: ModelSpec, for_training: bool = False) -> LoadedModel:
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = auto_class.from_pretrained(where, **kwargs)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line for the user
         raise ModelError(f"{spec.model}: cannot load the model ({type(err).__name__}: {str(err)[:300]})",
                          hint="without network access, pass a local folder or .gguf file") from None

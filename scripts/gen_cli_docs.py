@@ -32,7 +32,7 @@ HEADER = """\
 
 Every command prints this help with `-h` or `--help`. Options may be given in any order.
 Exit codes: 0 success, 1 a problem with inputs or settings (one `error:` line plus a `hint:`),
-2 a misused option, 130 interrupted (rerun the same command to resume).
+2 a misused option, 3 `eval safety --min-safety` not met, 130 interrupted (rerun the same command to resume).
 """
 
 

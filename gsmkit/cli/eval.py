@@ -25,7 +25,7 @@ from gsmkit.cli.options import (
     usage_errors,
 )
 
-app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy, perplexity.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy, perplexity, safety rate.", no_args_is_help=True)
 
 
 @app.command("gsm8k")
@@ -175,4 +175,153 @@ def ppl(
         f"window {metrics.max_length} tokens, stride {metrics.stride}: {metrics.windows} windows, "
         f"{metrics.items_over_window} items longer than the window; {metrics.tokens_per_s:.1f} tokens/s; "
         f"results in {out}", highlight=False,
+    )
+
+
+SAFETY_BELOW_THRESHOLD_EXIT = 3  # distinct from 1 (bad input) and 2 (misused option), so CI can tell them apart
+
+
+@app.command("safety")
+def safety(
+    model: ModelOpt,
+    prompts: Annotated[Path, typer.Option(
+        "--prompts", help="Harmful prompts: the AILuminate CSV as released (release_prompt_id, prompt_text, hazard, "
+        "persona, locale, prompt_hash) or a .jsonl file of {prompt or input, optional id, hazard, persona} rows.",
+        exists=True, dir_okay=False, show_default=False)],
+    safeguard_model: Annotated[Path, typer.Option(
+        "--safeguard-model", help="Safeguard model folder (save_pretrained): a sequence classifier or a generative "
+        "guard. It is only read, never changed.", exists=True, file_okay=False, show_default=False)],
+    safety_prompt: Annotated[Path, typer.Option(
+        "--safety-prompt", help="Safety Guidelines text file, used verbatim: its {prompt} and {response} "
+        "placeholders are filled in; without them it is prepended to the conversation as a system message.",
+        exists=True, dir_okay=False, show_default=False)],
+    out: OutDirOpt = Path("runs/eval-safety"),
+    adapter: AdapterOpt = None,
+    guard_format: Annotated[str, typer.Option(
+        "--guard-format", help="The guard's output: auto (from its config or folder name) | classifier | "
+        "llama-guard | shieldgemma | wildguard | qwen3guard.")] = "auto",
+    hazards: Annotated[list[str] | None, typer.Option(
+        "--hazards", help="Only these hazards: groups (vcr, spc, ...) or raw codes (spc_fin); repeatable or "
+        "comma-separated.", show_default=False)] = None,
+    per_hazard: Annotated[int | None, typer.Option(
+        "--per-hazard", help="A seeded sample of N prompts from each hazard group (spc_* is one group).", min=1,
+        show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate at most the first N selected prompts.",
+                                              min=1, show_default=False)] = None,
+    seed: SeedOpt = 0,
+    style: StyleOpt = "auto",
+    system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="System prompt for the model (chat) or "
+                                                      "preamble (plain).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Response budget per prompt.", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Responses generated together.", min=1)] = 16,
+    guard_max_new_tokens: Annotated[int, typer.Option(
+        "--guard-max-new-tokens", help="Budget of a generative guard's verdict.", min=1)] = 64,
+    guard_batch_size: Annotated[int, typer.Option("--guard-batch-size", help="Pairs judged together.", min=1)] = 8,
+    guard_threshold: Annotated[float, typer.Option(
+        "--guard-threshold", help="Unsafe when the guard's unsafe probability is above this (classifier, "
+        "shieldgemma).")] = 0.5,
+    safe_label: Annotated[list[str] | None, typer.Option(
+        "--safe-label", help="Classifier label name (id2label) that means safe; repeatable. [default: safe]",
+        show_default=False)] = None,
+    unsafe_label: Annotated[list[str] | None, typer.Option(
+        "--unsafe-label", help="Classifier label name (id2label) that means unsafe; repeatable. [default: unsafe]",
+        show_default=False)] = None,
+    controversial: Annotated[str, typer.Option(
+        "--controversial", help="How a Qwen3Guard 'Controversial' verdict counts: unsafe (strict) | safe.")] = "unsafe",
+    min_safety: Annotated[float | None, typer.Option(
+        "--min-safety", help="Exit with code 3 when the safety rate is below this (0 to 1).", show_default=False)] = None,
+    dtype: DTypeOpt = "auto",
+    load_in_4bit: Load4bitOpt = False,
+    device: DeviceOpt = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard finished or partial results in --out.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Safety rate on harmful prompts (AILuminate) as judged by a safeguard, with a 95% Wilson interval,
+    per hazard and per persona.
+
+    Writes OUT/responses.jsonl, OUT/safety.jsonl, OUT/metrics.json and OUT/manifest.json. Guard outputs
+    that cannot be parsed are counted as unparsed, never as safe. Interrupted runs resume: rerun the same
+    command. Prompt and response texts are written to OUT only, never to the terminal.
+
+    Example: gsmkit eval safety --model HuggingFaceTB/SmolLM2-135M-Instruct --prompts
+    ../shared/data/ailuminate/airr_official_1.0_demo_en_us_prompt_set_release.csv --per-hazard 2
+    --safeguard-model path/to/Llama-Guard-3-1B --safety-prompt guidelines.txt --min-safety 0.9 --out runs/safety
+    """
+    from gsmkit.data.safety_prompts import parse_hazards
+    from gsmkit.evaluation.safety import SafetySettings, evaluate_safety
+    from gsmkit.modeling import ModelSpec
+    from gsmkit.progress import ProgressTask, stderr_console
+
+    with usage_errors():
+        settings = SafetySettings(
+            model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
+                            load_in_4bit=load_in_4bit, device=device),
+            prompts=prompts, safeguard_model=safeguard_model, safety_prompt=safety_prompt, out=out,
+            guard_format=guard_format, hazards=parse_hazards(hazards), per_hazard=per_hazard, limit=limit, seed=seed,
+            style=style, system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            guard_max_new_tokens=guard_max_new_tokens, guard_batch_size=guard_batch_size,
+            guard_threshold=guard_threshold, safe_labels=tuple(safe_label or ("safe",)),
+            unsafe_labels=tuple(unsafe_label or ("unsafe",)), controversial=controversial, min_safety=min_safety,
+            overwrite=overwrite,
+        )
+    console = stderr_console()
+    bars = {"generate": ProgressTask("eval safety: responses", "prompts", console),
+            "score": ProgressTask("eval safety: verdicts", "pairs", console)}
+
+    def on_stage(stage: str, total: int, done: int) -> None:
+        if stage == "score":
+            bars["generate"].__exit__(None, None, None)  # rich draws one live display at a time
+        if done == total:
+            return
+        if done:
+            what = "responses" if stage == "generate" else "verdicts"
+            console.print(f"resuming: {done} of {total} {what} already done", highlight=False)
+        bars[stage].start(total, done)
+
+    try:
+        metrics = evaluate_safety(settings, on_stage=on_stage, on_progress=lambda stage, n: bars[stage].advance(n))
+    finally:
+        for bar in bars.values():
+            bar.__exit__(None, None, None)
+    below = metrics.passed is False
+    if json_out:
+        from gsmkit.manifest import to_jsonable
+
+        typer.echo(json.dumps(to_jsonable({"out": str(out), **metrics.to_dict()})))
+    else:
+        _print_safety(console, metrics, out)
+    if below:
+        console.print(f"safety rate {metrics.safety_rate:.1%} is below --min-safety {metrics.min_safety:.1%}",
+                      style="bold red", highlight=False)
+        raise typer.Exit(SAFETY_BELOW_THRESHOLD_EXIT)
+
+
+def _print_safety(console, metrics, out: Path) -> None:
+    """Counts and rates only: the texts stay in OUT."""
+    from rich.table import Table
+
+    table = Table(title=f"Safety rate ({metrics.total} responses, guard format {metrics.guard_format})")
+    for name, justify in (("", "left"), ("n", "right"), ("safe", "right"), ("unsafe", "right"),
+                          ("unparsed", "right"), ("rate", "right"), ("95% CI", "right")):
+        table.add_column(name, justify=justify)
+
+    def add(label: str, c) -> None:
+        lo, hi = c.ci95
+        table.add_row(label, str(c.total), str(c.safe), str(c.unsafe), str(c.unparsed), f"{c.safety_rate:.1%}",
+                      f"{lo * 100:.1f}-{hi * 100:.1f}%")
+
+    add("overall", metrics)
+    for group, by_value in (("hazard", metrics.by_hazard_group), ("persona", metrics.by_persona)):
+        if by_value:
+            table.add_section()
+        for value, counts in by_value.items():
+            add(f"{group} {value}", counts)
+    console.print(table)
+    if metrics.unparsed:
+        console.print(f"{metrics.unparsed} guard outputs could not be parsed: counted as not safe "
+                      f"(see the reason field in {out / 'safety.jsonl'})", highlight=False)
+    console.print(
+        f"{metrics.generated_this_run} responses generated in {metrics.generation_s:.1f}s, {metrics.scored_this_run} "
+        f"judged in {metrics.scoring_s:.1f}s; truncated at --max-new-tokens: {metrics.truncated:.1%}; results in {out}",
+        highlight=False,
     )
