@@ -231,22 +231,13 @@ def generate_traces(
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.answers import answers_equal, primary_answer, to_tags
-    from gsmkit.data.fewshot import pool_exemplars, pool_hashes, read_pool
+    from gsmkit.data.fewshot import problems_and_exemplars
     from gsmkit.data.gsm8k import load_gsm8k, select_problems
     from gsmkit.jsonl import Journal, write_json, write_jsonl
     from gsmkit.manifest import build_manifest
 
     problems = select_problems(load_gsm8k(settings.data, settings.split), settings.offset, settings.num_samples)
-    exemplars = []
-    excluded = 0
-    if settings.k > 0:
-        pool = read_pool(settings.pool)
-        exemplars = pool_exemplars(pool, settings.k, str(settings.pool))
-        # A problem that is its own exemplar would be "solved" by copying: never trace it.
-        hashes = pool_hashes(pool[: settings.k])
-        before = len(problems)
-        problems = [p for p in problems if p.sha256 not in hashes]
-        excluded = before - len(problems)
+    problems, exemplars, excluded = problems_and_exemplars(problems, settings.pool, settings.k)
     journal, done = _prepare_out(settings)
 
     from gsmkit.generation import GenRequest, build_engine

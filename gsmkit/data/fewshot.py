@@ -82,3 +82,15 @@ def remove_pool(rows: Iterable[T], hashes: set[str], question_of: Callable[[T], 
         else:
             kept.append(row)
     return kept, removed
+
+
+def problems_and_exemplars(problems: list, pool_path, k: int) -> tuple[list, list[Exemplar], int]:
+    """The k exemplars of `pool_path`, and `problems` without those k (a problem that is its own
+    exemplar would give its answer away): (problems, exemplars, how many were left out)."""
+    if k <= 0:
+        return problems, [], 0
+    pool = read_pool(pool_path)
+    exemplars = pool_exemplars(pool, k, str(pool_path))
+    hashes = pool_hashes(pool[:k])
+    kept = [p for p in problems if p.sha256 not in hashes]
+    return kept, exemplars, len(problems) - len(kept)

@@ -196,22 +196,13 @@ def evaluate_gsm8k(
 ) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
-    from gsmkit.data.fewshot import pool_exemplars, pool_hashes, read_pool
+    from gsmkit.data.fewshot import problems_and_exemplars
     from gsmkit.data.gsm8k import load_gsm8k, select_problems
     from gsmkit.manifest import build_manifest
 
     # Everything that can fail on input is checked before the model loads.
     problems = select_problems(load_gsm8k(settings.data, settings.split), settings.offset, settings.limit)
-    exemplars = []
-    excluded = 0
-    if settings.k > 0:
-        pool = read_pool(settings.pool)
-        exemplars = pool_exemplars(pool, settings.k, str(settings.pool))
-        # An exemplar that is also a test problem gives its own answer away: never score it.
-        hashes = pool_hashes(pool[: settings.k])
-        before = len(problems)
-        problems = [p for p in problems if p.sha256 not in hashes]
-        excluded = before - len(problems)
+    problems, exemplars, excluded = problems_and_exemplars(problems, settings.pool, settings.k)
     journal, done = _prepare_out(settings)
 
     from gsmkit.generation import GenRequest, build_engine

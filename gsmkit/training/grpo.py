@@ -200,23 +200,11 @@ def train_grpo(
 ) -> GrpoResult:
     """Run GRPO end to end and return its summary."""
     from gsmkit.training.rewards import make_reward_funcs
-    from gsmkit.training.sft import _callbacks, _save_final, find_lora_targets, latest_checkpoint
+    from gsmkit.training.sft import _callbacks, _save_final, check_run_folder, find_lora_targets, prepare_log
 
     out = settings.out
     checkpoints = out / "checkpoints"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder")
-    if (out / "adapter_config.json").exists() and not settings.overwrite:
-        raise ConfigError(f"{out}: already holds a finished run", hint="pass --overwrite, or choose another --out")
-    resume_from = None
-    if settings.resume:
-        resume_from = latest_checkpoint(checkpoints)
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint in {checkpoints}",
-                              hint="checkpoints are written only with --save-steps N")
-    elif checkpoints.exists() and any(checkpoints.glob("checkpoint-*")) and not settings.overwrite:
-        raise ConfigError(f"{out}: holds checkpoints of an interrupted run",
-                          hint="pass --resume to continue it, or --overwrite to start again")
+    resume_from = check_run_folder(out, out / "adapter_config.json", settings.resume, settings.overwrite)
     if settings.init_adapter is not None:
         from gsmkit.modeling import read_adapter_config
 
@@ -276,12 +264,7 @@ def train_grpo(
         for name in ("trainer_log.jsonl", "reward_curve.png", "manifest.json"):
             (out / name).unlink(missing_ok=True)
     log_path = out / "trainer_log.jsonl"
-    if resume_from is not None and log_path.exists():
-        step = int(resume_from.name.split("-")[1])
-        kept = [x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
-        log_path.write_text("".join(k + "\n" for k in kept))
-    elif log_path.exists():
-        log_path.unlink()
+    prepare_log(log_path, resume_from)
 
     on_cuda = loaded.device.type == "cuda"
     config = GRPOConfig(

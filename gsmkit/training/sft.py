@@ -376,6 +376,37 @@ def plot_loss(log_path: Path, png: Path) -> None:
     tmp.replace(png)
 
 
+def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to train into a finished or interrupted run unless told what to do; returns the
+    checkpoint to resume from (with `resume`)."""
+    checkpoints = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    if finished.exists() and not overwrite:
+        raise ConfigError(f"{out}: already holds a finished run", hint="pass --overwrite, or choose another --out")
+    if resume:
+        resume_from = latest_checkpoint(checkpoints)
+        if resume_from is None:
+            raise ConfigError(f"--resume: no checkpoint in {checkpoints}",
+                              hint="checkpoints are written only with --save-steps N")
+        return resume_from
+    if checkpoints.exists() and any(checkpoints.glob("checkpoint-*")) and not overwrite:
+        raise ConfigError(f"{out}: holds checkpoints of an interrupted run",
+                          hint="pass --resume to continue it, or --overwrite to start again")
+    return None
+
+
+def prepare_log(log_path: Path, resume_from: Path | None) -> None:
+    """A resumed run keeps the log rows up to its checkpoint (it logs the later steps again); a new run
+    starts an empty log."""
+    if resume_from is not None and log_path.exists():
+        step = int(resume_from.name.split("-")[1])
+        kept = [x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
+        log_path.write_text("".join(k + "\n" for k in kept))
+    elif log_path.exists():
+        log_path.unlink()
+
+
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     found = []
     for p in checkpoints.glob("checkpoint-*"):
@@ -396,19 +427,7 @@ def train(
     out = settings.out
     checkpoints = out / "checkpoints"
     finished = out / "adapter_config.json" if not settings.full else out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder")
-    if finished.exists() and not settings.overwrite:
-        raise ConfigError(f"{out}: already holds a finished run", hint="pass --overwrite, or choose another --out")
-    resume_from = None
-    if settings.resume:
-        resume_from = latest_checkpoint(checkpoints)
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint in {checkpoints}",
-                              hint="checkpoints are written only with --save-steps N")
-    elif checkpoints.exists() and any(checkpoints.glob("checkpoint-*")) and not settings.overwrite:
-        raise ConfigError(f"{out}: holds checkpoints of an interrupted run",
-                          hint="pass --resume to continue it, or --overwrite to start again")
+    resume_from = check_run_folder(out, finished, settings.resume, settings.overwrite)
 
     from gsmkit.modeling import ModelSpec, load_model, load_tokenizer
 
@@ -452,13 +471,7 @@ def train(
         for name in ("trainer_log.jsonl", "loss_curve.png", "manifest.json"):
             (out / name).unlink(missing_ok=True)
     log_path = out / "trainer_log.jsonl"
-    if resume_from is not None and log_path.exists():
-        # Keep log rows up to the checkpoint; the resumed run logs the later steps again.
-        step = int(resume_from.name.split("-")[1])
-        kept = [x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
-        log_path.write_text("".join(k + "\n" for k in kept))
-    elif log_path.exists():
-        log_path.unlink()
+    prepare_log(log_path, resume_from)
 
     args = _training_arguments(settings, loaded, checkpoints, gc)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
