@@ -85,6 +85,17 @@ def build_messages(question: str, exemplars: Sequence[Exemplar], system_prompt: 
     return messages
 
 
+def prompt_messages(style: str, question: str, exemplars: Sequence[Exemplar] = (),
+                    system_prompt: str | None = None) -> list[dict]:
+    """The conversation a `chat` or `tags` prompt renders through the chat template (for tools, like TRL,
+    that apply the template themselves)."""
+    if style not in ("chat", "tags"):
+        raise ConfigError(f"prompt style '{style}' has no chat messages", hint="only chat and tags do")
+    if style == "tags":
+        exemplars = [Exemplar(ex.question, to_tags(ex.answer)) for ex in exemplars]
+    return build_messages(question, exemplars, style_system_prompt(style, system_prompt))
+
+
 def render_prompt(
     style: str,
     question: str,
@@ -100,12 +111,8 @@ def render_prompt(
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
                               hint="use --style plain")
-        if style == "tags":
-            exemplars = [Exemplar(ex.question, to_tags(ex.answer)) for ex in exemplars]
-        return tokenizer.apply_chat_template(
-            build_messages(question, exemplars, style_system_prompt(style, system_prompt)), tokenize=False,
-            add_generation_prompt=True,
-        )
+        return tokenizer.apply_chat_template(prompt_messages(style, question, exemplars, system_prompt),
+                                             tokenize=False, add_generation_prompt=True)
     raise ConfigError(f"prompt style '{style}' is not resolved", hint="call resolve_style first")
 
 

@@ -77,6 +77,34 @@ def test_parse_weights():
             parse_weights(bad)
 
 
+@pytest.mark.parametrize("style", ["chat", "tags", "plain"])
+def test_grpo_prompts_tokenize_to_the_eval_prompt(style, tiny_model_dir):
+    """TRL tokenizes a conversational prompt with the chat template and a text prompt with special tokens;
+    either way the ids must equal what `eval gsm8k` feeds the model."""
+    from transformers import AutoTokenizer
+
+    from gsmkit.prompts import Exemplar, add_special_tokens_for, render_prompt
+    from gsmkit.training.grpo import grpo_prompt
+
+    from tokenizers.processors import TemplateProcessing
+
+    # A Llama-3-like tokenizer: it adds a BOS when asked for special tokens, and its template writes one.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens(["<s>"], special_tokens=True)
+    tok.bos_token = "<s>"
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    ex = [Exemplar("How many legs do 2 ducks have?", "2 x 2 = 4\n#### 4")]
+    prompt = grpo_prompt(style, "What is 9 times 8?", ex, tok, None)
+    if isinstance(prompt, list):  # what TRL does with a conversational prompt
+        got = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    else:  # what TRL does with a text prompt
+        got = tok(text=[prompt])["input_ids"][0]
+    want = tok(render_prompt(style, "What is 9 times 8?", ex, tok), add_special_tokens=add_special_tokens_for(style)).input_ids
+    assert list(got) == list(want)
+    assert list(want).count(tok.bos_token_id) == 1
+
+
 def _lora_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -6,7 +6,8 @@ Out: an output folder like `train sft`'s: the adapter, the tokenizer, `manifest.
 `trainer_log.jsonl` (TRL's logs: reward, each reward's mean, KL, completion lengths),
 `reward_curve.png` and `fewshot_pool.jsonl` (the pool kept out of training).
 
-Prompts are rendered by `prompts.render_prompt`, exactly as `eval gsm8k` renders them, and the
+Prompts are the ones `eval gsm8k` sends (`grpo_prompt`: chat messages TRL renders with the same
+template, or the rendered plain text), and the
 few-shot pool is removed from the training problems by content hash, as in `train sft`.
 `--init-adapter` continues training an SFT adapter (the "prep SFT, then GRPO" recipe); its LoRA
 shape is the adapter's. With beta > 0, TRL's KL reference for a PEFT model is the base with the
@@ -148,6 +149,17 @@ def _problems(settings: GrpoSettings):
     return rows, removed, pool, origin
 
 
+def grpo_prompt(style: str, question: str, exemplars, tokenizer, system_prompt: str | None):
+    """The dataset prompt TRL gets: chat messages for `chat`/`tags` (TRL applies the chat template itself,
+    without adding special tokens twice), the rendered text for `plain` (TRL tokenizes it with the
+    tokenizer's BOS, as `eval gsm8k` does). Either way the model sees eval's prompt token for token."""
+    from gsmkit.prompts import prompt_messages, render_prompt
+
+    if style in ("chat", "tags"):
+        return prompt_messages(style, question, exemplars, system_prompt)
+    return render_prompt(style, question, exemplars, tokenizer, system_prompt)
+
+
 def _time_limit(seconds: float | None) -> list:
     """A callback that ends training after the step during which `seconds` of training time ran out."""
     if seconds is None:
@@ -218,7 +230,7 @@ def train_grpo(
         raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
 
     from gsmkit.modeling import ModelSpec, load_model, load_tokenizer
-    from gsmkit.prompts import answer_format, render_prompt, resolve_style
+    from gsmkit.prompts import answer_format, resolve_style
 
     tokenizer = load_tokenizer(settings.model)
     style = resolve_style(settings.style, tokenizer)
@@ -229,7 +241,7 @@ def train_grpo(
         from gsmkit.data.fewshot import pool_exemplars
 
         exemplars = pool_exemplars(pool, settings.k, pool_origin)
-    dataset_rows = [{"prompt": render_prompt(style, r["question"], exemplars, tokenizer, settings.system_prompt),
+    dataset_rows = [{"prompt": grpo_prompt(style, r["question"], exemplars, tokenizer, settings.system_prompt),
                      "gold": r["gold"]} for r in rows]
 
     import torch
