@@ -167,11 +167,18 @@ def test_time_limit_stops_after_the_step_that_crosses_it(tmp_path, tiny_model_di
     assert result.steps == 1 and (out / "adapter_model.safetensors").exists()
 
 
-def test_grpo_qlora_runs(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+def test_grpo_qlora_runs_fresh_and_from_an_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"
     result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, load_in_4bit=True, max_steps=1))
-    assert result.steps == 1 and (out / "adapter_model.safetensors").exists()
+    assert result.steps == 1 and result.trainable_params > 0 and (out / "adapter_model.safetensors").exists()
+    # continuing that adapter on the 4-bit base trains it further (k-bit preparation must not freeze it)
+    again = tmp_path / "q2"
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, again, load_in_4bit=True, max_steps=1,
+                                  init_adapter=str(out), seed=1))
+    assert result.trainable_params == sum(v.numel() for v in _lora_weights(out).values())
+    before, after = _lora_weights(out), _lora_weights(again)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def _cli(*args):

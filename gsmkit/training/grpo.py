@@ -249,8 +249,9 @@ def train_grpo(
     from trl import GRPOConfig, GRPOTrainer
 
     set_seed(settings.seed)
-    loaded = load_model(ModelSpec(model=settings.model, adapter=settings.init_adapter, dtype=settings.dtype,
-                                  device=settings.device, load_in_4bit=settings.load_in_4bit), for_training=True)
+    # The adapter is attached after the k-bit preparation, which freezes every parameter it finds.
+    loaded = load_model(ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
+                                  load_in_4bit=settings.load_in_4bit), for_training=True)
     model = loaded.model
     gc = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else settings.load_in_4bit
     peft_config = None
@@ -266,6 +267,9 @@ def train_grpo(
         peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
     else:
+        from gsmkit.modeling import attach_adapter
+
+        model = attach_adapter(model, settings.init_adapter, settings.model, is_trainable=True)
         targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
 
     from datasets import Dataset
@@ -319,6 +323,8 @@ def train_grpo(
 
     trainer.remove_callback(PrinterCallback)  # logs go to trainer_log.jsonl and the progress bar; stdout stays for --json
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if trainable == 0:  # a bug, never a silent run that trains nothing
+        raise RuntimeError("no trainable parameter: the adapter was frozen")
     if on_start:
         on_start(settings.max_steps)
     t0 = time.perf_counter()
