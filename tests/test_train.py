@@ -197,3 +197,21 @@ def test_config_numbers_presets_and_eval_guard(tmp_path):
         resolve_settings({"model": "m", "out": tmp_path}, bad)
     with pytest.raises(ConfigError, match="training file itself"):
         resolve_settings({"model": "m", "out": tmp_path, "data": "traces.jsonl", "eval_limit": 5})
+
+
+@pytest.mark.parametrize(("data", "expected"), [("traces.jsonl", "openai/gsm8k"), ("gsm8k_folder", "gsm8k_folder")])
+def test_default_pool_is_drawn_from_gsm8k_not_from_a_training_file(tmp_path, monkeypatch, small_gsm8k, data, expected):
+    """A traces/prompt-response .jsonl is not where exemplars come from: the default pool is GSM8K train's."""
+    import gsmkit.data.gsm8k as gsm8k_mod
+
+    monkeypatch.chdir(tmp_path)  # no ./fewshot_pool.jsonl here
+    real = gsm8k_mod.load_gsm8k
+    asked = []
+
+    def spy(source, split="test", *a, **kw):
+        asked.append(source)
+        return real(small_gsm8k, split)
+
+    monkeypatch.setattr(gsm8k_mod, "load_gsm8k", spy)
+    pool, origin = sft_mod.resolve_pool(TrainSettings(model="m", out=tmp_path / "o", data=data))
+    assert asked == [expected] and len(pool) == 8 and expected in origin

@@ -189,7 +189,8 @@ def _read_config(config_file: Path) -> dict[str, Any]:
 
 def resolve_pool(settings: TrainSettings):
     """The few-shot pool to keep out of training: --fewshot-pool, else ./fewshot_pool.jsonl, else the
-    default pool drawn from GSM8K train exactly as `gsmkit fewshot` would (seed 42, 8 examples)."""
+    default pool drawn from GSM8K train exactly as `gsmkit fewshot` would (seed 42, 8 examples): from
+    --data when it is a GSM8K source (Hub id, folder, .json/.parquet), else from openai/gsm8k."""
     from gsmkit.data.fewshot import DEFAULT_POOL_SIZE, DEFAULT_SEED, draw_pool, read_pool
 
     if settings.fewshot_pool is not None:
@@ -198,7 +199,11 @@ def resolve_pool(settings: TrainSettings):
         return read_pool(DEFAULT_POOL), str(DEFAULT_POOL)
     from gsmkit.data.gsm8k import load_gsm8k
 
-    source = settings.data if settings.train_source == settings.data else "openai/gsm8k"
+    # A .jsonl training file is read as training rows (traces, prompt/response ...): drawing the pool from
+    # it would make a pool no evaluation uses, and remove a quarter of a small traces file. The draw
+    # depends only on content, so GSM8K train from the Hub gives the same pool as any local copy.
+    jsonl = str(settings.data).lower().endswith(".jsonl")
+    source = settings.data if settings.train_source == settings.data and not jsonl else "openai/gsm8k"
     try:
         problems = load_gsm8k(source, "train")
     except DataError as err:
