@@ -28,7 +28,15 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ensure_hf_model, ensure_project_importable, gsmkit_command, machine_info, run_timed, tail
+from _common import (
+    ROOT,
+    ensure_hf_model,
+    ensure_project_importable,
+    gsmkit_command,
+    machine_info,
+    run_timed,
+    tail,
+)
 
 ensure_project_importable()
 
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
 
     pool = args.out / "pool.jsonl"
     cmd = [*gsmkit, "fewshot", "--data", str(args.gsm8k_dir), "--out", str(pool)]
-    s, rc = run_timed(cmd, logs / "fewshot.log")
+    _, rc = run_timed(cmd, logs / "fewshot.log")
     if rc:
         raise SystemExit(tail(logs / "fewshot.log"))
 

@@ -26,7 +26,15 @@ from typing import Any
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ensure_hf_model, ensure_project_importable, gsmkit_command, machine_info, run_timed, tail
+from _common import (
+    ROOT,
+    ensure_hf_model,
+    ensure_project_importable,
+    gsmkit_command,
+    machine_info,
+    run_timed,
+    tail,
+)
 
 ensure_project_importable()
 from gsmkit.prompts import answer_format

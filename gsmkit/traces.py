@@ -233,7 +233,7 @@ def generate_traces(
     from gsmkit.answers import answers_equal, primary_answer, to_tags
     from gsmkit.data.fewshot import problems_and_exemplars
     from gsmkit.data.gsm8k import load_gsm8k, select_problems
-    from gsmkit.jsonl import Journal, write_json, write_jsonl
+    from gsmkit.jsonl import write_json, write_jsonl
     from gsmkit.manifest import build_manifest
 
     problems = select_problems(load_gsm8k(settings.data, settings.split), settings.offset, settings.num_samples)
@@ -241,7 +241,13 @@ def generate_traces(
     journal, done = _prepare_out(settings)
 
     from gsmkit.generation import GenRequest, build_engine
-    from gsmkit.prompts import add_special_tokens_for, answer_format, render_prompt, resolve_style, stop_strings
+    from gsmkit.prompts import (
+        add_special_tokens_for,
+        answer_format,
+        render_prompt,
+        resolve_style,
+        stop_strings,
+    )
 
     loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
                                        settings.seed)

@@ -81,12 +81,11 @@ def test_parse_weights():
 def test_grpo_prompts_tokenize_to_the_eval_prompt(style, tiny_model_dir):
     """TRL tokenizes a conversational prompt with the chat template and a text prompt with special tokens;
     either way the ids must equal what `eval gsm8k` feeds the model."""
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
     from gsmkit.prompts import Exemplar, add_special_tokens_for, render_prompt
     from gsmkit.training.grpo import grpo_prompt
-
-    from tokenizers.processors import TemplateProcessing
 
     # A Llama-3-like tokenizer: it adds a BOS when asked for special tokens, and its template writes one.
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -7,7 +7,14 @@ import pytest
 from gsmkit.answers import primary_answer, score_completion, to_tags
 from gsmkit.errors import ConfigError
 from gsmkit.evaluation.gsm8k import summarize
-from gsmkit.prompts import TAGS_SYSTEM_PROMPT, Exemplar, answer_format, render_prompt, render_target, resolve_style
+from gsmkit.prompts import (
+    TAGS_SYSTEM_PROMPT,
+    Exemplar,
+    answer_format,
+    render_prompt,
+    render_target,
+    resolve_style,
+)
 from gsmkit.records import Prediction
 from gsmkit.training.data import TrainExample
 from gsmkit.training.masking import IGNORE_INDEX, encode_example

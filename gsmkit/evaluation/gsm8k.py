@@ -206,7 +206,13 @@ def evaluate_gsm8k(
     journal, done = _prepare_out(settings)
 
     from gsmkit.generation import GenRequest, build_engine
-    from gsmkit.prompts import add_special_tokens_for, answer_format, render_prompt, resolve_style, stop_strings
+    from gsmkit.prompts import (
+        add_special_tokens_for,
+        answer_format,
+        render_prompt,
+        resolve_style,
+        stop_strings,
+    )
 
     loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
                                        settings.seed)

@@ -26,7 +26,13 @@ from typing import Any
 from rich.text import Text
 
 from gsmkit.errors import ConfigError, DataError, ModelError
-from gsmkit.prompts import add_special_tokens_for, build_messages, render_prompt, render_target, style_system_prompt
+from gsmkit.prompts import (
+    add_special_tokens_for,
+    build_messages,
+    render_prompt,
+    render_target,
+    style_system_prompt,
+)
 from gsmkit.training.data import TrainExample
 
 IGNORE_INDEX = -100  # the label torch's cross_entropy (and HF models) ignore by default
