@@ -61,6 +61,10 @@ def test_ci_runs_readme_commands():
     for command in commands:
         assert "\n" not in command, f"a quickstart command must be one line: {command!r}"
         assert command in ci_lines, f".ci/run does not run this README command verbatim:\n{command}"
+    # ... and nothing else: every line that runs something is one of them (no hidden install step).
+    scaffolding = ("#", "echo ", "set -", "cd ")
+    extra = [line for line in ci_lines if line and not line.startswith(scaffolding) and line not in commands]
+    assert not extra, f".ci/run runs commands the README does not show: {extra}"
 
 
 def test_cli_md_is_current(capsys):
