@@ -116,6 +116,14 @@ def render_prompt(
     raise ConfigError(f"prompt style '{style}' is not resolved", hint="call resolve_style first")
 
 
+def encode_prompt(style: str, question: str, exemplars: Sequence[Exemplar], tokenizer: Any,
+                  system_prompt: str | None = None) -> tuple[str, tuple[int, ...]]:
+    """The prompt text and the token ids the model is fed, tokenized as every generating command does
+    (special tokens added for `plain` only: chat templates write their own)."""
+    text = render_prompt(style, question, exemplars, tokenizer, system_prompt)
+    return text, tuple(tokenizer(text, add_special_tokens=add_special_tokens_for(style)).input_ids)
+
+
 def render_target(style: str, answer: str, tokenizer: Any = None) -> str:
     """The text a training example teaches after `render_prompt` (lm-eval's target delimiter is a space)."""
     if style == "plain":

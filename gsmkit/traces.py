@@ -231,37 +231,26 @@ def generate_traces(
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.answers import answers_equal, primary_answer, to_tags
-    from gsmkit.data.fewshot import problems_and_exemplars
-    from gsmkit.data.gsm8k import load_gsm8k, select_problems
+    from gsmkit.data.fewshot import problems_for_run
     from gsmkit.jsonl import write_json, write_jsonl
     from gsmkit.manifest import build_manifest
 
-    problems = select_problems(load_gsm8k(settings.data, settings.split), settings.offset, settings.num_samples)
-    problems, exemplars, excluded = problems_and_exemplars(problems, settings.pool, settings.k)
+    problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
+                                                     settings.num_samples, settings.pool, settings.k)
     journal, done = _prepare_out(settings)
 
     from gsmkit.generation import GenRequest, build_engine
-    from gsmkit.prompts import (
-        add_special_tokens_for,
-        answer_format,
-        render_prompt,
-        resolve_style,
-        stop_strings,
-    )
+    from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
 
     loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
                                        settings.seed)
     style = resolve_style(settings.style, tok)
     fmt = answer_format(style)
     sampling = settings.sampling(stop_strings(style))
-    add_special = add_special_tokens_for(style)
     by_id = {p.id: p for p in problems}
     todo = [p for p in problems if p.id not in done]
-    requests = [
-        GenRequest(p.id, tuple(tok(render_prompt(style, p.question, exemplars, tok, settings.system_prompt),
-                                   add_special_tokens=add_special).input_ids), num_samples=settings.max_attempts)
-        for p in todo
-    ]
+    requests = [GenRequest(p.id, encode_prompt(style, p.question, exemplars, tok, settings.system_prompt)[1],
+                           num_samples=settings.max_attempts) for p in todo]
     settings.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(settings.run_file, settings.fingerprint())
     if on_start is not None:

@@ -84,9 +84,14 @@ def remove_pool(rows: Iterable[T], hashes: set[str], question_of: Callable[[T], 
     return kept, removed
 
 
-def problems_and_exemplars(problems: list, pool_path, k: int) -> tuple[list, list[Exemplar], int]:
-    """The k exemplars of `pool_path`, and `problems` without those k (a problem that is its own
-    exemplar would give its answer away): (problems, exemplars, how many were left out)."""
+def problems_for_run(data: str, split: str, offset: int, limit: int | None, pool_path, k: int
+                     ) -> tuple[list, list[Exemplar], int]:
+    """The problems a generating run works on (`--offset`, `--limit`), and the k exemplars of `pool_path`:
+    (problems without those k, exemplars, how many were left out). A problem that is its own exemplar
+    would give its answer away."""
+    from gsmkit.data.gsm8k import load_gsm8k, select_problems
+
+    problems = select_problems(load_gsm8k(data, split), offset, limit)
     if k <= 0:
         return problems, [], 0
     pool = read_pool(pool_path)

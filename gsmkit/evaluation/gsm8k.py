@@ -196,41 +196,26 @@ def evaluate_gsm8k(
 ) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
-    from gsmkit.data.fewshot import problems_and_exemplars
-    from gsmkit.data.gsm8k import load_gsm8k, select_problems
+    from gsmkit.data.fewshot import problems_for_run
     from gsmkit.manifest import build_manifest
 
     # Everything that can fail on input is checked before the model loads.
-    problems = select_problems(load_gsm8k(settings.data, settings.split), settings.offset, settings.limit)
-    problems, exemplars, excluded = problems_and_exemplars(problems, settings.pool, settings.k)
+    problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset, settings.limit,
+                                                     settings.pool, settings.k)
     journal, done = _prepare_out(settings)
 
     from gsmkit.generation import GenRequest, build_engine
-    from gsmkit.prompts import (
-        add_special_tokens_for,
-        answer_format,
-        render_prompt,
-        resolve_style,
-        stop_strings,
-    )
+    from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
 
     loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
                                        settings.seed)
     style = resolve_style(settings.style, tok)
     fmt = answer_format(style)
-
-    prompts: dict[str, str] = {}
-    for p in problems:
-        prompts[p.id] = render_prompt(style, p.question, exemplars, tok, settings.system_prompt)
-    prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, text in prompts.items()}
-    by_id = {p.id: p for p in problems}
-    todo = [p for p in problems if p.id not in done]
-
     sampling = settings.sampling(stop_strings(style))
-    add_special = add_special_tokens_for(style)
-    requests = [
-        GenRequest(p.id, tuple(tok(prompts[p.id], add_special_tokens=add_special).input_ids)) for p in todo
-    ]
+    encoded = {p.id: encode_prompt(style, p.question, exemplars, tok, settings.system_prompt) for p in problems}
+    prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, (text, _) in encoded.items()}
+    by_id = {p.id: p for p in problems}
+    requests = [GenRequest(p.id, encoded[p.id][1]) for p in problems if p.id not in done]
     # Only now, with data, model and engine ready, does the output folder come into being.
     settings.out.mkdir(parents=True, exist_ok=True)
     write_json(settings.out / RUN_FINGERPRINT, settings.fingerprint())
@@ -266,7 +251,7 @@ def evaluate_gsm8k(
 
     preds = [Prediction.from_dict(done[p.id], f"{journal.path}") for p in problems]
     timing = {
-        "generation_s": gen_s, "generated_this_run": len(todo), "tokens_this_run": tokens_this_run,
+        "generation_s": gen_s, "generated_this_run": len(requests), "tokens_this_run": tokens_this_run,
         "wall_s": time.perf_counter() - t_wall, "engine": dict(engine.stats),
     }
     metrics = summarize(preds, settings.k, style, timing)

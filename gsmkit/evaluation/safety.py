@@ -350,21 +350,16 @@ def _generate(settings, prompts, todo, state, fingerprint, timing, on_stage, on_
     """Stage 1: generate the missing responses into the journal; returns the resolved prompt style."""
     import torch
 
-    from gsmkit.generation import GenRequest, HFEngine, SamplingSettings
-    from gsmkit.modeling import eos_token_ids, load_model
-    from gsmkit.prompts import add_special_tokens_for, render_prompt, resolve_style, stop_strings
+    from gsmkit.generation import GenRequest, SamplingSettings, build_engine
+    from gsmkit.prompts import encode_prompt, resolve_style, stop_strings
 
-    loaded = load_model(settings.model)
-    tok = loaded.tokenizer
+    loaded, tok, engine = build_engine(settings.model, "hf", settings.batch_size)
     style = resolve_style(settings.style, tok)
     if state.responses and any(r["style"] != style for r in state.responses.values()):
         raise ResumeError(f"{settings.out}: holds responses made with another prompt style",
                           hint="pass --overwrite to start again")
-    add_special = add_special_tokens_for(style)
-    rendered = {p.id: render_prompt(style, p.text, (), tok, settings.system_prompt) for p in todo}
-    requests = [GenRequest(p.id, tuple(tok(rendered[p.id], add_special_tokens=add_special).input_ids)) for p in todo]
-    engine = HFEngine(loaded.model, tok, batch_size=settings.batch_size, prefix_cache=True,
-                      stop_token_ids=eos_token_ids(tok, loaded.model))
+    encoded = {p.id: encode_prompt(style, p.text, (), tok, settings.system_prompt) for p in todo}
+    requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, stop=stop_strings(style))
     # Only now, with prompts, guard checks, model and engine ready, does the output folder come into being.
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +374,7 @@ def _generate(settings, prompts, todo, state, fingerprint, timing, on_stage, on_
             for res in engine.generate(requests, sampling):
                 p = by_id[res.key]
                 row = {"id": p.id, "hazard": p.hazard, "hazard_group": p.hazard_group, "persona": p.persona,
-                       "style": style, "prompt_sha256": hashlib.sha256(rendered[p.id].encode()).hexdigest(),
+                       "style": style, "prompt_sha256": hashlib.sha256(encoded[p.id][0].encode()).hexdigest(),
                        "response": res.text, "num_prompt_tokens": res.num_prompt_tokens,
                        "num_tokens": len(res.token_ids), "finish_reason": res.finish_reason}
                 journal.append(row)
