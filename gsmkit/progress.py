@@ -58,13 +58,19 @@ class ProgressTask:
     before `start` (bad input, say), nothing is drawn and no blank line is left behind.
     """
 
-    def __init__(self, description: str, unit: str, console: Console | None = None, disable: bool = False):
+    def __init__(self, description: str, unit: str, console: Console | None = None, disable: bool = False,
+                 done_noun: str | None = None):
         self.description = description
         self.unit = unit
+        self.done_noun = done_noun or unit  # "resuming: 3 of 6 <done_noun> already done"
+        self.console = console
         self.progress = make_progress(console, disable=disable)
         self.task = None
 
     def start(self, total: int, completed: int = 0) -> None:
+        """Draw the bar; a run that resumes (`completed` > 0) says so first, on the same console."""
+        if completed and self.console is not None:
+            self.console.print(f"resuming: {completed} of {total} {self.done_noun} already done", highlight=False)
         # `resumed` = work already done when this run began, left out of the rate. (Not `start`: that
         # keyword of add_task decides whether the task's clock runs at all.)
         self.task = self.progress.add_task(self.description, total=total, completed=completed, unit=self.unit,

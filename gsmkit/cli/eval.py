@@ -83,13 +83,7 @@ def gsm8k(
         )
     console = stderr_console()
     with ProgressTask("eval gsm8k", "problems", console) as bar:
-
-        def on_start(total: int, done: int) -> None:
-            if done:
-                console.print(f"resuming: {done} of {total} problems already done")
-            bar.start(total, done)
-
-        metrics = evaluate_gsm8k(settings, on_start=on_start, on_progress=bar.advance)
+        metrics = evaluate_gsm8k(settings, on_start=bar.start, on_progress=bar.advance)
     if json_out:
         typer.echo(json.dumps({"out": str(out), **metrics.to_dict()}))
         return
@@ -265,18 +259,14 @@ def safety(
             overwrite=overwrite,
         )
     console = stderr_console()
-    bars = {"generate": ProgressTask("eval safety: responses", "prompts", console),
-            "score": ProgressTask("eval safety: verdicts", "pairs", console)}
+    bars = {"generate": ProgressTask("eval safety: responses", "prompts", console, done_noun="responses"),
+            "score": ProgressTask("eval safety: verdicts", "pairs", console, done_noun="verdicts")}
 
     def on_stage(stage: str, total: int, done: int) -> None:
         if stage == "score":
             bars["generate"].__exit__(None, None, None)  # rich draws one live display at a time
-        if done == total:
-            return
-        if done:
-            what = "responses" if stage == "generate" else "verdicts"
-            console.print(f"resuming: {done} of {total} {what} already done", highlight=False)
-        bars[stage].start(total, done)
+        if done < total:
+            bars[stage].start(total, done)
 
     try:
         metrics = evaluate_safety(settings, on_stage=on_stage, on_progress=lambda stage, n: bars[stage].advance(n))

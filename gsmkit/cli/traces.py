@@ -97,13 +97,7 @@ def generate_traces(
         )
     console = stderr_console()
     with ProgressTask("generate-traces", "problems", console) as bar:
-
-        def on_start(total: int, done: int) -> None:
-            if done:
-                console.print(f"resuming: {done} of {total} problems already done")
-            bar.start(total, done)
-
-        stats = run(settings, on_start=on_start, on_progress=bar.advance)
+        stats = run(settings, on_start=bar.start, on_progress=bar.advance)
     if json_out:
         typer.echo(json.dumps({"out": str(out), "stats": str(settings.stats_file), **stats.to_dict()}))
         return

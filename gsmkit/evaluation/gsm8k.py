@@ -212,10 +212,12 @@ def evaluate_gsm8k(
     style = resolve_style(settings.style, tok)
     fmt = answer_format(style)
     sampling = settings.sampling(stop_strings(style))
-    encoded = {p.id: encode_prompt(style, p.question, exemplars, tok, settings.system_prompt) for p in problems}
+    # Only the problems still to generate are rendered and tokenized (a resumed run has the rest).
+    encoded = {p.id: encode_prompt(style, p.question, exemplars, tok, settings.system_prompt)
+               for p in problems if p.id not in done}
     prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, (text, _) in encoded.items()}
     by_id = {p.id: p for p in problems}
-    requests = [GenRequest(p.id, encoded[p.id][1]) for p in problems if p.id not in done]
+    requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
     # Only now, with data, model and engine ready, does the output folder come into being.
     settings.out.mkdir(parents=True, exist_ok=True)
     write_json(settings.out / RUN_FINGERPRINT, settings.fingerprint())
