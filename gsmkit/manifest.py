@@ -89,6 +89,12 @@ def describe_device() -> dict[str, Any]:
     return info
 
 
+def run_fingerprint(settings: Any, ignore: tuple[str, ...]) -> dict[str, Any]:
+    """The settings a partial run must match to be resumed (all fields but `ignore`), as the JSON values
+    they read back as from run.json (tuples become lists, Paths strings)."""
+    return {k: v for k, v in to_jsonable(settings).items() if k not in ignore}
+
+
 def to_jsonable(obj: Any) -> Any:
     """`obj` as plain JSON values: dataclasses and dicts recursively, Paths and unknown objects as str."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -84,12 +84,9 @@ class TraceSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""
-        import json
+        from gsmkit.manifest import run_fingerprint
 
-        d = asdict(self)
-        for key in ("out", "overwrite", "batch_size", "prefix_cache", "backend"):
-            d.pop(key)
-        return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}))
+        return run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend"))
 
     @property
     def partial(self) -> Path:

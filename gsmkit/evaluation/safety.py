@@ -97,12 +97,10 @@ class SafetySettings:
 
     def fingerprint(self, prompts_sha256: str, safety_prompt_sha256: str) -> dict[str, Any]:
         """What must match for a partial run to be resumed: everything that changes a response or a verdict."""
-        d = asdict(self)
-        for key in ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety"):
-            d.pop(key)
-        d["prompts_sha256"] = prompts_sha256
-        d["safety_prompt_sha256"] = safety_prompt_sha256
-        return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}))
+        from gsmkit.manifest import run_fingerprint
+
+        d = run_fingerprint(self, ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety"))
+        return {**d, "prompts_sha256": prompts_sha256, "safety_prompt_sha256": safety_prompt_sha256}
 
 
 @dataclass
