@@ -17,6 +17,7 @@ adapter disabled, i.e. the model before SFT as well.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import shutil
 import time
@@ -212,7 +213,14 @@ def train_grpo(
 ) -> GrpoResult:
     """Run GRPO end to end and return its summary."""
     from gsmkit.training.rewards import make_reward_funcs
-    from gsmkit.training.sft import _callbacks, _save_final, check_run_folder, find_lora_targets, prepare_log
+    from gsmkit.training.sft import (
+        _callbacks,
+        _save_final,
+        check_run_folder,
+        checkpointing_arguments,
+        find_lora_targets,
+        prepare_log,
+    )
 
     out = settings.out
     checkpoints = out / "checkpoints"
@@ -303,8 +311,7 @@ def train_grpo(
         data_seed=settings.seed,
         report_to=[],
         reward_weights=list(weights.values()),
-        gradient_checkpointing=gc,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
+        **checkpointing_arguments(inspect.signature(GRPOConfig.__init__).parameters, gc),
         bf16=loaded.dtype == torch.bfloat16 and on_cuda,
         fp16=loaded.dtype == torch.float16,
         use_cpu=loaded.device.type == "cpu",

@@ -295,6 +295,16 @@ def prepare_examples(settings: TrainSettings, tokenizer) -> tuple[list, list[str
     return encoded, removed, pool_origin, style
 
 
+def checkpointing_arguments(params: Any, gc: bool) -> dict[str, Any]:
+    """Activation checkpointing options under the names this transformers takes.
+
+    transformers >= 5.x renamed `gradient_checkpointing*` to `activation_checkpointing*` and warns on the old
+    names; older versions only know the old ones. `params`: the TrainingArguments (or subclass) signature.
+    """
+    prefix = "activation" if "activation_checkpointing" in params else "gradient"
+    return {f"{prefix}_checkpointing": gc, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if gc else None}
+
+
 def _training_arguments(settings: TrainSettings, loaded, checkpoints: Path, gc: bool):
     import torch
     from transformers import TrainingArguments
@@ -318,8 +328,7 @@ def _training_arguments(settings: TrainSettings, loaded, checkpoints: Path, gc: 
         "data_seed": settings.seed,
         "report_to": [],
         "remove_unused_columns": False,
-        "gradient_checkpointing": gc,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if gc else None,
+        **checkpointing_arguments(params, gc),
         "bf16": loaded.dtype == torch.bfloat16 and loaded.device.type == "cuda",
         "fp16": loaded.dtype == torch.float16,
         "use_cpu": loaded.device.type == "cpu",
