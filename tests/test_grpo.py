@@ -166,6 +166,26 @@ def test_time_limit_stops_after_the_step_that_crosses_it(tmp_path, tiny_model_di
     assert result.steps == 1 and (out / "adapter_model.safetensors").exists()
 
 
+def test_grpo_resume_reaches_the_same_step_count(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+    out = tmp_path / "res"
+
+    def crash(step, total):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=3, save_steps=1), on_step=crash)
+    assert (out / "checkpoints" / "checkpoint-1").exists() and not (out / "adapter_config.json").exists()
+    with pytest.raises(ConfigError, match="interrupted run"):  # an interrupted run is never silently restarted
+        train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=3, save_steps=1))
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=3, save_steps=1, resume=True))
+    assert result.steps == 3 and (out / "adapter_model.safetensors").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["resumed_from"].endswith("checkpoint-1")
+    steps = [r["step"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "reward" in r]
+    assert steps == [1, 2, 3]  # step 2 ran twice (before the crash, after the resume) and is logged once
+
+
 def test_grpo_qlora_runs_fresh_and_from_an_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"
