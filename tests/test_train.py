@@ -220,3 +220,57 @@ def test_default_pool_is_drawn_from_gsm8k_not_from_a_training_file(tmp_path, mon
     monkeypatch.setattr(gsm8k_mod, "load_gsm8k", spy)
     pool, origin = sft_mod.resolve_pool(TrainSettings(model="m", out=tmp_path / "o", data=data))
     assert asked == [expected] and len(pool) == 8 and expected in origin
+
+
+def test_low_rank_factors_give_the_best_rank_r_approximation():
+    from gsmkit.training.loftq import low_rank_factors
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(24, 3, generator=g) @ torch.randn(3, 40, generator=g)  # rank 3
+    a, b = low_rank_factors(exact, 3, scaling=2.0)
+    assert a.shape == (3, 40) and b.shape == (24, 3)
+    assert torch.allclose(2.0 * b @ a, exact, atol=1e-4)  # the adapter's scaling is divided out
+    noisy = exact + 0.1 * torch.randn(24, 40, generator=g)
+    a, b = low_rank_factors(noisy, 2, scaling=0.5)
+    u, s, vh = torch.linalg.svd(noisy)
+    assert torch.allclose(0.5 * b @ a, (u[:, :2] * s[:2]) @ vh[:2], atol=1e-4)  # Eckart-Young optimum
+
+
+def test_qlora_loftq_starts_closer_to_the_full_precision_model(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from gsmkit.training.loftq import loftq_initialise
+
+    ids = torch.randint(5, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = full(input_ids=ids).logits
+
+    def logits_error(init: bool) -> tuple[float, dict | None]:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        q = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=bnb,
+                                                 device_map={"": "cpu"})
+        q = get_peft_model(q, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                          "gate_proj", "up_proj", "down_proj"]))
+        stats = loftq_initialise(q, str(tiny_model_dir)) if init else None
+        with torch.no_grad():
+            return float((q(input_ids=ids).logits - want).abs().mean()), stats
+
+    plain, _ = logits_error(False)
+    loftq, stats = logits_error(True)
+    assert stats["layers"] == 14 and stats["rel_error_after"] < stats["rel_error_before"]
+    assert loftq < plain  # the initial adapter undoes part of the nf4 error
+
+    out = tmp_path / "loftq"
+    result = train(_settings(tiny_model_dir, small_gsm8k, pool, out, mode="qlora", max_steps=2, init_lora="loftq"))
+    assert result.steps == 2 and _lora_b_norm(out) > 0
+    recorded = json.loads((out / "manifest.json").read_text())["resolved"]["loftq"]
+    assert recorded["rel_error_after"] < recorded["rel_error_before"]
+    with pytest.raises(ConfigError, match="train qlora"):
+        _settings(tiny_model_dir, small_gsm8k, pool, tmp_path / "x", init_lora="loftq")  # sft has no nf4 error
+    res = runner.invoke(app, ["train", "qlora", "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
+                              "--fewshot-pool", str(pool), "--init-lora", "svd", "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "--init-lora" in res.output and not (tmp_path / "y").exists()

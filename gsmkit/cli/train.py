@@ -38,6 +38,9 @@ AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="Gradient acc
 MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Max tokens per example; the prompt is cut first. [default: 512]")]
 MaxSamplesOpt = Annotated[int | None, typer.Option("--max-samples", help="Use only the first N training rows.", min=1)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 42]")]
+InitLoraOpt = Annotated[str | None, typer.Option(
+    "--init-lora", help="default (B = 0) | loftq: start the adapter at the rank-r SVD of the nf4 quantization error "
+    "(LoftQ), so training starts closer to the full-precision model. [default: default]")]
 GcOpt = Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory. [default: on for qlora]")]
 SaveStepsOpt = Annotated[int | None, typer.Option("--save-steps", help="Keep an adapter checkpoint every N steps (enables --resume).", min=1)]
 SaveLimitOpt = Annotated[int | None, typer.Option("--save-total-limit", help="Keep at most this many checkpoints.", min=1)]
@@ -143,6 +146,7 @@ def qlora(
     split: SplitOpt = None, fewshot_pool: PoolOpt = None, k: KOpt = None, style: StyleOpt = None,
     system_prompt: SystemOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
     lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
+    init_lora: InitLoraOpt = None,
     target_modules: TargetsOpt = None, learning_rate: LrOpt = None, lr_scheduler: SchedOpt = None,
     warmup_ratio: WarmupOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     batch_size: BatchOpt = None, grad_accum: AccumOpt = None, max_length: MaxLenOpt = None,

@@ -55,6 +55,7 @@ class TrainSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    init_lora: str = "default"  # "default" (B = 0) or "loftq" (qlora: B @ A = rank-r part of the nf4 error)
     target_modules: tuple[str, ...] | None = None
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -87,6 +88,11 @@ class TrainSettings:
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")
+        if self.init_lora not in ("default", "loftq"):
+            raise ConfigError(f"--init-lora must be default or loftq, got '{self.init_lora}'")
+        if self.init_lora == "loftq" and self.mode != "qlora":
+            raise ConfigError("--init-lora loftq corrects the 4-bit quantization error and needs `train qlora`",
+                              hint="drop --init-lora, or train with `gsmkit train qlora`")
         if self.lora_r < 1 or self.lora_alpha <= 0:
             raise ConfigError("--lora-r must be >= 1 and --lora-alpha > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -458,6 +464,7 @@ def train(
     model = loaded.model
     gc = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else settings.mode == "qlora"
     targets: list[str] = []
+    loftq: dict[str, Any] | None = None
     if settings.full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -473,6 +480,10 @@ def train(
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+        if settings.init_lora == "loftq" and resume_from is None:  # a resumed run restores its adapter
+            from gsmkit.training.loftq import loftq_initialise
+
+            loftq = loftq_initialise(model, settings.model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     from datasets import Dataset
@@ -523,7 +534,7 @@ def train(
                                 "fewshot_pool": pool_origin, "removed_fewshot": len(removed),
                                 "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
                                 "truncated_rows": sum(e.truncated for e in encoded),
-                                "trainable_params": trainable, "steps": steps,
+                                "trainable_params": trainable, "steps": steps, "loftq": loftq,
                                 "resumed_from": str(resume_from) if resume_from else None}},
         )
         write_json(out / "manifest.json", manifest)
