@@ -148,6 +148,15 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def adapter_trained_in_4bit(adapter: str | Path) -> bool:
+    """Whether gsmkit's manifest beside the adapter says `train qlora` made it (False when there is none)."""
+    try:
+        recorded = json.loads((Path(adapter) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("command") == "train qlora"
+
+
 def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool = False):
     from peft import PeftModel
 
@@ -179,6 +188,13 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
 
     if spec.adapter is not None:
         read_adapter_config(spec.adapter)  # fail before the (slow) base model loads
+        if not spec.load_in_4bit and adapter_trained_in_4bit(spec.adapter):
+            from gsmkit.progress import stderr_console
+
+            stderr_console().print(
+                f"[yellow]warning:[/yellow] {spec.adapter} was trained on a 4-bit (nf4) base by `train qlora`; on "
+                "full-precision weights it scores differently. Add --load-in-4bit to use the base it was trained with.",
+                highlight=False, soft_wrap=True)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     where, extra, source = locate_weights(spec.model)

@@ -110,6 +110,15 @@ def test_qlora_trains_in_4bit(tmp_path, tiny_model_dir, small_gsm8k, pool):
     assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "train qlora" and manifest["resolved"]["gradient_checkpointing"] is True
+    # scoring a QLoRA adapter on full-precision weights is allowed, with a warning that names the fix
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "Q: 2+2?", "response": " 4"}\n')
+    common = ["eval", "ppl", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(rows)]
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "fp")])
+    assert res.exit_code == 0, res.output
+    assert "trained on a 4-bit (nf4) base" in res.output and "--load-in-4bit" in res.output
+    res = runner.invoke(app, [*common, "--load-in-4bit", "--out", str(tmp_path / "nf4")])
+    assert res.exit_code == 0 and "trained on a 4-bit" not in res.output, res.output
 
 
 def test_resume_reaches_the_same_step_count(tmp_path, tiny_model_dir, small_gsm8k, pool):

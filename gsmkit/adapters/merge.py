@@ -26,7 +26,6 @@ every scored token are held on the CPU (tokens x vocabulary x 4 bytes), so keep 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import secrets
@@ -115,14 +114,10 @@ def merge_weights(peft_model: Any) -> Any:
 def _trained_in_4bit(settings: MergeSettings) -> tuple[bool, str | None]:
     if settings.from_4bit:
         return True, "--from-4bit"
-    manifest = settings.adapter / MANIFEST
-    try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False, None  # not made by gsmkit, or unreadable: --from-4bit is the way to say it
-    if isinstance(recorded, dict) and recorded.get("command") == "train qlora":
-        return True, "manifest"
-    return False, None
+    from gsmkit.modeling import adapter_trained_in_4bit
+
+    # without gsmkit's manifest (another tool's adapter), --from-4bit is the way to say it
+    return (True, "manifest") if adapter_trained_in_4bit(settings.adapter) else (False, None)
 
 
 def _check_paths(settings: MergeSettings) -> None:
