@@ -14,7 +14,8 @@ learning  `--steps` optimizer steps of `train sft` and of `train qlora`; mean re
 
 Run from the project root:
     python benchmarks/train_sft.py speed --out bench-out/train_speed --steps 8
-    python benchmarks/train_sft.py learning --out bench-out/train_learning --steps 200 --batch-size 4
+    python benchmarks/train_sft.py learning --out bench-out/train_learning --steps 200 --batch-size 2 \
+        --max-length 384 [--seeds 1 2]
 Writes `<out>/results.json` and prints a table.
 """
 
@@ -46,16 +47,24 @@ TRL_SCRIPT = r'''
 import json, resource, sys, time
 import torch
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 model_dir, rows_path, out, steps, batch, max_len, lr, seed, gc = sys.argv[1:10]
+qlora = sys.argv[10:11] == ["1"]
 rows = [json.loads(x) for x in open(rows_path)]
 ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
                          "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
 tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+if qlora:  # the QLoRA recipe of the PEFT/TRL docs: nf4, double quant, k-bit preparation
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=bnb,
+                                                 device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc == "1")
+else:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 cfg = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_length=int(max_len),
                 learning_rate=float(lr), max_steps=int(steps), lr_scheduler_type="cosine", warmup_steps=0.03,
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=int(seed),
@@ -71,7 +80,13 @@ tokens = int(trainer.state.num_input_tokens_seen)
 print(json.dumps({"steps": trainer.state.global_step, "train_s": seconds, "tokens": tokens,
                   "tokens_per_s": tokens / seconds, "train_loss": result.training_loss,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+trainer.save_model(out)  # the adapter, after the timed part
 '''
+
+
+def trl_script() -> str:
+    return (TRL_SCRIPT.replace("LORA_R", str(LORA["r"])).replace("LORA_ALPHA", str(LORA["alpha"]))
+            .replace("LORA_DROPOUT", str(LORA["dropout"])).replace("TARGETS", repr(TARGETS)))
 
 
 def prepare_rows(gsm8k_dir: Path, pool: Path, out: Path, n: int) -> Path:
@@ -103,8 +118,7 @@ def run_speed(args, model_dir: Path, rows: Path, pool: Path) -> dict:
         "--lora-dropout", str(LORA["dropout"]), "--out", str(out / "gsmkit"), "--overwrite", "--json",
         "--gradient-checkpointing" if args.gc else "--no-gradient-checkpointing", *common]
     script = out / "trl_sft.py"
-    script.write_text(TRL_SCRIPT.replace("LORA_R", str(LORA["r"])).replace("LORA_ALPHA", str(LORA["alpha"]))
-                      .replace("LORA_DROPOUT", str(LORA["dropout"])).replace("TARGETS", repr(TARGETS)))
+    script.write_text(trl_script())
     trl_cmd = [sys.executable, str(script), str(model_dir), str(rows), str(out / "trl"), str(args.steps),
                str(args.batch_size), str(args.max_length), str(args.lr), "42", "1" if args.gc else "0"]
     results = {}
@@ -135,7 +149,7 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
 
     def score(mode: str, adapter: Path | None) -> dict:
         loaded = load_model(ModelSpec(str(model_dir), adapter=str(adapter) if adapter else None,
-                                      load_in_4bit=mode == "qlora"))
+                                      load_in_4bit="qlora" in mode))
         enc = [encode_example(ex, loaded.tokenizer, "chat", 1024) for ex in test]
         t0 = time.perf_counter()
         nll, n, _ = response_nll(loaded.model, enc, batch_size=8, pad_id=loaded.tokenizer.pad_token_id)
@@ -143,25 +157,57 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return {"loss": nll / n, "ppl": perplexity(nll, n), "tokens": n, "seconds": round(time.perf_counter() - t0, 1)}
 
-    for mode in args.modes:
-        before = score(mode, None)
-        run_dir = out / mode
-        cmd = gsmkit_command() + [
-            "train", mode, "--model", str(model_dir), "--data", str(rows), "--fewshot-pool", str(pool),
-            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
-            str(args.max_length), "--learning-rate", str(args.lr), "--lora-r", str(LORA["r"]), "--lora-alpha",
-            str(LORA["alpha"]), "--out", str(run_dir), "--overwrite", "--json"]
-        log = out / "logs" / f"train_{mode}.log"
-        wall, code = run_timed(cmd, log)
-        if code != 0:
-            raise SystemExit(f"train {mode} failed ({code}):\n{tail(log)}")
-        summary = last_json(log)
-        after = score(mode, run_dir)
-        results[mode] = {"before": before, "after": after, "train": summary, "wall_s": round(wall, 1),
-                         "ppl_reduction": 1 - after["ppl"] / before["ppl"], "command": cmd}
-        (out / "results.partial.json").write_text(json.dumps(results, indent=2))
-    if "sft" in results and "qlora" in results:
-        results["qlora_vs_sft_after_ppl"] = results["qlora"]["after"]["ppl"] / results["sft"]["after"]["ppl"] - 1
+    partial = out / "results.partial.json"
+    done = json.loads(partial.read_text()) if partial.exists() else {}  # resume: finished (mode, seed) runs
+    seeds = args.seeds
+    for seed in seeds:
+        for mode in args.modes:
+            key = mode if len(seeds) == 1 else f"{mode}/seed{seed}"
+            if key in done:
+                results[key] = done[key]
+                continue
+            before_key = f"{'qlora' if 'qlora' in mode else 'sft'}/before"  # the same base for every variant
+            before = done.get(before_key) or score(mode, None)  # the base model's score, once per mode
+            done[before_key] = results[before_key] = before
+            run_dir = out / (mode if len(seeds) == 1 else f"{mode}-seed{seed}")
+            if mode.startswith("trl-"):  # the plain TRL SFTTrainer script of the speed part, as a reference
+                script = out / "trl_sft.py"
+                script.write_text(trl_script())
+                cmd = [sys.executable, str(script), str(model_dir), str(rows), str(run_dir), str(args.steps),
+                       str(args.batch_size), str(args.max_length), str(args.lr), str(seed),
+                       "1" if mode == "trl-qlora" else "0", "1" if mode == "trl-qlora" else "0"]
+            else:
+                cmd = gsmkit_command() + [
+                    "train", mode.removesuffix("-loftq"), "--model", str(model_dir), "--data", str(rows),
+                    "--fewshot-pool", str(pool),
+                    "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
+                    str(args.max_length), "--learning-rate", str(args.lr), "--lora-r", str(LORA["r"]),
+                    "--lora-alpha", str(LORA["alpha"]), "--seed", str(seed), "--out", str(run_dir), "--overwrite",
+                    "--json", *(["--init-lora", "loftq"] if mode.endswith("-loftq") else [])]
+            log = out / "logs" / f"train_{mode}_seed{seed}.log"
+            wall, code = run_timed(cmd, log)
+            if code != 0:
+                raise SystemExit(f"train {mode} (seed {seed}) failed ({code}):\n{tail(log)}")
+            summary = last_json(log)
+            after = score(mode, run_dir)
+            done[key] = results[key] = {"seed": seed, "before": before, "after": after, "train": summary,
+                                        "wall_s": round(wall, 1), "ppl_reduction": 1 - after["ppl"] / before["ppl"],
+                                        "command": cmd}
+            partial.write_text(json.dumps(done, indent=2))
+    for prefix, q in (("", "qlora"), ("trl-", "qlora"), ("", "qlora-loftq")):
+        # qlora's perplexity after training relative to sft's, per seed and on average
+        gaps = {}
+        for seed in seeds:
+            sft, qlora = (results.get(prefix + m if len(seeds) == 1 else f"{prefix}{m}/seed{seed}")
+                          for m in ("sft", q))
+            if sft and qlora:
+                gaps[str(seed)] = qlora["after"]["ppl"] / sft["after"]["ppl"] - 1
+        name = f"{prefix.replace('-', '_')}{q.replace('-', '_')}_vs_sft_after_ppl"
+        if len(gaps) == 1:
+            results[name] = next(iter(gaps.values()))
+        elif gaps:
+            results[f"{name}_per_seed"] = gaps
+            results[f"{name}_mean"] = sum(gaps.values()) / len(gaps)
     return results
 
 
@@ -177,7 +223,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048, help="training rows (GSM8K train minus the pool)")
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing in both tools (TRL's default)")
-    parser.add_argument("--modes", nargs="+", default=["sft", "qlora"], choices=["sft", "qlora"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42],
+                        help="training seeds (data order, LoRA init, dropout); with several, each mode is trained "
+                             "once per seed and the qlora/sft perplexity gap is reported per seed and on average")
+    parser.add_argument("--modes", nargs="+", default=["sft", "qlora"],
+                        choices=["sft", "qlora", "qlora-loftq", "trl-sft", "trl-qlora"],
+                        help="qlora-loftq: train qlora --init-lora loftq; trl-sft / trl-qlora: the plain TRL "
+                             "SFTTrainer script (QLoRA as in the PEFT/TRL "
+                             "docs) trained and scored the same way, as a reference for the gap")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
