@@ -232,6 +232,8 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
     if spec.load_in_4bit and not any("4bit" in type(m).__name__ for m in model.modules()):
         raise ConfigError("4-bit loading was asked for but no layer was quantized",
                           hint="check that bitsandbytes supports this device")
+    if spec.load_in_4bit:
+        keep_4bit_compute_dtype(model)
     if spec.adapter is not None:
         model = attach_adapter(model, spec.adapter, spec.model, is_trainable=for_training)
     if not for_training:
@@ -259,6 +261,34 @@ def eos_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
     return ids
 
 
+def keep_4bit_compute_dtype(model: Any) -> int:
+    """Keep every bitsandbytes 4-bit layer of `model` computing in its own compute dtype on the CPU;
+    return how many layers had already been repacked and were restored.
+
+    bitsandbytes >= 0.49, on CPUs with AVX512-BF16, repacks a `Linear4bit` weight on its first inference
+    forward pass (eval mode, no grad) for a bfloat16 kernel: activations and block scales are then rounded
+    to bfloat16 whatever `bnb_4bit_compute_dtype` says, and the weight is kept in another layout, which
+    `dequantize_4bit` misreads. Training forwards never repack, so evaluation would score a QLoRA adapter with
+    other numerics than it was trained with, and a merge or an adapter initialisation after an inference pass
+    would read wrong weights. Layers whose compute dtype is bfloat16 keep the fast kernel (same numerics).
+    """
+    import torch
+
+    restored = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu") or getattr(module, "compute_dtype", None) == torch.bfloat16:
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            restored += 1
+    return restored
+
+
 def dequantize_4bit_model(model: Any) -> Any:
     """Replace every bitsandbytes 4-bit linear layer by a float32 `nn.Linear` holding its dequantized
     weight: the exact weights a QLoRA adapter was trained against, in a form an adapter can merge into."""
@@ -266,6 +296,7 @@ def dequantize_4bit_model(model: Any) -> Any:
     import torch
     from torch import nn
 
+    keep_4bit_compute_dtype(model)  # the canonical layout that dequantize_4bit reads
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module).__name__ != "Linear4bit":
