@@ -148,13 +148,24 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def adapter_trained_in_4bit(adapter: str | Path) -> bool:
-    """Whether gsmkit's manifest beside the adapter says `train qlora` made it (False when there is none)."""
+def _adapter_manifest(adapter: str | Path) -> dict:
     try:
         recorded = json.loads((Path(adapter) / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(recorded, dict) and recorded.get("command") == "train qlora"
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def adapter_trained_in_4bit(adapter: str | Path) -> bool:
+    """Whether gsmkit's manifest beside the adapter says `train qlora` made it (False when there is none)."""
+    return _adapter_manifest(adapter).get("command") == "train qlora"
+
+
+def adapter_nf4_correction(adapter: str | Path) -> str | None:
+    """The `--init-lora` method (loftq, cloq) that started the adapter at a correction of the nf4 error, if any."""
+    resolved = _adapter_manifest(adapter).get("resolved")
+    init = resolved.get("lora_init") if isinstance(resolved, dict) else None
+    return init.get("method") if isinstance(init, dict) else None
 
 
 def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool = False):
@@ -191,10 +202,12 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
         if not spec.load_in_4bit and adapter_trained_in_4bit(spec.adapter):
             from gsmkit.progress import stderr_console
 
+            method = adapter_nf4_correction(spec.adapter)
+            why = (f"it holds a correction of the nf4 rounding (--init-lora {method}), which full-precision weights "
+                   "do not have, so there it overcorrects" if method else "on full-precision weights it scores differently")
             stderr_console().print(
-                f"[yellow]warning:[/yellow] {spec.adapter} was trained on a 4-bit (nf4) base by `train qlora`; on "
-                "full-precision weights it scores differently. Add --load-in-4bit to use the base it was trained with.",
-                highlight=False, soft_wrap=True)
+                f"[yellow]warning:[/yellow] {spec.adapter} was trained on a 4-bit (nf4) base by `train qlora`; {why}. "
+                "Add --load-in-4bit to use the base it was trained with.", highlight=False, soft_wrap=True)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     where, extra, source = locate_weights(spec.model)

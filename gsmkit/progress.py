@@ -87,9 +87,13 @@ class ProgressTask:
         self.progress.update(self.task, completed=completed, total=total,
                              description=description or self.description)
 
+    def close(self) -> None:
+        """Stop drawing (rich allows one live bar at a time, so a stage's bar is closed before the next starts)."""
+        if self.task is not None:
+            self.progress.stop()
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.task is not None:
-            self.progress.stop()
+        self.close()

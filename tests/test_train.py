@@ -232,7 +232,7 @@ def test_default_pool_is_drawn_from_gsm8k_not_from_a_training_file(tmp_path, mon
 
 
 def test_low_rank_factors_give_the_best_rank_r_approximation():
-    from gsmkit.training.loftq import low_rank_factors
+    from gsmkit.training.lora_init import low_rank_factors
 
     g = torch.Generator().manual_seed(0)
     exact = torch.randn(24, 3, generator=g) @ torch.randn(3, 40, generator=g)  # rank 3
@@ -247,10 +247,9 @@ def test_low_rank_factors_give_the_best_rank_r_approximation():
 
 def test_qlora_loftq_starts_closer_to_the_full_precision_model(tmp_path, tiny_model_dir, small_gsm8k, pool):
     pytest.importorskip("bitsandbytes")
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from gsmkit.training.loftq import loftq_initialise
+    from gsmkit.training.lora_init import initialise_adapter
 
     ids = torch.randint(5, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -258,13 +257,8 @@ def test_qlora_loftq_starts_closer_to_the_full_precision_model(tmp_path, tiny_mo
         want = full(input_ids=ids).logits
 
     def logits_error(init: bool) -> tuple[float, dict | None]:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        q = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=bnb,
-                                                 device_map={"": "cpu"})
-        q = get_peft_model(q, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                          "gate_proj", "up_proj", "down_proj"]))
-        stats = loftq_initialise(q, str(tiny_model_dir)) if init else None
+        q = _tiny_qlora(tiny_model_dir)
+        stats = initialise_adapter(q, str(tiny_model_dir), "loftq") if init else None
         with torch.no_grad():
             return float((q(input_ids=ids).logits - want).abs().mean()), stats
 
@@ -276,10 +270,150 @@ def test_qlora_loftq_starts_closer_to_the_full_precision_model(tmp_path, tiny_mo
     out = tmp_path / "loftq"
     result = train(_settings(tiny_model_dir, small_gsm8k, pool, out, mode="qlora", max_steps=2, init_lora="loftq"))
     assert result.steps == 2 and _lora_b_norm(out) > 0
-    recorded = json.loads((out / "manifest.json").read_text())["resolved"]["loftq"]
-    assert recorded["rel_error_after"] < recorded["rel_error_before"]
+    recorded = json.loads((out / "manifest.json").read_text())["resolved"]["lora_init"]
+    assert recorded["method"] == "loftq" and recorded["rel_error_after"] < recorded["rel_error_before"]
     with pytest.raises(ConfigError, match="train qlora"):
         _settings(tiny_model_dir, small_gsm8k, pool, tmp_path / "x", init_lora="loftq")  # sft has no nf4 error
     res = runner.invoke(app, ["train", "qlora", "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
                               "--fewshot-pool", str(pool), "--init-lora", "svd", "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "--init-lora" in res.output and not (tmp_path / "y").exists()
+
+
+def test_calibrated_factors_minimise_the_output_error():
+    from gsmkit.training.lora_init import calibrated_low_rank_factors, low_rank_factors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 40, generator=g, dtype=torch.float64) * torch.logspace(1, -1, 40, dtype=torch.float64)
+    gram = x.T @ x  # inputs with a few dominant directions, as in LLM activations
+    exact = torch.randn(24, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 40, generator=g, dtype=torch.float64)
+    a, b = calibrated_low_rank_factors(exact, gram, 3, scaling=2.0, damp=1e-9)
+    assert torch.allclose(2.0 * b @ a, exact, atol=1e-6)  # a rank-3 error is undone exactly, scaling divided out
+    assert torch.allclose(b.norm(dim=0), a.norm(dim=1))  # each component split evenly between B and A
+
+    def out_err(delta):
+        return float((x @ delta.T).norm())
+
+    noisy = exact + 0.3 * torch.randn(24, 40, generator=g, dtype=torch.float64)
+    a, b = calibrated_low_rank_factors(noisy, gram, 2, scaling=0.5, damp=1e-9)
+    cloq = out_err(noisy - 0.5 * b @ a)
+    a0, b0 = low_rank_factors(noisy, 2, scaling=0.5)
+    assert cloq < out_err(noisy - 0.5 * b0 @ a0) < out_err(noisy)  # better than LoftQ's SVD in the norm that counts
+    for _ in range(20):  # and no other rank-2 correction does better (local perturbations of the optimum)
+        db = 1e-3 * torch.randn(b.shape, generator=g, dtype=torch.float64)
+        da = 1e-3 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+        assert out_err(noisy - 0.5 * (b + db) @ (a + da)) >= cloq - 1e-12
+    # with identity-weighted inputs CLoQ is LoftQ (Eckart-Young)
+    a, b = calibrated_low_rank_factors(noisy, torch.eye(40, dtype=torch.float64), 2, scaling=1.0, damp=0.0)
+    a0, b0 = low_rank_factors(noisy, 2, scaling=1.0)
+    assert torch.allclose(b @ a, b0 @ a0, atol=1e-8)
+
+
+def _tiny_qlora(model_dir: Path, r: int = 8):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from gsmkit.modeling import keep_4bit_compute_dtype
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=bnb,
+                                             device_map={"": "cpu"})
+    keep_4bit_compute_dtype(q)  # float32 compute in every variant compared, as gsmkit's loader sets it
+    return get_peft_model(q, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                          "gate_proj", "up_proj", "down_proj"]))
+
+
+def _encoded_rows(model_dir: Path, data: Path, n: int):
+    from gsmkit.modeling import load_tokenizer
+    from gsmkit.training.data import load_train_examples
+    from gsmkit.training.masking import encode_example
+
+    tok = load_tokenizer(str(model_dir))
+    return [encode_example(ex, tok, "chat", 192) for ex in load_train_examples(data, "train")[:n]], tok
+
+
+def test_calibration_grams_are_the_layer_inputs_without_padding(tiny_model_dir, small_gsm8k):
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import Linear4bit
+
+    from gsmkit.training.lora_init import collect_grams
+
+    model = _tiny_qlora(tiny_model_dir).eval()
+    rows, tok = _encoded_rows(tiny_model_dir, small_gsm8k, 11)  # batches of 8 and 3, padded
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    want = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers}
+
+    def manual(name):
+        def hook(module, inputs):
+            want[name] += sum(inputs[0][i, :n].T @ inputs[0][i, :n] for i, n in enumerate(lengths))
+        return hook
+
+    handles = [m.register_forward_pre_hook(manual(n)) for n, m in layers]
+    with torch.no_grad():
+        for start in (0, 8):
+            chunk = rows[start:start + 8]
+            lengths = [len(r.input_ids) for r in chunk]
+            batch = sft_mod.PadCollator(tok.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in chunk])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in handles:
+        h.remove()
+    grams, tokens = collect_grams(model, layers, rows, tok.pad_token_id)
+    assert tokens == sum(len(r.input_ids) for r in rows)
+    for name, _ in layers:
+        assert torch.allclose(grams[name], want[name], rtol=1e-4, atol=1e-3), name
+    # a pass over only the first layers stops early and gets the same matrices
+    first, _ = collect_grams(model, layers[:3], rows, tok.pad_token_id)
+    assert all(torch.equal(first[n], grams[n]) for n, _ in layers[:3])
+
+
+def test_qlora_cloq_starts_closest_to_the_full_precision_model(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from gsmkit.training.lora_init import initialise_adapter
+
+    rows, tok = _encoded_rows(tiny_model_dir, small_gsm8k, 40)
+    calibration, held_out = rows[:24], rows[24:]
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = sft_mod.PadCollator(tok.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in held_out])
+    with torch.no_grad():
+        want = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+
+    def logits_error(method: str | None, **kw) -> tuple[float, dict | None]:
+        q = _tiny_qlora(tiny_model_dir)
+        stats = initialise_adapter(q, str(tiny_model_dir), method, calibration, tok.pad_token_id, **kw) if method else None
+        assert q.training  # initialising leaves the model in training mode
+        q.eval()
+        with torch.no_grad():
+            got = q(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float((got - want)[keep].abs().mean()), stats
+
+    plain, _ = logits_error(None)
+    loftq, _ = logits_error("loftq")
+    cloq, stats = logits_error("cloq")
+    assert cloq < loftq < plain  # on held-out rows, not only on the calibration rows
+    assert stats["calibration_rows"] == 24 and stats["layers"] == 14
+    assert stats["rel_output_error_after"] < 0.7 * stats["rel_output_error_before"]
+    seen = []
+    sequential, stats = logits_error("cloq", gram_budget=1, on_progress=lambda *a: seen.append(a))  # 14 passes
+    assert sequential < loftq and stats["rel_output_error_after"] < stats["rel_output_error_before"]
+    assert seen[-1] == ("initialising", 14, 14) and ("calibrating", 14 * 3, 14 * 3) in seen  # 3 batches a pass
+
+    out = tmp_path / "cloq"
+    result = train(_settings(tiny_model_dir, small_gsm8k, pool, out, mode="qlora", max_steps=2, init_lora="cloq",
+                             calibration_rows=16))
+    assert result.steps == 2 and _lora_b_norm(out) > 0
+    recorded = json.loads((out / "manifest.json").read_text())["resolved"]["lora_init"]
+    assert recorded["method"] == "cloq" and recorded["calibration_rows"] == 16
+    assert recorded["rel_output_error_after"] < recorded["rel_output_error_before"]
+    rows = tmp_path / "rows.jsonl"  # on full-precision weights the adapter's nf4 correction is named in the warning
+    rows.write_text('{"prompt": "Q: 2+2?", "response": " 4"}\n')
+    res = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(rows),
+                              "--out", str(tmp_path / "fp")])
+    assert res.exit_code == 0 and "--init-lora cloq" in res.output and "--load-in-4bit" in res.output, res.output
+    with pytest.raises(ConfigError, match="train qlora"):
+        _settings(tiny_model_dir, small_gsm8k, pool, tmp_path / "x", init_lora="cloq")
+    with pytest.raises(ConfigError, match="calibration-rows"):
+        _settings(tiny_model_dir, small_gsm8k, pool, tmp_path / "x", mode="qlora", init_lora="cloq",
+                  calibration_rows=0)

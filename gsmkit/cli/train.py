@@ -40,7 +40,12 @@ MaxSamplesOpt = Annotated[int | None, typer.Option("--max-samples", help="Use on
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed. [default: 42]")]
 InitLoraOpt = Annotated[str | None, typer.Option(
     "--init-lora", help="default (B = 0) | loftq: start the adapter at the rank-r SVD of the nf4 quantization error "
-    "(LoftQ), so training starts closer to the full-precision model. [default: default]")]
+    "(LoftQ) | cloq: at the rank-r correction of that error that minimises each layer's output error on "
+    "--calibration-rows training rows (CLoQ), so training starts close to the full-precision model. "
+    "[default: default]")]
+CalibRowsOpt = Annotated[int | None, typer.Option(
+    "--calibration-rows", help="--init-lora cloq: training rows (a sample drawn with --seed) whose layer inputs "
+    "weight the quantization error. [default: 128]", min=1)]
 GcOpt = Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory. [default: on for qlora]")]
 SaveStepsOpt = Annotated[int | None, typer.Option("--save-steps", help="Keep an adapter checkpoint every N steps (enables --resume).", min=1)]
 SaveLimitOpt = Annotated[int | None, typer.Option("--save-total-limit", help="Keep at most this many checkpoints.", min=1)]
@@ -57,6 +62,9 @@ LoggingOpt = Annotated[int | None, typer.Option("--logging-steps", help="Log (an
 FullOpt = Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA (writes a full model).")]
 
 
+INIT_UNITS = {"calibrating": "batches", "initialising": "layers"}  # training.lora_init's progress stages
+
+
 def _run(mode: str, flags: dict, config: Path | None, preset: str | None, show_masking: int, json_out: bool) -> None:
     from gsmkit.progress import ProgressTask, stderr_console
     from gsmkit.training.sft import resolve_settings
@@ -70,12 +78,30 @@ def _run(mode: str, flags: dict, config: Path | None, preset: str | None, show_m
     from gsmkit.training.sft import train
 
     last: dict = {}
+    init_bars: dict[str, ProgressTask] = {}  # --init-lora's stages, one bar each, closed before the next starts
+
+    def on_init(stage: str, done: int, total: int) -> None:
+        if stage not in init_bars:
+            for other in init_bars.values():
+                other.close()
+            init_bars[stage] = ProgressTask(f"init-lora {settings.init_lora}: {stage}", INIT_UNITS[stage], console)
+        init_bars[stage].update(done, total)
+
     with ProgressTask(f"train {mode}", "steps", console) as bar:
+
+        def on_start(total: int) -> None:
+            for other in init_bars.values():
+                other.close()
+            bar.start(total)
 
         def on_step(step: int, total: int) -> None:
             bar.update(step, total, f"train {mode} loss {last.get('loss', float('nan')):.3f}")
 
-        result = train(settings, on_start=bar.start, on_step=on_step, on_log=last.update)
+        try:
+            result = train(settings, on_start=on_start, on_step=on_step, on_log=last.update, on_init=on_init)
+        finally:
+            for other in init_bars.values():
+                other.close()
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -146,7 +172,7 @@ def qlora(
     split: SplitOpt = None, fewshot_pool: PoolOpt = None, k: KOpt = None, style: StyleOpt = None,
     system_prompt: SystemOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
     lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
-    init_lora: InitLoraOpt = None,
+    init_lora: InitLoraOpt = None, calibration_rows: CalibRowsOpt = None,
     target_modules: TargetsOpt = None, learning_rate: LrOpt = None, lr_scheduler: SchedOpt = None,
     warmup_ratio: WarmupOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     batch_size: BatchOpt = None, grad_accum: AccumOpt = None, max_length: MaxLenOpt = None,

@@ -55,7 +55,10 @@ class TrainSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    init_lora: str = "default"  # "default" (B = 0) or "loftq" (qlora: B @ A = rank-r part of the nf4 error)
+    # "default" (B = 0); qlora only: "loftq" (B @ A = rank-r SVD of the nf4 error) or "cloq" (B @ A = the
+    # rank-r correction that minimises the layers' output error on calibration rows), see training.lora_init
+    init_lora: str = "default"
+    calibration_rows: int = 128  # cloq: training rows (a seeded sample) whose activations weight the error
     target_modules: tuple[str, ...] | None = None
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -88,11 +91,13 @@ class TrainSettings:
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")
-        if self.init_lora not in ("default", "loftq"):
-            raise ConfigError(f"--init-lora must be default or loftq, got '{self.init_lora}'")
-        if self.init_lora == "loftq" and self.mode != "qlora":
-            raise ConfigError("--init-lora loftq corrects the 4-bit quantization error and needs `train qlora`",
-                              hint="drop --init-lora, or train with `gsmkit train qlora`")
+        if self.init_lora not in ("default", "loftq", "cloq"):
+            raise ConfigError(f"--init-lora must be default, loftq or cloq, got '{self.init_lora}'")
+        if self.init_lora != "default" and self.mode != "qlora":
+            raise ConfigError(f"--init-lora {self.init_lora} corrects the 4-bit quantization error and needs "
+                              "`train qlora`", hint="drop --init-lora, or train with `gsmkit train qlora`")
+        if self.calibration_rows < 1:
+            raise ConfigError(f"--calibration-rows must be >= 1, got {self.calibration_rows}")
         if self.lora_r < 1 or self.lora_alpha <= 0:
             raise ConfigError("--lora-r must be >= 1 and --lora-alpha > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -125,7 +130,7 @@ class TrainSettings:
 
 
 _FLOATS = {"learning_rate", "warmup_ratio", "epochs", "lora_dropout"}
-_INTS = {"k", "lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length", "max_samples", "seed",
+_INTS = {"k", "calibration_rows", "lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length", "max_samples", "seed",
          "logging_steps", "save_steps", "save_total_limit", "eval_limit", "eval_max_new_tokens", "sweep_last"}
 
 
@@ -442,8 +447,12 @@ def train(
     on_start: Callable[[int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    on_init: Callable[[str, int, int], None] | None = None,
 ) -> TrainResult:
-    """Run one fine-tuning job end to end and return its summary."""
+    """Run one fine-tuning job end to end and return its summary.
+
+    Callbacks: `on_start(total_steps)`, `on_step(step, total)`, `on_log(trainer log row)`, and
+    `on_init(stage, done, total)` while `--init-lora` calibrates and initialises the adapter."""
     out = settings.out
     checkpoints = out / "checkpoints"
     finished = out / "adapter_config.json" if not settings.full else out / "config.json"
@@ -453,6 +462,10 @@ def train(
 
     tokenizer = load_tokenizer(settings.model)
     encoded, removed, pool_origin, style = prepare_examples(settings, tokenizer)
+    if settings.init_lora != "default":
+        from gsmkit.training.lora_init import checkpoint_files
+
+        checkpoint_files(settings.model)  # the weights the initialisation reads: a .gguf fails before the model loads
 
     import torch
     from transformers import Trainer, set_seed
@@ -464,7 +477,7 @@ def train(
     model = loaded.model
     gc = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else settings.mode == "qlora"
     targets: list[str] = []
-    loftq: dict[str, Any] | None = None
+    lora_init: dict[str, Any] | None = None
     if settings.full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -480,10 +493,13 @@ def train(
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-        if settings.init_lora == "loftq" and resume_from is None:  # a resumed run restores its adapter
-            from gsmkit.training.loftq import loftq_initialise
+        if settings.init_lora != "default" and resume_from is None:  # a resumed run restores its adapter
+            from gsmkit.training.lora_init import calibration_sample, initialise_adapter
 
-            loftq = loftq_initialise(model, settings.model)
+            calibration = calibration_sample(encoded, settings.calibration_rows, settings.seed)
+            lora_init = initialise_adapter(model, settings.model, settings.init_lora,
+                                           calibration if settings.init_lora == "cloq" else (),
+                                           pad_id=tokenizer.pad_token_id, on_progress=on_init)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     from datasets import Dataset
@@ -534,7 +550,7 @@ def train(
                                 "fewshot_pool": pool_origin, "removed_fewshot": len(removed),
                                 "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
                                 "truncated_rows": sum(e.truncated for e in encoded),
-                                "trainable_params": trainable, "steps": steps, "loftq": loftq,
+                                "trainable_params": trainable, "steps": steps, "lora_init": lora_init,
                                 "resumed_from": str(resume_from) if resume_from else None}},
         )
         write_json(out / "manifest.json", manifest)
