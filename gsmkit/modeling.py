@@ -162,10 +162,11 @@ def adapter_trained_in_4bit(adapter: str | Path) -> bool:
 
 
 def adapter_nf4_correction(adapter: str | Path) -> str | None:
-    """The `--init-lora` method (loftq, cloq) that started the adapter at a correction of the nf4 error, if any."""
-    resolved = _adapter_manifest(adapter).get("resolved")
-    init = resolved.get("lora_init") if isinstance(resolved, dict) else None
-    return init.get("method") if isinstance(init, dict) else None
+    """The `--init-lora` method (loftq, cloq) that started the adapter at a correction of the nf4 error, if any
+    (from the run's settings, which a resumed run keeps too)."""
+    settings = _adapter_manifest(adapter).get("settings")
+    method = settings.get("init_lora") if isinstance(settings, dict) else None
+    return method if isinstance(method, str) and method != "default" else None
 
 
 def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool = False):
