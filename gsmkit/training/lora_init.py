@@ -156,7 +156,8 @@ def _gram_passes(layers: list[tuple[str, Any]], budget: int) -> list[list[tuple[
 
 
 def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any], pad_id: int,
-                  batch_size: int = CALIBRATION_BATCH, on_batch: Callable[[], None] | None = None) -> tuple[dict[str, Any], int]:
+                  batch_size: int = CALIBRATION_BATCH,
+                  on_batch: Callable[[], None] | None = None) -> tuple[dict[str, Any], int]:
     """X^T X of the inputs each of `layers` sees on `rows` (padding excluded), float32 on the model's device;
     and the number of calibration tokens."""
     import torch
@@ -171,7 +172,7 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
     last: list[Any] = [None, None]  # q/k/v (gate/up) get the same input tensor: its X^T X is computed once
 
     def hook(name: str):
-        def record(module, inputs, output=None):
+        def record(module, inputs):
             x = inputs[0]
             if last[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1])
