@@ -41,6 +41,7 @@ from _common import (
 ensure_project_importable()
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+INIT_MODES = {"qlora-loftq": "loftq", "qlora-cloq": "cloq"}  # benchmark mode -> train qlora --init-lora
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 TRL_SCRIPT = r'''
@@ -147,15 +148,34 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
     out = args.out
     results: dict = {}
 
-    def score(mode: str, adapter: Path | None) -> dict:
+    def score(mode: str, adapter: Path | None, init_seed: int | None = None) -> dict:
         loaded = load_model(ModelSpec(str(model_dir), adapter=str(adapter) if adapter else None,
                                       load_in_4bit="qlora" in mode))
+        model = loaded.model
+        if init_seed is not None:  # the adapter as `train qlora --init-lora X` starts it, before any step
+            model = initialised_adapter(model, loaded.tokenizer, INIT_MODES[mode], init_seed)
         enc = [encode_example(ex, loaded.tokenizer, "chat", 1024) for ex in test]
         t0 = time.perf_counter()
-        nll, n, _ = response_nll(loaded.model, enc, batch_size=8, pad_id=loaded.tokenizer.pad_token_id)
-        del loaded
+        nll, n, _ = response_nll(model, enc, batch_size=8, pad_id=loaded.tokenizer.pad_token_id)
+        del loaded, model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return {"loss": nll / n, "ppl": perplexity(nll, n), "tokens": n, "seconds": round(time.perf_counter() - t0, 1)}
+
+    def initialised_adapter(model, tokenizer, method: str, seed: int):
+        from peft import LoraConfig, get_peft_model
+
+        from gsmkit.training.lora_init import calibration_sample, initialise_adapter
+        from gsmkit.training.sft import TrainSettings, prepare_examples
+
+        settings = TrainSettings(model=str(model_dir), out=out / "unused", mode="qlora", data=str(rows),
+                                 fewshot_pool=pool, max_length=args.max_length, seed=seed, init_lora=method)
+        encoded = prepare_examples(settings, tokenizer)[0]  # the rows train() encodes, so the same calibration
+        peft_model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                      target_modules=TARGETS, task_type="CAUSAL_LM"))
+        initialise_adapter(peft_model, str(model_dir), method,
+                           calibration_sample(encoded, settings.calibration_rows, seed) if method == "cloq" else (),
+                           pad_id=tokenizer.pad_token_id)
+        return peft_model.eval()
 
     partial = out / "results.partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}  # resume: finished (mode, seed) runs
@@ -178,23 +198,24 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
                        "1" if mode == "trl-qlora" else "0", "1" if mode == "trl-qlora" else "0"]
             else:
                 cmd = gsmkit_command() + [
-                    "train", mode.removesuffix("-loftq"), "--model", str(model_dir), "--data", str(rows),
+                    "train", mode.split("-")[0], "--model", str(model_dir), "--data", str(rows),
                     "--fewshot-pool", str(pool),
                     "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
                     str(args.max_length), "--learning-rate", str(args.lr), "--lora-r", str(LORA["r"]),
                     "--lora-alpha", str(LORA["alpha"]), "--seed", str(seed), "--out", str(run_dir), "--overwrite",
-                    "--json", *(["--init-lora", "loftq"] if mode.endswith("-loftq") else [])]
+                    "--json", *(["--init-lora", INIT_MODES[mode]] if mode in INIT_MODES else [])]
             log = out / "logs" / f"train_{mode}_seed{seed}.log"
             wall, code = run_timed(cmd, log)
             if code != 0:
                 raise SystemExit(f"train {mode} (seed {seed}) failed ({code}):\n{tail(log)}")
             summary = last_json(log)
             after = score(mode, run_dir)
-            done[key] = results[key] = {"seed": seed, "before": before, "after": after, "train": summary,
+            init = score(mode, None, init_seed=seed) if mode in INIT_MODES else None
+            done[key] = results[key] = {"seed": seed, "before": before, "init": init, "after": after, "train": summary,
                                         "wall_s": round(wall, 1), "ppl_reduction": 1 - after["ppl"] / before["ppl"],
                                         "command": cmd}
             partial.write_text(json.dumps(done, indent=2))
-    for prefix, q in (("", "qlora"), ("trl-", "qlora"), ("", "qlora-loftq")):
+    for prefix, q in (("", "qlora"), ("trl-", "qlora"), *(("", m) for m in INIT_MODES)):
         # qlora's perplexity after training relative to sft's, per seed and on average
         gaps = {}
         for seed in seeds:
@@ -227,8 +248,9 @@ def main() -> None:
                         help="training seeds (data order, LoRA init, dropout); with several, each mode is trained "
                              "once per seed and the qlora/sft perplexity gap is reported per seed and on average")
     parser.add_argument("--modes", nargs="+", default=["sft", "qlora"],
-                        choices=["sft", "qlora", "qlora-loftq", "trl-sft", "trl-qlora"],
-                        help="qlora-loftq: train qlora --init-lora loftq; trl-sft / trl-qlora: the plain TRL "
+                        choices=["sft", "qlora", *INIT_MODES, "trl-sft", "trl-qlora"],
+                        help="qlora-loftq / qlora-cloq: train qlora --init-lora loftq / cloq (also scored at "
+                             "initialisation, before any step); trl-sft / trl-qlora: the plain TRL "
                              "SFTTrainer script (QLoRA as in the PEFT/TRL "
                              "docs) trained and scored the same way, as a reference for the gap")
     args = parser.parse_args()
