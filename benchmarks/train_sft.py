@@ -232,6 +232,33 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
     return results
 
 
+def plot_learning(results: dict, png: Path, window: int = 4) -> None:
+    """Training loss per step of every trained mode in one figure (a running mean over `window` logs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, run in results.items():
+        log = Path(run["train"]["out"]) / "trainer_log.jsonl" if isinstance(run, dict) and "train" in run else None
+        if log is None or not log.exists():
+            continue
+        points = [(r["step"], r["loss"]) for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+        steps = [p[0] for p in points]
+        mean = [sum(v for _, v in points[max(0, i - window + 1):i + 1]) / len(points[max(0, i - window + 1):i + 1])
+                for i in range(len(points))]
+        init = f" (init {run['init']['ppl']:.2f})" if run.get("init") else ""
+        ax.plot(steps, mean, label=f"{key}: held-out ppl {run['before']['ppl']:.2f}{init} -> {run['after']['ppl']:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (response tokens, mean of {window} logs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["speed", "learning"])
@@ -268,6 +295,8 @@ def main() -> None:
     record = {"benchmark": f"train_{args.part}", "settings": {k: str(v) for k, v in vars(args).items()},
               "machine": machine_info(), "results": results}
     (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str))
+    if args.part == "learning":
+        plot_learning(results, args.out / "loss_curves.png")
     from rich.console import Console
 
     Console().print_json(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)} |
