@@ -159,7 +159,7 @@ def _gram_passes(layers: list[tuple[str, Any]], budget: int) -> list[list[tuple[
 def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any], pad_id: int,
                   batch_size: int = CALIBRATION_BATCH,
                   on_batch: Callable[[], None] | None = None) -> tuple[dict[str, Any], int]:
-    """X^T X of the inputs each of `layers` sees on `rows` (padding excluded), float32 on the model's device;
+    """X^T X of the inputs each of `layers` sees on `rows` (padding excluded), float32 on each layer's device;
     and the number of calibration tokens."""
     import torch
 
@@ -167,7 +167,9 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
 
     collate = PadCollator(pad_id)
     device = next(model.parameters()).device
-    grams = {name: torch.zeros(layer.in_features, layer.in_features, device=device) for name, layer in layers}
+    # each on its layer's device (a model split over devices feeds every layer on its own)
+    grams = {name: torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
+             for name, layer in layers}
     seen: set[str] = set()
     mask: list[Any] = [None]
     last: list[Any] = [None, None]  # q/k/v (gate/up) get the same input tensor: its X^T X is computed once
@@ -178,7 +180,7 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
             if last[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1])
                 if flat.shape[0] == mask[0].shape[0]:  # (batch, seq, features): leave the padding out
-                    flat = flat[mask[0]]
+                    flat = flat[mask[0].to(flat.device)]
                 flat = flat.float()
                 last[0], last[1] = x, flat.T @ flat
             grams[name] += last[1]
