@@ -130,8 +130,8 @@ class TrainSettings:
 
 
 _FLOATS = {"learning_rate", "warmup_ratio", "epochs", "lora_dropout"}
-_INTS = {"k", "calibration_rows", "lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length", "max_samples", "seed",
-         "logging_steps", "save_steps", "save_total_limit", "eval_limit", "eval_max_new_tokens", "sweep_last"}
+_INTS = {"k", "calibration_rows", "lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length",
+         "max_samples", "seed", "logging_steps", "save_steps", "save_total_limit", "eval_limit", "eval_max_new_tokens", "sweep_last"}
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
