@@ -113,6 +113,15 @@ def cut_at_stop(text: str, stop: Iterable[str]) -> tuple[str, bool]:
     return text[:cut], cut != len(text)
 
 
+def _cache_argument(model: Any) -> str:
+    """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.24, which warns on
+    the old name) or `past_key_values`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: its base's forward
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _slot_layer_class():
     """A KV-cache layer with spare capacity, written in place (transformers' DynamicLayer concatenates,
     copying the whole cache every decode step; at batch 16 and 1,200 tokens that copy costs as much as
@@ -181,6 +190,7 @@ class HFEngine:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = int(config.num_hidden_layers)
         self._slot_layer = _slot_layer_class()
+        self._cache_arg = _cache_argument(model)
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
 
     # -- model calls ---------------------------------------------------------------------------------
@@ -198,11 +208,11 @@ class HFEngine:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=additive[:, None, :, :],
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_arg: cache},
         )
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
     def _new_cache(self):
         from transformers.cache_utils import Cache
