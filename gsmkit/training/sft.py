@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.training.lora_init import METHODS as INIT_METHODS
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_POOL = Path("fewshot_pool.jsonl")  # what `gsmkit fewshot` writes by default
@@ -91,8 +92,8 @@ class TrainSettings:
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")
-        if self.init_lora not in ("default", "loftq", "cloq"):
-            raise ConfigError(f"--init-lora must be default, loftq or cloq, got '{self.init_lora}'")
+        if self.init_lora not in ("default", *INIT_METHODS):
+            raise ConfigError(f"--init-lora must be default, {' or '.join(INIT_METHODS)}, got '{self.init_lora}'")
         if self.init_lora != "default" and self.mode != "qlora":
             raise ConfigError(f"--init-lora {self.init_lora} corrects the 4-bit quantization error and needs "
                               "`train qlora`", hint="drop --init-lora, or train with `gsmkit train qlora`")
