@@ -164,17 +164,14 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
     def initialised_adapter(model, tokenizer, method: str, seed: int):
         from peft import LoraConfig, get_peft_model
 
-        from gsmkit.training.lora_init import calibration_sample, initialise_adapter
-        from gsmkit.training.sft import TrainSettings, prepare_examples
+        from gsmkit.training.sft import TrainSettings, initialise_lora, prepare_examples
 
         settings = TrainSettings(model=str(model_dir), out=out / "unused", mode="qlora", data=str(rows),
                                  fewshot_pool=pool, max_length=args.max_length, seed=seed, init_lora=method)
         encoded = prepare_examples(settings, tokenizer)[0]  # the rows train() encodes, so the same calibration
         peft_model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
-        initialise_adapter(peft_model, str(model_dir), method,
-                           calibration_sample(encoded, settings.calibration_rows, seed) if method == "cloq" else (),
-                           pad_id=tokenizer.pad_token_id)
+        initialise_lora(peft_model, settings, encoded, tokenizer.pad_token_id)  # the call train() makes
         return peft_model.eval()
 
     partial = out / "results.partial.json"

@@ -70,7 +70,7 @@ def checkpoint_files(model: str) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{model}: no .safetensors weights to compute the adapter initialisation from",
-                          hint="use the default --init-lora default, or convert the checkpoint to safetensors")
+                          hint="use --init-lora default, or convert the checkpoint to safetensors")
     return files
 
 

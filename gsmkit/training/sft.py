@@ -28,6 +28,7 @@ from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
 from gsmkit.training.lora_init import METHODS as INIT_METHODS
+from gsmkit.training.lora_init import calibration_sample, checkpoint_files, initialise_adapter
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_POOL = Path("fewshot_pool.jsonl")  # what `gsmkit fewshot` writes by default
@@ -464,8 +465,6 @@ def train(
     tokenizer = load_tokenizer(settings.model)
     encoded, removed, pool_origin, style = prepare_examples(settings, tokenizer)
     if settings.init_lora != "default":
-        from gsmkit.training.lora_init import checkpoint_files
-
         checkpoint_files(settings.model)  # the weights the initialisation reads: a .gguf fails before the model loads
 
     import torch
@@ -495,12 +494,7 @@ def train(
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
         if settings.init_lora != "default" and resume_from is None:  # a resumed run restores its adapter
-            from gsmkit.training.lora_init import calibration_sample, initialise_adapter
-
-            calibration = calibration_sample(encoded, settings.calibration_rows, settings.seed)
-            lora_init = initialise_adapter(model, settings.model, settings.init_lora,
-                                           calibration if settings.init_lora == "cloq" else (),
-                                           pad_id=tokenizer.pad_token_id, on_progress=on_init)
+            lora_init = initialise_lora(model, settings, encoded, tokenizer.pad_token_id, on_init)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     from datasets import Dataset
@@ -566,6 +560,16 @@ def train(
     if settings.eval_limit and trainer.is_world_process_zero():
         result.eval, result.sweep = _evaluate_after(settings, style, checkpoints, torch)
     return result
+
+
+def initialise_lora(peft_model: Any, settings: TrainSettings, encoded: list, pad_id: int,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """The run's `--init-lora` on a fresh 4-bit PEFT model, calibrated (cloq) on the run's seeded sample of
+    its encoded training rows; returns the statistics the manifest records as `lora_init`."""
+    calibration = calibration_sample(encoded, settings.calibration_rows, settings.seed)
+    return initialise_adapter(peft_model, settings.model, settings.init_lora,
+                              calibration if settings.init_lora == "cloq" else (), pad_id=pad_id,
+                              on_progress=on_progress)
 
 
 def _tokens_seen(trainer, encoded, steps: int, settings: TrainSettings) -> int:
