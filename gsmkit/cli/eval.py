@@ -22,41 +22,17 @@ from gsmkit.cli.options import (
     SeedOpt,
     SplitOpt,
     StyleOpt,
+    command_from,
     usage_errors,
 )
+from gsmkit.evaluation.gsm8k import EvalSettings
 
 app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy, perplexity, safety rate.", no_args_is_help=True)
 
 
 @app.command("gsm8k")
-def gsm8k(
-    model: ModelOpt,
-    out: OutDirOpt = Path("runs/eval-gsm8k"),
-    adapter: AdapterOpt = None,
-    data: DataOpt = "openai/gsm8k",
-    split: SplitOpt = "test",
-    offset: Annotated[int, typer.Option("--offset", help="Skip this many problems first.", min=0)] = 0,
-    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate at most this many problems.", min=1)] = None,
-    pool: PoolOpt = None,
-    k: KOpt = 0,
-    style: StyleOpt = "auto",
-    system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="System prompt (chat) or preamble (plain).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per problem.", min=1)] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows generated together.", min=1)] = 16,
-    do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (with --do-sample).")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --do-sample).")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep only the k likeliest tokens (0 = off).", min=0)] = 0,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Extra stop string (repeatable).")] = None,
-    seed: SeedOpt = 0,
-    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache", help="Encode the shared few-shot prefix once.")] = True,
-    backend: Annotated[str, typer.Option("--backend", help="hf (transformers) or vllm (needs vllm and a GPU).")] = "hf",
-    dtype: DTypeOpt = "auto",
-    load_in_4bit: Load4bitOpt = False,
-    device: DeviceOpt = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard finished or partial results in --out.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
+@command_from(EvalSettings)
+def gsm8k(settings: EvalSettings, json_out: JsonOpt = False) -> None:
     """GSM8K exact-match accuracy (strict `#### n` and flexible last-number), with a 95% Wilson interval.
 
     With --style tags, strict reads the last `<SOLUTION>n</SOLUTION>`, and the summary adds the share of
@@ -68,19 +44,10 @@ def gsm8k(
     Example: gsmkit eval gsm8k --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
     --limit 20 --pool pool.jsonl --k 5 --style plain --out runs/eval
     """
-    from gsmkit.evaluation.gsm8k import EvalSettings, evaluate_gsm8k
-    from gsmkit.modeling import ModelSpec
+    from gsmkit.evaluation.gsm8k import evaluate_gsm8k
     from gsmkit.progress import ProgressTask, stderr_console
 
-    with usage_errors():
-        settings = EvalSettings(
-            model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
-                            load_in_4bit=load_in_4bit, device=device),
-            out=out, data=data, split=split, offset=offset, limit=limit, pool=pool, k=k, style=style,
-            system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
-            prefix_cache=prefix_cache, backend=backend, overwrite=overwrite,
-        )
+    out = settings.out
     console = stderr_console()
     with ProgressTask("eval gsm8k", "problems", console) as bar:
         metrics = evaluate_gsm8k(settings, on_start=bar.start, on_progress=bar.advance)

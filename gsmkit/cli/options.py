@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -49,3 +52,186 @@ def usage_errors() -> Iterator[None]:
         yield
     except ConfigError as err:
         raise typer.BadParameter(err.message + (f" (hint: {err.hint})" if err.hint else "")) from None
+
+
+# ---- commands whose options are a settings dataclass's fields -------------------------------------------
+
+
+@dataclasses.dataclass
+class _Option:
+    name: str  # the parameter's (and the field's) name
+    field: dataclasses.Field
+    owner: str | None  # the nested settings field it belongs to (e.g. "model" for ModelSpec's fields)
+    cls: type  # the dataclass that declares the field
+    field_type: Any
+    aliases: tuple[str, ...]  # names of hidden alias parameters
+
+
+def _cli_type(field_type: Any, meta: dict) -> Any:
+    """The Typer type of a field: tuples become repeatable options, choices a Literal."""
+    if meta.get("cli_type") is not None:
+        return meta["cli_type"]
+    optional = type(None) in typing.get_args(field_type)
+    base = next((a for a in typing.get_args(field_type) if a is not type(None)), field_type) if optional else field_type
+    if typing.get_origin(base) is tuple:
+        return list[typing.get_args(base)[0]] | None
+    if meta.get("choices") and base is str:
+        base = typing.Literal[tuple(meta["choices"])]  # type: ignore[misc]
+    return base | None if optional else base
+
+
+def _own_fields_first(cls: type) -> list[dataclasses.Field]:
+    """The command's own fields first (model, out, ...), then those of its option groups in base order."""
+    mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+
+    def declared_in(f: dataclasses.Field) -> int:
+        return next(i for i, c in enumerate(mro) if f.name in c.__dict__.get("__annotations__", {}))
+
+    return sorted(dataclasses.fields(cls), key=declared_in)  # stable: declaration order within a class
+
+
+def _options(cls: type, exclude: tuple[str, ...], owner: str | None = None) -> list[_Option]:
+    from gsmkit.fields import field_types
+
+    types = field_types(cls)
+    found: list[_Option] = []
+    for f in _own_fields_first(cls):
+        if f.name in exclude or (f.metadata and not f.metadata.get("cli", True)):
+            continue
+        ftype = types[f.name]
+        if dataclasses.is_dataclass(ftype):  # a settings group (ModelSpec, ...): its fields are options too
+            found += _options(ftype, exclude, owner=f.name)
+            continue
+        if not f.metadata:
+            continue  # a field the command line never sets (no help, no flag)
+        found.append(_Option(f.name, f, owner, cls, ftype, tuple(
+            f"{f.name}__alias{i}" for i in range(len(f.metadata.get("hidden_aliases", ()))))))
+    return found
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _optional(t: Any) -> Any:
+    return t if t is bool or type(None) in typing.get_args(t) else t | None
+
+
+def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
+    from gsmkit.fields import default_of, flag_of
+
+    f, meta = opt.field, opt.field.metadata
+    default = default_of(opt.cls, opt.name)
+    missing = default is dataclasses.MISSING
+    show = meta.get("show_default", True)
+    cli_type = _cli_type(opt.field_type, meta)
+    kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+    if as_flags and not missing:
+        # A preset or --config file may set this too: the flag overrides them only when given, so the
+        # option's own default is None and the help says what applies when nothing sets it.
+        shown = show if isinstance(show, str) else _show(default) if show and default not in (None, ()) else None
+        if shown is not None and not isinstance(default, bool):
+            kwargs["help"] += f" [default: {shown}]"
+        kwargs["show_default"] = False
+        cli_type = _optional(cli_type)
+        param_default = default if isinstance(default, bool) else None
+    elif missing:
+        param_default = inspect.Parameter.empty
+        kwargs["show_default"] = False
+    else:
+        kwargs["show_default"] = show
+        param_default = (list(default) or None) if isinstance(default, tuple) else default
+    for bound in ("min", "max"):
+        if meta.get(bound) is not None and not (bound == "min" and meta.get("min_open")):
+            kwargs[bound] = meta[bound]
+    kwargs.update(meta.get("path") or {})
+    decls = [flag_of(f), *meta.get("aliases", ())] + ([meta["short"]] if meta.get("short") else [])
+    params = [inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=param_default,
+                                annotation=Annotated[cli_type, typer.Option(*decls, **kwargs)])]
+    hidden = {k: v for k, v in kwargs.items() if k not in ("help", "show_default")}
+    for alias_name, alias in zip(opt.aliases, meta.get("hidden_aliases", ()), strict=True):
+        params.append(inspect.Parameter(alias_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            _optional(cli_type), typer.Option(alias, hidden=True, help=f"Old name of {flag_of(f)}.", **hidden)]))
+    return params
+
+
+class SettingsCommand:
+    """A Typer command whose options are the fields of a settings dataclass (and of its nested groups).
+
+    The help, default and bounds of each option are read from the field (`gsmkit.fields.setting`) each
+    time the CLI is built, so they cannot drift from what the library does. The wrapped function gets
+    `settings=` (the built dataclass; contradictions are usage errors, exit 2) or, with `as_flags`,
+    `flags=` (only the options given: presets and config files fill in the rest), plus its own options.
+    """
+
+    def __init__(self, fn: Callable[..., Any], cls: type, exclude: tuple[str, ...], as_flags: bool,
+                 fixed: dict[str, Any]):
+        self.fn, self.cls, self.exclude, self.as_flags, self.fixed = fn, cls, exclude, as_flags, fixed
+        self.__name__, self.__qualname__ = fn.__name__, fn.__qualname__
+        self.__module__, self.__doc__ = fn.__module__, fn.__doc__
+
+    def _own(self) -> list[inspect.Parameter]:
+        own = inspect.signature(self.fn, eval_str=True).parameters.values()
+        return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in ("settings", "flags")]
+
+    def options(self) -> list[_Option]:
+        return _options(self.cls, self.exclude + tuple(self.fixed))
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        params = [p for opt in self.options() for p in _parameters(opt, self.as_flags)]
+        return inspect.Signature(params + self._own())
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # typing.get_type_hints reads this
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **kwargs: Any) -> Any:
+        values: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for opt in self.options():
+            value = kwargs.pop(opt.name)
+            for alias in opt.aliases:
+                alias_value = kwargs.pop(alias)
+                if value is None and alias_value is not None:
+                    value = alias_value
+            if isinstance(value, list):
+                value = tuple(value)
+            parse = opt.field.metadata.get("parse")
+            if parse is not None and value is not None:
+                with usage_errors():
+                    value = parse(value)
+            if self.as_flags and value is None:
+                continue
+            if self.as_flags and isinstance(value, bool) and value == opt.field.default and value is False:
+                continue  # an unset switch is "not given"
+            if value is None and opt.field.default == () and not self.as_flags:
+                value = ()
+            (nested.setdefault(opt.owner, {}) if opt.owner else values)[opt.name] = value
+        if self.as_flags:
+            return self.fn(flags={**values, **self.fixed}, **kwargs)
+        with usage_errors():
+            settings = build_settings(self.cls, {**values, **self.fixed}, nested)
+        return self.fn(settings=settings, **kwargs)
+
+
+def build_settings(cls: type, values: dict[str, Any], nested: dict[str, dict[str, Any]]) -> Any:
+    from gsmkit.fields import field_types
+
+    types = field_types(cls)
+    for owner, group in nested.items():
+        values[owner] = types[owner](**group)
+    return cls(**values)
+
+
+def command_from(cls: type, *, exclude: tuple[str, ...] = (), as_flags: bool = False,
+                 fixed: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], SettingsCommand]:
+    """Decorate a command function `fn(settings, **own_options)` (or `fn(flags, ...)` with `as_flags`) so
+    its options come from `cls`; `exclude` leaves fields out, `fixed` sets fields the command decides."""
+
+    def decorate(fn: Callable[..., Any]) -> SettingsCommand:
+        return SettingsCommand(fn, cls, exclude, as_flags, dict(fixed or {}))
+
+    return decorate

@@ -107,6 +107,16 @@ def resolve_split_files(source: str | Path, split: str) -> list[Path] | None:
     return None
 
 
+def source_file(source: str | Path, split: str) -> str | Path:
+    """What a manifest records as the input: the local file of (source, split), else the source as named
+    (a Hub id, or a training file that is not a GSM8K split)."""
+    try:
+        files = resolve_split_files(source, split)
+    except DataError:
+        return source
+    return files[0] if files else source
+
+
 # A Hub repo id is `name` or `namespace/name` from these characters (huggingface_hub's validate_repo_id).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
 

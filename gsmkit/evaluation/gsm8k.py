@@ -20,59 +20,35 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.answers import score_completion
-from gsmkit.errors import ConfigError, ResumeError
+from gsmkit.errors import ConfigError
 from gsmkit.evaluation.stats import wilson_interval
+from gsmkit.fields import check_fields, setting
 from gsmkit.generation import SamplingSettings
-from gsmkit.jsonl import Journal, read_jsonl, write_json, write_jsonl
 from gsmkit.modeling import ModelSpec
 from gsmkit.records import Prediction
+from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
+from gsmkit.settings import DecodeOptions, ProblemOptions, PromptOptions, RunOptions, SamplingOptions
 
 PREDICTIONS = "predictions.jsonl"
 PARTIAL = "predictions.partial.jsonl"
-RUN_FINGERPRINT = "run.json"
 METRICS = "metrics.json"
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, RunOptions):
     model: ModelSpec
-    out: Path
-    data: str = "openai/gsm8k"
-    split: str = "test"
-    offset: int = 0
-    limit: int | None = None
-    pool: Path | None = None
-    k: int = 0
-    style: str = "auto"
-    system_prompt: str | None = None
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    prefix_cache: bool = True
-    backend: str = "hf"
-    overwrite: bool = False
+    out: Path = setting(Path("runs/eval-gsm8k"), "Output folder.", short="-o",
+                        path={"file_okay": False, "dir_okay": True})
+    limit: int | None = setting(None, "Evaluate at most this many problems.", min=1, show_default=False)
+    do_sample: bool = setting(False, "Sample instead of greedy decoding.")
+    stop: tuple[str, ...] = setting((), "Extra stop string (repeatable).")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.k > 0 and self.pool is None:
             raise ConfigError(f"--k {self.k} needs a few-shot pool",
                               hint="make one with `gsmkit fewshot --out pool.jsonl` and pass --pool pool.jsonl")
-        if self.k < 0:
-            raise ConfigError(f"--k must be >= 0, got {self.k}")
-        if self.offset < 0:
-            raise ConfigError(f"--offset must be >= 0, got {self.offset}")
-        if self.limit is not None and self.limit == 0:
-            raise ConfigError("--limit 0 selects no problems", hint="omit --limit to evaluate the whole split")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         self.sampling()  # decoding options are checked where they are defined, before any model loads
-        if self.backend not in ("hf", "vllm"):
-            raise ConfigError(f"unknown --backend '{self.backend}'", hint="choose hf or vllm")
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
         """The decoding settings; `stop` adds the prompt style's stop strings to --stop."""
@@ -153,36 +129,10 @@ def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any
     )
 
 
-def _prepare_out(settings: EvalSettings) -> tuple[Journal, dict[str, dict]]:
-    """Check the output folder; return the journal and the rows already finished there."""
-    out = settings.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names a folder")
-    journal = Journal(out / PARTIAL)
-    fp_path = out / RUN_FINGERPRINT
-    if settings.overwrite:
-        journal.remove()
-        for name in (PREDICTIONS, METRICS, MANIFEST, RUN_FINGERPRINT):
-            (out / name).unlink(missing_ok=True)
-        return journal, {}
-    if (out / PREDICTIONS).exists() and not journal.path.exists():
-        raise ConfigError(f"{out / PREDICTIONS}: this evaluation is already complete",
-                          hint="pass --overwrite to run it again, or choose another --out")
-    if not journal.path.exists():
-        return journal, {}
-    import json
-
-    try:
-        recorded = json.loads(fp_path.read_text())
-    except (OSError, ValueError):
-        recorded = None
-    if recorded != settings.fingerprint():
-        raise ResumeError(f"{out}: holds a partial run made with different settings",
-                          hint="rerun with the same options to resume, or pass --overwrite to start again")
-    done = {}
-    for row in journal.load():
-        done[row["id"]] = row
-    return journal, done
+def run_output(settings: EvalSettings) -> RunOutput:
+    """The evaluation's folder: predictions, metrics and manifest, with a journal while it runs."""
+    return RunOutput.folder(settings.out, finals=(PREDICTIONS, METRICS), journals=(PARTIAL,),
+                            overwrite=settings.overwrite, what="evaluation")
 
 
 def evaluate_gsm8k(
@@ -193,12 +143,16 @@ def evaluate_gsm8k(
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.data.fewshot import problems_for_run
+    from gsmkit.data.gsm8k import source_file
     from gsmkit.manifest import build_manifest
 
     # Everything that can fail on input is checked before the model loads.
     problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset, settings.limit,
                                                      settings.pool, settings.k)
-    journal, done = _prepare_out(settings)
+    output = run_output(settings)
+    output.prepare(settings.fingerprint())
+    journal = output.journal(PARTIAL)
+    done = {row["id"]: row for row in journal.load()}
 
     from gsmkit.generation import GenRequest, build_engine
     from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
@@ -215,8 +169,7 @@ def evaluate_gsm8k(
     by_id = {p.id: p for p in problems}
     requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
     # Only now, with data, model and engine ready, does the output folder come into being.
-    settings.out.mkdir(parents=True, exist_ok=True)
-    write_json(settings.out / RUN_FINGERPRINT, settings.fingerprint())
+    output.begin(settings.fingerprint())
     if on_start is not None:
         on_start(len(problems), len(done))
 
@@ -255,27 +208,15 @@ def evaluate_gsm8k(
     metrics = summarize(preds, settings.k, style, timing)
     manifest = build_manifest(
         "eval gsm8k", settings,
-        inputs={"data": _data_file(settings), "pool": settings.pool},
+        inputs={"data": source_file(settings.data, settings.split), "pool": settings.pool},
         seeds={"seed": settings.seed},
         extra={"resolved": {"style": style, "stop": list(sampling.stop), "backend": settings.backend,
                             "dtype": str(loaded.dtype) if loaded else settings.model.dtype,
                             "device": str(loaded.device) if loaded else "cuda",
                             "excluded_pool_problems": excluded}},
     )
-    write_jsonl(settings.out / PREDICTIONS, (pr.to_dict() for pr in preds))
-    write_json(settings.out / METRICS, {**metrics.to_dict(), "manifest": manifest})
-    write_json(settings.out / MANIFEST, manifest)
-    journal.remove()
-    (settings.out / RUN_FINGERPRINT).unlink(missing_ok=True)
+    output.publish({PREDICTIONS: jsonl_writer(pr.to_dict() for pr in preds),
+                    METRICS: json_writer({**metrics.to_dict(), "manifest": manifest}),
+                    MANIFEST: json_writer(manifest)})
     return metrics
 
-
-def _data_file(settings: EvalSettings) -> str | Path | None:
-    from gsmkit.data.gsm8k import resolve_split_files
-
-    files = resolve_split_files(settings.data, settings.split)
-    return files[0] if files else settings.data
-
-
-def read_predictions(path: str | Path) -> list[Prediction]:
-    return read_jsonl(path, Prediction.from_dict)

@@ -1,0 +1,115 @@
+"""Field declarations for settings, records and metrics: the one home of each default, bound and help text.
+
+In: `setting(default, help, min=..., choices=..., flag=...)` in a settings dataclass, or
+`described(help)` in a record / metrics dataclass. Out: ordinary `dataclasses.Field`s whose metadata
+the CLI (`gsmkit.cli.options.command_from`) turns into Typer options, `check_fields` turns into
+`ConfigError`s, and `scripts/gen_format_docs.py` turns into the field tables of docs/formats.md.
+
+So changing a default or a bound here changes the behaviour, `--help` and the docs together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gsmkit.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def setting(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    aliases: Sequence[str] = (),
+    hidden_aliases: Sequence[str] = (),
+    short: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    choices: Sequence[str] | None = None,
+    cli: bool = True,
+    cli_type: Any = None,
+    parse: Callable[[Any], Any] | None = None,
+    show_default: bool | str = True,
+    path: dict[str, bool] | None = None,
+    default_factory: Any = _MISSING,
+) -> Any:
+    """A settings field. `help` is the option's help and the docs' meaning; `min`/`max`/`choices` are
+    checked by Typer (exit 2) and again by `check_fields` (library use); `flag` defaults to
+    `--field-name`; `cli=False` keeps the field out of the command line; `cli_type` and `parse` let the
+    option take another form than the field (a comma list, minutes) and convert it; `path` holds
+    Typer's path checks (`exists`, `dir_okay`, `file_okay`)."""
+    metadata = {
+        "help": help, "flag": flag, "aliases": tuple(aliases), "hidden_aliases": tuple(hidden_aliases),
+        "short": short, "min": min, "max": max, "min_open": min_open,
+        "choices": tuple(choices) if choices is not None else None, "cli": cli, "cli_type": cli_type,
+        "parse": parse, "show_default": show_default, "path": path or {},
+    }
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def described(help: str, default: Any = _MISSING, *, default_factory: Any = _MISSING) -> Any:
+    """A record or metrics field with its meaning, for the generated field tables of docs/formats.md."""
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def help_of(cls: type, name: str) -> str:
+    return field_of(cls, name).metadata.get("help", "")
+
+
+def field_of(cls: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A field's default (its factory called), or MISSING."""
+    f = field_of(cls, name)
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return _MISSING
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (modules use `from __future__ import annotations`)."""
+    import sys
+
+    module = sys.modules[cls.__module__]
+    return typing.get_type_hints(cls, globalns=vars(module), include_extras=False)
+
+
+def check_fields(obj: Any) -> None:
+    """The bounds and choices declared with `setting(...)`, as ConfigErrors naming the flag (None passes)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        if value is None or isinstance(value, bool) or not meta:
+            continue
+        flag = flag_of(f)
+        lo, hi = meta.get("min"), meta.get("max")
+        if isinstance(value, int | float):
+            if lo is not None and (value <= lo if meta.get("min_open") else value < lo):
+                rel = ">" if meta.get("min_open") else ">="
+                raise ConfigError(f"{flag} must be {rel} {lo:g}, got {value:g}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{flag} must be <= {hi:g}, got {value:g}")
+        choices = meta.get("choices")
+        if choices and isinstance(value, str) and value not in choices:
+            raise ConfigError(f"unknown {flag} '{value}'", hint=f"choose one of {', '.join(choices)}")

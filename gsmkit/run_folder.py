@@ -1,0 +1,212 @@
+"""The output of a command, as one set of rules: prepare, refuse / resume / overwrite, fingerprint, journal,
+manifest, and one atomic publish. Every command that writes an output folder or file goes through here.
+
+In: where the output goes and which files it owns. Out: a `RunOutput` that
+- `prepare(fingerprint)`: refuses an output that exists and is finished (unless `overwrite`), resumes a
+  partial one made with the same settings (its `run.json` fingerprint matches), refuses one made with
+  other settings (`ResumeError`), clears everything it owns with `overwrite`; it never creates anything;
+- `begin()`: creates the folder and records the fingerprint, once the inputs and the model are ready;
+- `journal(name)`: an append-only `Journal` of finished rows inside the output, for resumable runs;
+- `publish({name: writer})`: writes each final file under a temporary name in the same folder and renames
+  it into place, then removes the journals and the fingerprint last, so an interrupted publish is
+  resumed, never mistaken for a finished run.
+Whole folders (a merged model, an adapter) are built in a hidden sibling (`staging_folder`) and renamed
+into place by `publish_folder`: a failed run leaves nothing at `out`.
+
+Layouts: a folder output owns files inside `out` (`RunOutput.folder`); a file output (generate-traces)
+owns `out` and sidecars named after its stem (`traces.stats.json`, `traces.partial.jsonl`, ...;
+`RunOutput.file`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gsmkit.errors import ConfigError, ResumeError
+from gsmkit.jsonl import Journal, atomic_open, dumps_line
+
+FINGERPRINT = "run.json"
+MANIFEST = "manifest.json"
+RESUME_HINT = "rerun with the same options to resume, or pass --overwrite to start again"
+
+
+@dataclass
+class RunOutput:
+    """The files one run owns. `finals`: written at the end (their presence without a fingerprint means
+    the run finished); `journals`: partial rows while it runs; `extra`: other files it owns (removed by
+    --overwrite)."""
+
+    out: Path  # what the user named with --out (a folder, or the main file)
+    root: Path  # the folder the files are in
+    names: dict[str, str]  # role -> file name in root
+    finals: tuple[str, ...]
+    journals: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    overwrite: bool = False
+    what: str = "run"  # "evaluation", "traces", ...: for messages
+    resumed: bool = field(default=False, init=False)
+
+    @classmethod
+    def folder(cls, out: Path, finals: tuple[str, ...], journals: tuple[str, ...] = (),
+               extra: tuple[str, ...] = (), overwrite: bool = False, what: str = "run") -> RunOutput:
+        names = {n: n for n in (*finals, *journals, *extra, FINGERPRINT, MANIFEST)}
+        return cls(out, out, names, finals, journals, extra, overwrite, what)
+
+    @classmethod
+    def file(cls, out: Path, sidecars: tuple[str, ...], journals: tuple[str, ...] = (),
+             overwrite: bool = False, what: str = "run") -> RunOutput:
+        """`out` itself is the main final file; `sidecars` ("stats.json") are named `<stem>.<sidecar>`."""
+        stem = out.stem
+        names = {"main": out.name, **{s: f"{stem}.{s}" for s in (*sidecars, *journals)},
+                 FINGERPRINT: f"{stem}.{FINGERPRINT}", MANIFEST: f"{stem}.{MANIFEST}"}
+        return cls(out, out.parent, names, ("main", *sidecars), journals, (), overwrite, what)
+
+    def path(self, role: str) -> Path:
+        return self.root / self.names[role]
+
+    def _owned(self) -> list[Path]:
+        return [self.path(r) for r in self.names]
+
+    def check_kind(self) -> None:
+        if self.root == self.out:
+            if self.out.exists() and not self.out.is_dir():
+                raise ConfigError(f"{self.out}: exists and is not a folder", hint="--out names a folder")
+        elif self.out.is_dir():
+            raise ConfigError(f"{self.out}: is a folder", hint=f"--out names the {self.what} file")
+
+    def prepare(self, fingerprint: Any) -> bool:
+        """Decide what to do with what is there; True when a partial run with these settings resumes."""
+        self.check_kind()
+        if self.overwrite:
+            self.clear()
+            return False
+        fp = self.path(FINGERPRINT)
+        if not fp.exists():
+            finished = [self.path(r) for r in self.finals if self.path(r).exists()]
+            if finished:
+                raise ConfigError(f"{finished[0]}: this {self.what} is already complete",
+                                  hint="pass --overwrite to run it again, or choose another --out")
+            leftovers = [p for p in self._owned() if p.exists()]
+            if leftovers:
+                raise ResumeError(
+                    f"{self.out}: holds {leftovers[0].name} from a run whose settings are unknown (no {fp.name})",
+                    hint="pass --overwrite to start again, or choose another --out")
+            return False
+        try:
+            recorded = json.loads(fp.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != json.loads(json.dumps(fingerprint)):
+            raise ResumeError(f"{self.out}: holds a partial run made with different settings",
+                              hint=RESUME_HINT)
+        self.resumed = True
+        return True
+
+    def clear(self) -> None:
+        for p in self._owned():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    def begin(self, fingerprint: Any) -> None:
+        """The run starts: the folder exists and holds the fingerprint a resumed run must match."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text(self.path(FINGERPRINT), json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
+
+    def journal(self, role: str) -> Journal:
+        return Journal(self.path(role))
+
+    def publish(self, writers: dict[str, Callable[[Any], None]]) -> None:
+        """Write each final file atomically, then drop the journals and, last, the fingerprint."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for role, write in writers.items():
+            with atomic_open(self.path(role)) as fh:
+                write(fh)
+        for role in self.journals:
+            Journal(self.path(role)).remove()
+        self.path(FINGERPRINT).unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+def json_writer(obj: Any) -> Callable[[Any], None]:
+    """A `publish` writer of pretty JSON."""
+
+    def write(fh: Any) -> None:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+
+    return write
+
+
+def jsonl_writer(rows: Any) -> Callable[[Any], None]:
+    """A `publish` writer of JSON Lines."""
+
+    def write(fh: Any) -> None:
+        for row in rows:
+            fh.write(dumps_line(row))
+
+    return write
+
+
+# ---- whole folders --------------------------------------------------------------------------------------
+
+
+def check_new_folder(out: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+    """A folder output that is replaced whole: refuse an existing one unless --overwrite, and never
+    replace one of the run's own inputs."""
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names the folder to create")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: already exists",
+                          hint="pass --overwrite to replace it, or choose another --out")
+    resolved = out.resolve()
+    for p in protected:
+        p = p.expanduser().resolve()
+        if resolved == p or resolved in p.parents:
+            raise ConfigError(f"{out}: --out would replace the input {p}",
+                              hint="choose a new folder for --out")
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A hidden, empty sibling of `out` to build a folder in; removed if the block fails."""
+    out = out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` folder to `out`; an old `out` is swapped out first and removed after, so
+    `out` is always either the old folder or the complete new one."""
+    out = out.expanduser()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    trash = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
+    os.replace(out, trash)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""Option groups shared by several commands' settings: one declaration of each default, bound and help.
+
+In: nothing. Out: keyword-only dataclass mixins (`ProblemOptions`, `PromptOptions`, `DecodeOptions`,
+`LoraOptions`, `RunOptions`, ...) that a command's settings dataclass inherits, so `eval gsm8k`,
+`generate-traces`, `eval safety`, `train ...` take the same option under the same name with the same
+help. A command that needs another default for a shared option redeclares it with `override(...)`,
+which keeps the group's help and bounds.
+
+The fields are flat on the command's settings (no nesting), so manifests, resume fingerprints and
+`--config` keys read `settings.k`, `settings.lora_r` as they always have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gsmkit.fields import setting
+from gsmkit.prompts import STYLES
+
+POOL_HELP = "Few-shot pool JSONL written by `gsmkit fewshot`."
+DATA_HELP = "GSM8K source: a Hub id (openai/gsm8k) or a local .jsonl/.json/.parquet file or folder."
+
+
+def override(cls: type, name: str, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
+    """Redeclare field `name` of group `cls` with another default (and other metadata `changes`)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = {**f.metadata, **changes}
+    if default is dataclasses.MISSING:
+        default = f.default
+    if isinstance(default, list | dict | set):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, kw_only=True)
+    return dataclasses.field(default=default, metadata=meta, kw_only=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProblemOptions:
+    """Which GSM8K problems a run reads."""
+
+    data: str = setting("openai/gsm8k", DATA_HELP)
+    split: str = setting("test", "Split to read: train or test (file <split>.jsonl in a folder).")
+    offset: int = setting(0, "Skip this many problems first.", min=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptOptions:
+    """How a problem becomes a prompt: few-shot exemplars from the pool, the style, a system prompt."""
+
+    pool: Path | None = setting(None, POOL_HELP, hidden_aliases=("--fewshot-pool",), show_default=False,
+                                path={"exists": True, "dir_okay": False})
+    k: int = setting(0, "Number of few-shot exemplars, taken in order from --pool.", min=0)
+    style: str = setting("auto", "Prompt style: auto (chat if the tokenizer has a template) | chat | plain | "
+                         "tags (reasoning tags, <SOLUTION>n</SOLUTION>).", choices=STYLES)
+    system_prompt: str | None = setting(None, "System prompt (chat) or preamble (plain).",
+                                        show_default=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeOptions:
+    """How the engine generates: budget, batch, seed, prefix cache and backend."""
+
+    max_new_tokens: int = setting(256, "Generation budget per problem.", min=1)
+    batch_size: int = setting(16, "Rows generated together.", min=1)
+    seed: int = setting(0, "Random seed.")
+    prefix_cache: bool = setting(True, "Encode the shared few-shot prefix once.",
+                                 flag="--prefix-cache/--no-prefix-cache")
+    backend: str = setting("hf", "hf (transformers) or vllm (needs vllm and a GPU).", choices=("hf", "vllm"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """Sampling instead of greedy decoding."""
+
+    temperature: float = setting(1.0, "Sampling temperature (with --do-sample).", min=0.0)
+    top_p: float = setting(1.0, "Nucleus sampling mass (with --do-sample).", min=0.0, min_open=True, max=1.0)
+    top_k: int = setting(0, "Keep only the k likeliest tokens (0 = off).", min=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraOptions:
+    """The LoRA adapter a training run creates."""
+
+    lora_r: int = setting(16, "LoRA rank.", min=1)
+    lora_alpha: int = setting(32, "LoRA alpha.", min=1)
+    lora_dropout: float = setting(0.05, "LoRA dropout.", min=0.0, max=0.999)
+    target_modules: tuple[str, ...] | None = setting(
+        None, "LoRA target module names (repeatable).",
+        show_default="q/k/v/o/gate/up/down_proj present in the model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What to do with an output that already exists (see gsmkit.run_folder)."""
+
+    overwrite: bool = setting(False, "Discard finished or partial results in --out.")
