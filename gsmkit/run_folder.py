@@ -97,7 +97,8 @@ class RunOutput:
             leftovers = [p for p in self._owned() if p.exists()]
             if leftovers:
                 raise ResumeError(
-                    f"{self.out}: holds {leftovers[0].name} from a run whose settings are unknown (no {fp.name})",
+                    f"{self.out}: holds {leftovers[0].name} from a run whose settings are unknown "
+                    f"(no {fp.name})",
                     hint="pass --overwrite to start again, or choose another --out")
             return False
         try:
