@@ -1,4 +1,5 @@
-"""Shared option types, declared once and reused by every command (Typer checks paths before any model loads)."""
+"""Shared option types and the commands built from settings dataclasses (Typer checks paths before any
+model loads)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,9 @@ def _cli_type(field_type: Any, meta: dict) -> Any:
     if meta.get("cli_type") is not None:
         return meta["cli_type"]
     optional = type(None) in typing.get_args(field_type)
-    base = next((a for a in typing.get_args(field_type) if a is not type(None)), field_type) if optional else field_type
+    base = field_type
+    if optional:
+        base = next(a for a in typing.get_args(field_type) if a is not type(None))
     if typing.get_origin(base) is tuple:
         return list[typing.get_args(base)[0]] | None
     if meta.get("choices") and base is str:
@@ -85,7 +88,7 @@ def _own_fields_first(cls: type) -> list[dataclasses.Field]:
     mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
 
     def declared_in(f: dataclasses.Field) -> int:
-        return next(i for i, c in enumerate(mro) if f.name in c.__dict__.get("__annotations__", {}))
+        return next(i for i, c in enumerate(mro) if f.name in inspect.get_annotations(c))
 
     return sorted(dataclasses.fields(cls), key=declared_in)  # stable: declaration order within a class
 
@@ -131,9 +134,11 @@ def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
     if as_flags and not missing:
         # A preset or --config file may set this too: the flag overrides them only when given, so the
         # option's own default is None and the help says what applies when nothing sets it.
-        shown = show if isinstance(show, str) else _show(default) if show and default not in (None, ()) else None
+        shown = show if isinstance(show, str) else None
+        if shown is None and show and default not in (None, ()):
+            shown = _show(default)
         if shown is not None and not isinstance(default, bool):
-            kwargs["help"] += f" [default: {shown}]"
+            kwargs["help"] += f" \\[default: {shown}]"  # escaped: the help is rich markup
         kwargs["show_default"] = False
         cli_type = _optional(cli_type)
         param_default = default if isinstance(default, bool) else None
@@ -152,8 +157,9 @@ def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
                                 annotation=Annotated[cli_type, typer.Option(*decls, **kwargs)])]
     hidden = {k: v for k, v in kwargs.items() if k not in ("help", "show_default")}
     for alias_name, alias in zip(opt.aliases, meta.get("hidden_aliases", ()), strict=True):
-        params.append(inspect.Parameter(alias_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            _optional(cli_type), typer.Option(alias, hidden=True, help=f"Old name of {flag_of(f)}.", **hidden)]))
+        option = typer.Option(alias, hidden=True, help=f"Old name of {flag_of(f)}.", **hidden)
+        params.append(inspect.Parameter(alias_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[_optional(cli_type), option]))
     return params
 
 
@@ -174,7 +180,8 @@ class SettingsCommand:
 
     def _own(self) -> list[inspect.Parameter]:
         own = inspect.signature(self.fn, eval_str=True).parameters.values()
-        return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in ("settings", "flags")]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        return [p.replace(kind=keyword) for p in own if p.name not in ("settings", "flags")]
 
     def options(self) -> list[_Option]:
         return _options(self.cls, self.exclude + tuple(self.fixed))
