@@ -1,6 +1,7 @@
-"""The batched generation engine shared by `eval gsm8k`, `eval safety` and `generate-traces`.
+"""The batched generation engine on transformers: `HFEngine`, the fast path on a CPU or one GPU.
 
-In: `GenRequest`s (a key, the prompt's token ids, how many samples) and `SamplingSettings`.
+In: a loaded causal LM and its tokenizer; `GenRequest`s (a key, the prompt's token ids, how many samples)
+and `SamplingSettings`.
 Out: one `GenResult` per (request, sample), yielded as soon as it finishes.
 
 Why it is fast on few-shot prompts:
@@ -24,53 +25,22 @@ on which other rows shared its batch: resumed runs reproduce uninterrupted ones.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gsmkit.errors import ConfigError
-
-BACKENDS = ("hf", "vllm")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ConfigError("sampling needs --temperature > 0", hint="drop --do-sample for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
-
-
-@dataclass(frozen=True)
-class GenRequest:
-    key: str
-    prompt_ids: tuple[int, ...]
-    num_samples: int = 1
-
-
-@dataclass(frozen=True)
-class GenResult:
-    key: str
-    sample_index: int
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str  # "stop" or "length"
-    num_prompt_tokens: int
+from gsmkit.generation.engine import (
+    GenRequest,
+    GenResult,
+    SamplingSettings,
+    checked_requests,
+    common_prefix_length,
+    cut_at_stop,
+    describe_device,
+    row_seed,
+)
 
 
 @dataclass
@@ -81,44 +51,13 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by all sequences."""
-    if not sequences:
-        return 0
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for s in sequences[1:]:
-        i = 0
-        limit = min(n, len(s))
-        while i < limit and s[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return n
-
-
-def row_seed(seed: int, key: str, sample_index: int) -> int:
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def cut_at_stop(text: str, stop: Iterable[str]) -> tuple[str, bool]:
-    """Text before the earliest stop string, and whether one was found."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i != -1 and i < cut:
-            cut = i
-    return text[:cut], cut != len(text)
-
-
 def _cache_argument(model: Any) -> str:
     """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.24, which warns on
     the old name) or `past_key_values`."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: its base's forward
+    # a PEFT model: its base's forward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
@@ -141,7 +80,7 @@ def _slot_layer_class():
             self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
             self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
-        def update(self, key_states, value_states, *args, **kwargs):
+        def update(self, key_states, value_states, *_args, **_kwargs):  # DynamicLayer's signature
             if not self.is_initialized:
                 self.assign(key_states, value_states)
                 return self.keys, self.values
@@ -163,7 +102,10 @@ def _slot_layer_class():
 
 
 class HFEngine:
-    """Batched generation on a transformers causal LM with prefix sharing and continuous refill."""
+    """Batched generation on a transformers causal LM with prefix sharing and continuous refill; an `Engine`.
+
+    A cancelled sample costs nothing more: queued ones are never started, running ones leave the batch at
+    the next decode step."""
 
     min_prefix_tokens = 8  # below this, sharing saves less than the bookkeeping costs
 
@@ -192,6 +134,11 @@ class HFEngine:
         self._slot_layer = _slot_layer_class()
         self._cache_arg = _cache_argument(model)
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+
+    def describe(self) -> dict[str, str]:
+        """What runs the model, for manifests: the device its weights are on and their dtype."""
+        dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
+        return {"backend": "hf", **describe_device(self.device), "dtype": str(dtype)}
 
     # -- model calls ---------------------------------------------------------------------------------
 
@@ -266,12 +213,9 @@ class HFEngine:
         longer needs (queued ones are never started, running ones leave the batch at the next step)."""
         import torch
 
-        requests = [r for r in requests if r.num_samples > 0]
+        requests = checked_requests(requests)
         if not requests:
             return
-        for r in requests:
-            if not r.prompt_ids:
-                raise ConfigError(f"request '{r.key}' has an empty prompt")
 
         P, prefix_kv = self._shared_prefix(requests)
 
@@ -291,7 +235,8 @@ class HFEngine:
                 body = row.tokens[:-1]
                 text = self.tokenizer.decode(body, skip_special_tokens=True)
                 text, _ = cut_at_stop(text, settings.stop)
-                return GenResult(row.request.key, row.sample_index, tuple(body), text, "stop", len(row.request.prompt_ids))
+                return GenResult(row.request.key, row.sample_index, tuple(body), text, "stop",
+                                 len(row.request.prompt_ids))
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
             text, hit = cut_at_stop(text, settings.stop)
             if hit:
@@ -322,7 +267,8 @@ class HFEngine:
                 if group:
                     new_cache, new_mask, new_pos, logits = self._prefill(group, P, prefix_kv)
                     first = self._choose(logits, group, settings)
-                    cache, mask, positions = self._merge(cache, mask, positions, rows, new_cache, new_mask, new_pos)
+                    cache, mask, positions = self._merge(cache, mask, positions, rows, new_cache, new_mask,
+                                                         new_pos)
                     rows.extend(group)
                     next_tokens.extend(first)
             if not rows:
@@ -356,7 +302,8 @@ class HFEngine:
 
             # ---- one decode step for every active row ----
             ids = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
-            step_mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)], dim=1)
+            ones = torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)
+            step_mask = torch.cat([mask, ones], dim=1)
             logits, cache = self._forward(ids, positions[:, None], step_mask[:, None, :], cache)
             mask = step_mask
             positions = positions + 1
@@ -394,7 +341,8 @@ class HFEngine:
         whose logits start generation."""
         P = 0
         if self.prefix_cache:
-            P = min(common_prefix_length([r.prompt_ids for r in requests]), min(len(r.prompt_ids) for r in requests) - 1)
+            P = min(common_prefix_length([r.prompt_ids for r in requests]),
+                    min(len(r.prompt_ids) for r in requests) - 1)
             if P < self.min_prefix_tokens:
                 P = 0
         return P, (self._encode_prefix(requests[0].prompt_ids[:P]) if P else None)
@@ -487,81 +435,3 @@ class HFEngine:
         for layer in cache.layers:
             layer.assign(layer.keys[:, :, first:, :], layer.values[:, :, first:, :])
         return cache, mask[:, first:]
-
-
-def build_engine(spec: Any, backend: str = "hf", batch_size: int = 16, prefix_cache: bool = True, seed: int = 0):
-    """Load what `spec` (a `modeling.ModelSpec`) names and wrap it in an engine: (loaded, tokenizer, engine).
-
-    `loaded` is None for vLLM, which loads the weights itself (loading them here too would hold them
-    twice on the GPU). Everything that can be refused is refused before any weights load."""
-    from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown --backend '{backend}'", hint="choose hf or vllm")
-    if backend == "vllm":
-        check_vllm_available()
-        if spec.load_in_4bit:
-            raise ConfigError("--load-in-4bit is not supported with --backend vllm", hint="use --backend hf")
-        if locate_weights(spec.model)[2] == "gguf":
-            raise ConfigError("--backend vllm needs a model folder or Hub id, not a .gguf file",
-                              hint="use --backend hf, or save the model with save_pretrained first")
-        tok = load_tokenizer(spec.model, spec.trust_remote_code)
-        return None, tok, VLLMEngine(spec.model, tok, spec.adapter, spec.dtype, batch_size, seed)
-    loaded = load_model(spec)
-    engine = HFEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
-                      stop_token_ids=eos_token_ids(loaded.tokenizer, loaded.model))
-    return loaded, loaded.tokenizer, engine
-
-
-def check_vllm_available() -> None:
-    """Raise ConfigError unless vllm is installed and a CUDA GPU is visible (checked before any model loads)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("--backend vllm needs the vllm package", hint="pip install 'gsmkit[vllm]' on a CUDA machine")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("--backend vllm needs a CUDA GPU, and none is visible", hint="use --backend hf")
-
-
-class VLLMEngine:
-    """The same interface on vLLM (GPU only): prefix caching and continuous batching are vLLM's own."""
-
-    def __init__(self, model_path: str, tokenizer: Any, adapter: str | None = None, dtype: str = "auto",
-                 batch_size: int = 256, seed: int = 0):
-        check_vllm_available()
-        from vllm import LLM
-
-        self.tokenizer = tokenizer
-        self.adapter = adapter
-        self.llm = LLM(model=model_path, dtype=dtype, enable_prefix_caching=True, enable_lora=adapter is not None,
-                       max_num_seqs=batch_size, seed=seed)
-        self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
-
-    def generate(self, requests, settings: SamplingSettings, on_result=None, cancelled=None) -> Iterator[GenResult]:
-        from vllm import SamplingParams
-
-        lora = None
-        if self.adapter:
-            from vllm.lora.request import LoRARequest
-
-            lora = LoRARequest("adapter", 1, self.adapter)
-        prompts, params = [], []
-        for r in requests:
-            prompts.append({"prompt_token_ids": list(r.prompt_ids)})
-            params.append(SamplingParams(
-                n=r.num_samples, max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None,
-                temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p,
-                top_k=settings.top_k if settings.top_k > 0 else -1,
-                seed=row_seed(settings.seed, r.key, 0) if settings.do_sample else None,
-            ))
-        outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
-        for r, out in zip(requests, outputs, strict=True):
-            for s, comp in enumerate(out.outputs):
-                reason = "length" if comp.finish_reason == "length" else "stop"
-                res = GenResult(r.key, s, tuple(comp.token_ids), comp.text, reason, len(r.prompt_ids))
-                self.stats["generated_tokens"] += len(comp.token_ids)
-                if on_result is not None:
-                    on_result(res)
-                yield res

@@ -1,0 +1,140 @@
+"""What every generation backend shares: the request and result types, the sampling settings, the
+`Engine` protocol, and the rules that must not differ between backends (per-sample seeds, stop cuts).
+
+In: nothing to load; these are plain types and pure functions.
+Out: `SamplingSettings`, `GenRequest`, `GenResult`, `Engine`, `row_seed`, `cut_at_stop`,
+`common_prefix_length`, `checked_requests`, `describe_device`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from gsmkit.errors import ConfigError
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError("sampling needs --temperature > 0", hint="drop --do-sample for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    key: str
+    prompt_ids: tuple[int, ...]
+    num_samples: int = 1
+
+
+@dataclass(frozen=True)
+class GenResult:
+    key: str
+    sample_index: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    num_prompt_tokens: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What `eval gsm8k`, `eval safety` and `generate-traces` may rely on, whatever the backend.
+
+    `generate` yields one `GenResult` per (request, sample) that is not cancelled, in no fixed order:
+    - sample `i` of request `key` is drawn from a generator seeded with `row_seed(settings.seed, key, i)`,
+      so it does not depend on the other requests or samples of the call (greedy ignores the seed);
+    - `text` is the decoded completion cut before the earliest of `settings.stop` (`cut_at_stop`), and
+      `token_ids` leave out the end-of-sequence token that ended it;
+    - `on_result(result)` is called just before each result is yielded;
+    - `cancelled(key, i)` returning True means the caller no longer wants that sample: it is never
+      yielded. How much compute that saves is the backend's own (see its docstring).
+    `stats` holds the engine's counters (`prefix_tokens`, `prefill_tokens`, `decode_steps`,
+    `generated_tokens`) accumulated over its calls. `describe()` says what actually ran, for manifests:
+    `{"backend": "hf" | "vllm", "device": "cpu" | "cuda:0" | ..., "dtype": "torch.float32" | ...}`, plus
+    `"gpu"` (the GPU's name) on CUDA.
+    """
+
+    stats: dict[str, int]
+
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        settings: SamplingSettings,
+        on_result: Callable[[GenResult], None] | None = None,
+        cancelled: Callable[[str, int], bool] | None = None,
+    ) -> Iterator[GenResult]: ...
+
+    def describe(self) -> dict[str, str]: ...
+
+
+def checked_requests(requests: Iterable[GenRequest]) -> list[GenRequest]:
+    """The requests that ask for at least one sample; an empty prompt is an error (nothing to continue)."""
+    requests = [r for r in requests if r.num_samples > 0]
+    for r in requests:
+        if not r.prompt_ids:
+            raise ConfigError(f"request '{r.key}' has an empty prompt")
+    return requests
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        i = 0
+        limit = min(n, len(s))
+        while i < limit and s[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+def row_seed(seed: int, key: str, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def cut_at_stop(text: str, stop: Iterable[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1 and i < cut:
+            cut = i
+    return text[:cut], cut != len(text)
+
+
+def describe_device(device: Any) -> dict[str, str]:
+    """`{"device": ...}` for a torch device, with the CUDA index made explicit and `"gpu"` (its name):
+    `torch.device("cuda")` alone does not say which GPU, nor what it was."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"device": str(device)}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"device": f"cuda:{index}", "gpu": torch.cuda.get_device_name(index)}
