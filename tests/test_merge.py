@@ -28,7 +28,8 @@ def _lora(base_dir: Path, out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    model = get_peft_model(base, config)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -60,7 +61,8 @@ def _clean_failure(res, out: Path, *needles: str) -> None:
     for needle in needles:
         assert needle in res.output, res.output
     assert not out.exists(), "a failed merge must leave nothing at --out"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary folder left"
+    left = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not left, "temporary folder left"
 
 
 def test_merged_folder_reproduces_base_plus_adapter(tmp_path, tiny_model_dir, adapter, small_gsm8k):
@@ -91,7 +93,8 @@ def test_merged_folder_reproduces_base_plus_adapter(tmp_path, tiny_model_dir, ad
         want, got, before = unmerged(ids).logits, merged(ids).logits, plain(ids).logits
     assert merged.dtype == torch.float32 and not any("lora" in n for n, _ in merged.named_parameters())
     assert (want - got).abs().max() < 1e-5
-    assert (want - before).abs().max() > 1e-2, "the adapter must change the logits for this test to mean anything"
+    assert (want - before).abs().max() > 1e-2, \
+        "the adapter must change the logits for this test to mean anything"
 
 
 def test_gate_rejects_a_corrupted_merge(tmp_path, tiny_model_dir, adapter, verify_file, monkeypatch):
@@ -111,8 +114,8 @@ def test_gate_rejects_a_corrupted_merge(tmp_path, tiny_model_dir, adapter, verif
     monkeypatch.setattr(merge_mod, "merge_weights", noisy)
     out = tmp_path / "merged"
     res = _merge(tiny_model_dir, adapter, out, "--verify-data", str(verify_file))
-    _clean_failure(res, out, "merge verification failed", "relative perplexity difference", "max |logit difference|",
-                   "tolerance 0.0001")
+    _clean_failure(res, out, "merge verification failed", "relative perplexity difference",
+                   "max |logit difference|", "tolerance 0.0001")
 
 
 def test_bfloat16_output_reports_argmax_agreement(tmp_path, tiny_model_dir, adapter, verify_file):
@@ -125,9 +128,11 @@ def test_bfloat16_output_reports_argmax_agreement(tmp_path, tiny_model_dir, adap
         (qlora / f.name).write_bytes(f.read_bytes())
     (qlora / "manifest.json").write_text(json.dumps({"command": "train qlora"}))
     out = tmp_path / "merged-bf16"
-    out.mkdir()  # an existing --out needs --overwrite
+    out.mkdir()  # an existing, non-empty --out needs --overwrite
+    (out / "old.txt").write_text("old")
     res = _merge(tiny_model_dir, qlora, out, "--verify-data", str(verify_file), "--dtype", "bfloat16")
-    assert res.exit_code == 1 and "--overwrite" in res.output and not any(out.iterdir())
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
 
     res = _merge(tiny_model_dir, qlora, out, "--verify-data", str(verify_file), "--dtype", "bfloat16",
                  "--overwrite", "--json")
@@ -147,7 +152,8 @@ def test_adapter_for_another_base_is_one_line(tmp_path, tiny_model_dir, verify_f
 
     from tests.conftest import build_tiny_model
 
-    other = build_tiny_model(tmp_path / "other", AutoTokenizer.from_pretrained(tiny_model_dir), hidden=32, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other = build_tiny_model(tmp_path / "other", tokenizer, hidden=32, seed=3)
     foreign = _lora(other, tmp_path / "foreign")
     out = tmp_path / "merged"
     res = _merge(tiny_model_dir, foreign, out, "--verify-data", str(verify_file))
@@ -165,18 +171,21 @@ def test_bad_adapter_and_verify_inputs(tmp_path, tiny_model_dir, adapter, verify
                    "none.jsonl", "file not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    _clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(bad)), out, f"{bad}:1:", "'answer'")
+    _clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(bad)), out, f"{bad}:1:",
+                   "'answer'")
     res = _merge(tiny_model_dir, adapter, out, "--dtype", "int8")
     assert res.exit_code == 2 and not out.exists()
 
 
-def test_qlora_adapter_merges_into_the_dequantized_nf4_weights(tmp_path, tiny_model_dir, adapter, verify_file):
+def test_qlora_adapter_merges_into_the_dequantized_nf4_weights(tmp_path, tiny_model_dir, adapter,
+                                                               verify_file):
     """A QLoRA adapter learned against nf4-rounded weights: the merged model must carry those weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     pytest.importorskip("bitsandbytes")
-    res = _merge(tiny_model_dir, adapter, tmp_path / "m4", "--verify-data", str(verify_file), "--from-4bit", "--json")
+    res = _merge(tiny_model_dir, adapter, tmp_path / "m4", "--verify-data", str(verify_file), "--from-4bit",
+                 "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["float32"]["passed"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", dtype=torch.float32)

@@ -14,8 +14,8 @@ attached, the verification set scored (logits kept at every scored position), th
 difference `|ppl_merged - ppl_unmerged| / ppl_unmerged` must be at most `tolerance`; the maximum
 absolute logit difference is reported beside it. Only then is the model cast to the output dtype
 (bfloat16/float16 outputs are scored once more and report their greedy argmax agreement with the
-unmerged float32 model), saved to a hidden temporary sibling of `out` and renamed into place: a
-failed merge leaves nothing at `out`.
+unmerged float32 model), saved to a hidden staging sibling of `out` and renamed into place
+(`gsmkit.run_folder`): a failed merge leaves nothing at `out`.
 
 Verification set: `verify_data` (JSONL of `{prompt, response}`, `{text}` or GSM8K `{question,
 answer}` rows, scored as in `eval ppl`; GSM8K rows as `Question: q\\nAnswer: a`, the answer scored),
@@ -25,24 +25,24 @@ every scored token are held on the CPU (tokens x vocabulary x 4 bytes), so keep 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gsmkit.errors import ConfigError, GsmkitError, ModelError
+from gsmkit.errors import GsmkitError, ModelError
+from gsmkit.fields import check_fields, setting
+from gsmkit.modeling import ModelSpec
+from gsmkit.run_folder import MANIFEST, check_new_folder, publish_folder, staging_folder
+from gsmkit.settings import ProblemOptions, RunOptions, override
 
 REPORT = "merge_report.json"
-MANIFEST = "manifest.json"
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 # PEFT types that add virtual tokens instead of weight deltas: there is nothing to merge.
-_PROMPT_LEARNING = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT")
+_PROMPT_LEARNING = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING",
+                    "ADAPTION_PROMPT", "CPT")
 
 
 class MergeVerificationError(GsmkitError):
@@ -51,33 +51,30 @@ class MergeVerificationError(GsmkitError):
 
 @dataclass(frozen=True)
 class MergeSettings:
-    model: str
-    adapter: Path
-    out: Path
-    dtype: str = "float32"
-    from_4bit: bool = False
-    verify_data: Path | None = None
-    data: str = "openai/gsm8k"
-    verify_split: str = "test"
-    verify_limit: int = 8
-    tolerance: float = 1e-4
-    batch_size: int = 8
-    device: str = "auto"
-    overwrite: bool = False
+    model: str = override(ModelSpec, "model")
+    adapter: Path = setting(help="PEFT adapter folder (adapter_config.json + weights) to merge into --model.",
+                            show_default=False, path={"exists": True, "file_okay": False, "dir_okay": True})
+    out: Path = setting(Path("runs/merged"), "Output folder.", short="-o",
+                        path={"file_okay": False, "dir_okay": True})
+    dtype: str = setting("float32", "Dtype of the saved weights: float32 | bfloat16 | float16 (the merge "
+                         "itself is always float32).", choices=OUT_DTYPES)
+    from_4bit: bool = setting(False, "The adapter was trained on a 4-bit base (QLoRA); detected from its "
+                              "manifest.json when gsmkit trained it.")
+    verify_data: Path | None = setting(None, "Verification JSONL of {prompt, response}, {text} or GSM8K "
+                                       "{question, answer} rows (default: GSM8K problems from --data).",
+                                       show_default=False, path={"dir_okay": False})
+    data: str = override(ProblemOptions, "data")
+    verify_split: str = setting("test", "Split of --data to verify on.")
+    verify_limit: int = setting(8, "Verify on the first N rows.", min=1)
+    tolerance: float = setting(1e-4, "Largest allowed |ppl_merged - ppl_unmerged| / ppl_unmerged, in "
+                               "float32.", min=0.0)
+    batch_size: int = setting(8, "Verification sequences scored together.", min=1)
+    device: str = override(ModelSpec, "device")
+    overwrite: bool = override(RunOptions, "overwrite", help="Replace an existing --out folder.")
 
     def __post_init__(self) -> None:
-        if self.dtype not in OUT_DTYPES:
-            raise ConfigError(f"unknown --dtype '{self.dtype}' for a merged model",
-                              hint=f"choose one of {', '.join(OUT_DTYPES)} (the merge itself is always float32)")
-        if not self.tolerance >= 0:
-            raise ConfigError(f"--tolerance must be >= 0, got {self.tolerance}")
-        if self.verify_limit < 1:
-            raise ConfigError(f"--verify-limit must be at least 1, got {self.verify_limit}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_fields(self)
         # The device string is checked where it is used (ModelSpec); fail here too, before any loading.
-        from gsmkit.modeling import ModelSpec
-
         ModelSpec(model=self.model, dtype="float32", device=self.device)
 
 
@@ -92,8 +89,10 @@ class MergeReport:
     dtype: str
     tolerance: float
     verify: dict[str, Any]  # source, items, tokens
-    float32: dict[str, Any]  # ppl_unmerged, ppl_merged, rel_ppl_diff, max_abs_logit_diff, argmax_agreement, passed
-    cast: dict[str, Any] | None  # for bfloat16/float16: ppl, rel_ppl_diff, max_abs_logit_diff, argmax_agreement
+    # ppl_unmerged, ppl_merged, rel_ppl_diff, max_abs_logit_diff, argmax_agreement, passed
+    float32: dict[str, Any]
+    # for bfloat16/float16: dtype, ppl, rel_ppl_diff, max_abs_logit_diff, argmax_agreement
+    cast: dict[str, Any] | None
     out: str
     files: list[str]
     wall_s: float
@@ -120,19 +119,11 @@ def _trained_in_4bit(settings: MergeSettings) -> tuple[bool, str | None]:
     return (True, "manifest") if adapter_trained_in_4bit(settings.adapter) else (False, None)
 
 
-def _check_paths(settings: MergeSettings) -> None:
-    out = settings.out.expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names the folder to create")
-    if out.exists() and not settings.overwrite:
-        raise ConfigError(f"{out}: already exists", hint="pass --overwrite to replace it, or choose another --out")
-    resolved = out.resolve()
-    protected = [settings.adapter.expanduser().resolve()]
-    if Path(settings.model).expanduser().exists():
-        protected.append(Path(settings.model).expanduser().resolve())
-    for p in protected:
-        if resolved == p or resolved in p.parents:
-            raise ConfigError(f"{out}: --out would replace the input {p}", hint="choose a new folder for --out")
+def _check_out(settings: MergeSettings) -> None:
+    """--out is a new folder (or --overwrite), and never the adapter or a local base model folder."""
+    model = Path(settings.model).expanduser()
+    inputs = (settings.adapter, model) if model.exists() else (settings.adapter,)
+    check_new_folder(settings.out, settings.overwrite, protected=inputs)
 
 
 def _verification_items(settings: MergeSettings) -> tuple[list[Any], str | Path]:
@@ -140,7 +131,8 @@ def _verification_items(settings: MergeSettings) -> tuple[list[Any], str | Path]
     from gsmkit.evaluation.perplexity import PplItem, read_ppl_items
 
     if settings.verify_data is not None:
-        return read_ppl_items(settings.verify_data, settings.verify_limit, question_answer=True), settings.verify_data
+        items = read_ppl_items(settings.verify_data, settings.verify_limit, question_answer=True)
+        return items, settings.verify_data
     from gsmkit.data.gsm8k import load_gsm8k, resolve_split_files
     from gsmkit.prompts import render_prompt, render_target
 
@@ -181,21 +173,6 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / b if b else float("inf")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` folder to `out`, replacing an old `out` (only with --overwrite)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    trash = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
-    os.replace(out, trash)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def merge_adapter(
     settings: MergeSettings, on_progress: Callable[[int, int, str], None] | None = None
 ) -> MergeReport:
@@ -204,16 +181,16 @@ def merge_adapter(
     from gsmkit.evaluation.perplexity import encode_item, model_window, sliding_windows
     from gsmkit.jsonl import write_json
     from gsmkit.manifest import build_manifest, to_jsonable
-    from gsmkit.modeling import ModelSpec, attach_adapter, load_model, load_tokenizer, read_adapter_config
+    from gsmkit.modeling import attach_adapter, load_model, load_tokenizer, read_adapter_config
     from gsmkit.training.masking import Encoded
 
     # Everything that can fail on input is checked before the model loads.
     adapter_cfg = read_adapter_config(settings.adapter)
     peft_type = adapter_cfg.get("peft_type")
     if peft_type in _PROMPT_LEARNING:
-        raise ModelError(f"{settings.adapter}: a {peft_type} adapter adds virtual tokens, it has no weights to merge",
-                         hint="use it with --adapter as it is")
-    _check_paths(settings)
+        raise ModelError(f"{settings.adapter}: a {peft_type} adapter adds virtual tokens, it has no weights "
+                         "to merge", hint="use it with --adapter as it is")
+    _check_out(settings)
     trained_4bit, trained_4bit_from = _trained_in_4bit(settings)
     items, verify_input = _verification_items(settings)
     tokenizer = load_tokenizer(settings.model)
@@ -248,7 +225,8 @@ def merge_adapter(
                          "weights would round the adapter's update away",
                          hint="pass the full-precision base model the adapter (or QLoRA run) started from")
     window = model_window(base)
-    windows = [w for i, (ids, labels) in enumerate(encoded) for w in sliding_windows(ids, labels, window, window // 2, i)]
+    windows = [w for i, (ids, labels) in enumerate(encoded)
+               for w in sliding_windows(ids, labels, window, window // 2, i)]
     rows = [Encoded(input_ids=w.input_ids, labels=w.labels, where=items[w.item].where, truncated=False)
             for w in windows]
     pad_id = tokenizer.pad_token_id
@@ -267,14 +245,17 @@ def merge_adapter(
     check = _score(merged, rows, settings.batch_size, pad_id, reference=reference)
     rel = _rel(check["ppl"], unmerged["ppl"])
     float32 = {"ppl_unmerged": unmerged["ppl"], "ppl_merged": check["ppl"], "rel_ppl_diff": rel,
-               "max_abs_logit_diff": check["max_abs_logit_diff"], "argmax_agreement": check["argmax_agreement"],
+               "max_abs_logit_diff": check["max_abs_logit_diff"],
+               "argmax_agreement": check["argmax_agreement"],
                "passed": bool(rel <= settings.tolerance and not math.isnan(check["max_abs_logit_diff"]))}
     if not float32["passed"]:
         raise MergeVerificationError(
             f"merge verification failed: relative perplexity difference {rel:.3e} > tolerance "
             f"{settings.tolerance:g} (max |logit difference| {check['max_abs_logit_diff']:.3e}; perplexity "
-            f"{unmerged['ppl']:.6g} unmerged, {check['ppl']:.6g} merged); nothing was written to {settings.out}",
-            hint="the merged weights do not reproduce base + adapter: check that --model is the adapter's base",
+            f"{unmerged['ppl']:.6g} unmerged, {check['ppl']:.6g} merged); nothing was written to "
+            f"{settings.out}",
+            hint="the merged weights do not reproduce base + adapter: check that --model is the adapter's "
+            "base",
         )
 
     cast = None
@@ -288,15 +269,14 @@ def merge_adapter(
 
     stage("save")
     out = settings.out.expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.merge-{secrets.token_hex(6)}.tmp"
-    try:
+    with staging_folder(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not any(tmp.glob("*.safetensors")):
             raise ModelError(f"{tmp}: save_pretrained wrote no .safetensors weights")
         report = MergeReport(
-            model=settings.model, adapter=str(settings.adapter), adapter_base=adapter_cfg.get("base_model_name_or_path"),
+            model=settings.model, adapter=str(settings.adapter),
+            adapter_base=adapter_cfg.get("base_model_name_or_path"),
             peft_type=peft_type, trained_in_4bit=trained_4bit, trained_in_4bit_from=trained_4bit_from,
             dtype=settings.dtype, tolerance=settings.tolerance,
             verify={"source": str(verify_input), "items": len(items), "tokens": unmerged["tokens"],
@@ -312,11 +292,7 @@ def merge_adapter(
         )
         write_json(tmp / REPORT, to_jsonable(report.to_dict()))
         write_json(tmp / MANIFEST, manifest)
-        _publish(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
+        publish_folder(tmp, out)
     if on_progress is not None:
         on_progress(total, total, "done")
     return report
