@@ -47,7 +47,8 @@ def _run(engine, reqs, settings):
 def test_greedy_matches_transformers_generate(fixture, request):
     model, tok = _load(request.getfixturevalue(fixture))
     reqs = _requests(tok)
-    got = _run(HFEngine(model, tok, batch_size=2, prefix_cache=True), reqs, SamplingSettings(max_new_tokens=12))
+    engine = HFEngine(model, tok, batch_size=2, prefix_cache=True)
+    got = _run(engine, reqs, SamplingSettings(max_new_tokens=12))
     with torch.inference_mode():
         for r in reqs:
             ids = torch.tensor([r.prompt_ids])
@@ -112,7 +113,8 @@ def test_sampling_is_seeded_per_row_not_per_batch(tiny_model_dir):
     assert len(a) == 9
     assert {k: v.token_ids for k, v in a.items()} == {k: v.token_ids for k, v in b.items()}
     assert len({a[("0", s)].token_ids for s in range(3)}) > 1  # samples of one prompt differ
-    c = _run(HFEngine(model, tok, batch_size=4), reqs, SamplingSettings(max_new_tokens=8, do_sample=True, seed=8))
+    sampled = SamplingSettings(max_new_tokens=8, do_sample=True, seed=8)
+    c = _run(HFEngine(model, tok, batch_size=4), reqs, sampled)
     assert {k: v.token_ids for k, v in a.items()} != {k: v.token_ids for k, v in c.items()}
 
 
@@ -124,7 +126,7 @@ def test_cancelled_requests_stop_consuming_samples(tiny_model_dir):
     out = []
     with torch.inference_mode():
         for res in engine.generate(reqs, SamplingSettings(max_new_tokens=4, do_sample=True, seed=1),
-                                   cancelled=lambda key, sample: key in done):
+                                   cancelled=lambda key, _sample: key in done):
             out.append(res)
             done.add(res.key)
     assert 1 <= len(out) <= 2  # the second row may finish in the same step as the first
@@ -148,7 +150,8 @@ def test_cancelling_later_samples_keeps_earlier_ones(tiny_model_dir):
     req = GenRequest("a", _requests(tok, 1)[0].prompt_ids, num_samples=6)
     with torch.inference_mode():
         out = list(HFEngine(model, tok, batch_size=2).generate(
-            [req], SamplingSettings(max_new_tokens=4, do_sample=True, seed=1), cancelled=lambda key, s: s >= 3))
+            [req], SamplingSettings(max_new_tokens=4, do_sample=True, seed=1),
+            cancelled=lambda _key, s: s >= 3))
     assert sorted(r.sample_index for r in out) == [0, 1, 2]
 
 
