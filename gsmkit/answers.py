@@ -176,7 +176,8 @@ def gold_from_solution(solution: str) -> str | None:
     return value if value is not None and _PLAIN_NUMBER.fullmatch(value) else None
 
 
-def score_completion(completion: str, gold: str, answer_format: str = "hash") -> tuple[ExtractedAnswers, bool, bool]:
+def score_completion(completion: str, gold: str,
+                     answer_format: str = "hash") -> tuple[ExtractedAnswers, bool, bool]:
     """Extract both answers from ``completion``; return them with (correct_strict, correct_flexible).
 
     "strict" is the format's own marker (``primary_answer``): ``#### n``, or the ``<SOLUTION>`` tag for

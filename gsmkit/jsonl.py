@@ -42,7 +42,8 @@ def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple
     """Yield `(line_number, object)` for each non-blank line; raise DataError naming path:line."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found", hint="check the path (relative paths are from the current folder)")
+        raise DataError(f"{path}: file not found",
+                        hint="check the path (relative paths are from the current folder)")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a .jsonl file")
     seen = 0

@@ -23,7 +23,8 @@ from typing import Any
 MANIFEST_VERSION = 1
 _MAX_DIR_FILES = 64
 _COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # sha1 or sha256 object names
-_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "safetensors", "vllm")
+_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "safetensors",
+             "vllm")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -46,7 +47,8 @@ def _input_digest(path: str | Path | None) -> Any:
         # was skipped is listed, so a reader never mistakes a partial digest for a complete one.
         small = [f for f in every if f.stat().st_size < (1 << 31)]
         hashed = small[:_MAX_DIR_FILES]
-        digest: dict[str, Any] = {"path": str(p), "files": {str(f.relative_to(p)): sha256_file(f) for f in hashed}}
+        digest: dict[str, Any] = {"path": str(p),
+                                  "files": {str(f.relative_to(p)): sha256_file(f) for f in hashed}}
         skipped = sorted(set(every) - set(hashed))
         if skipped:
             digest["not_hashed"] = [str(f.relative_to(p)) for f in skipped]
@@ -60,7 +62,8 @@ def git_commit() -> str | None:
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=False, capture_output=True,
+                             text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     # In a repository with no commits yet, `rev-parse HEAD` fails but still echoes "HEAD" on stdout.

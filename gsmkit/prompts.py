@@ -59,7 +59,8 @@ def resolve_style(style: str, tokenizer: Any) -> str:
 
 
 def answer_format(style: str) -> str:
-    """How a completion in this style states its answer: "tags" (`<SOLUTION>n</SOLUTION>`) or "hash" (`#### n`)."""
+    """How a completion in this style states its answer: "tags" (`<SOLUTION>n</SOLUTION>`) or "hash"
+    (`#### n`)."""
     return "tags" if style == "tags" else "hash"
 
 
@@ -74,7 +75,8 @@ def _plain_prefix(exemplars: Sequence[Exemplar]) -> str:
     return "".join(f"Question: {ex.question}\nAnswer: {ex.answer}\n\n" for ex in exemplars)
 
 
-def build_messages(question: str, exemplars: Sequence[Exemplar], system_prompt: str | None = None) -> list[dict]:
+def build_messages(question: str, exemplars: Sequence[Exemplar],
+                   system_prompt: str | None = None) -> list[dict]:
     messages: list[dict] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
@@ -109,7 +111,8 @@ def render_prompt(
         return prefix + _plain_prefix(exemplars) + f"Question: {question}\nAnswer:"
     if style in ("chat", "tags"):
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
+            raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, "
+                              "and this one has none",
                               hint="use --style plain")
         return tokenizer.apply_chat_template(prompt_messages(style, question, exemplars, system_prompt),
                                              tokenize=False, add_generation_prompt=True)
@@ -124,7 +127,7 @@ def encode_prompt(style: str, question: str, exemplars: Sequence[Exemplar], toke
     return text, tuple(tokenizer(text, add_special_tokens=add_special_tokens_for(style)).input_ids)
 
 
-def render_target(style: str, answer: str, tokenizer: Any = None) -> str:
+def render_target(style: str, answer: str) -> str:
     """The text a training example teaches after `render_prompt` (lm-eval's target delimiter is a space)."""
     if style == "plain":
         return f" {answer}"
@@ -139,5 +142,6 @@ def stop_strings(style: str) -> tuple[str, ...]:
 
 
 def add_special_tokens_for(style: str) -> bool:
-    """Chat templates already contain their special tokens; plain text gets the tokenizer's BOS if it has one."""
+    """Chat templates already contain their special tokens; plain text gets the tokenizer's BOS if it has
+    one."""
     return style == "plain"

@@ -236,7 +236,8 @@ def test_normalize_formatted_int(n, dollar, sign_first):
     assert normalize_number(raw) == str(n)
 
 
-@given(n=st.integers(), zeros=st.integers(min_value=0, max_value=5), pad=st.integers(min_value=0, max_value=5))
+@given(n=st.integers(), zeros=st.integers(min_value=0, max_value=5),
+       pad=st.integers(min_value=0, max_value=5))
 def test_normalize_strips_padding_zeros(n, zeros, pad):
     sign = "-" if n < 0 else ""
     raw = f"{sign}{'0' * pad}{abs(n)}" + (f".{'0' * zeros}" if zeros else "")

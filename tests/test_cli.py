@@ -60,7 +60,8 @@ def test_bad_data_files(tmp_path, tiny_model_dir, content, needles):
 
 def test_missing_data_file(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    _assert_clean_failure(_eval(tiny_model_dir, tmp_path / "nope.jsonl", out), out, 1, "nope.jsonl", "no such file")
+    _assert_clean_failure(_eval(tiny_model_dir, tmp_path / "nope.jsonl", out), out, 1, "nope.jsonl",
+                          "no such file")
 
 
 def test_missing_model(tmp_path, small_gsm8k):
@@ -102,12 +103,15 @@ def test_misused_options_exit_2(tmp_path, tiny_model_dir, small_gsm8k):
     out = tmp_path / "out"
     _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--k", "3"), out, 2, "--pool")
     _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--batch-size", "0"), out, 2)
-    _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--do-sample", "--temperature", "0"), out, 2)
-    _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--pool", str(tmp_path / "none.jsonl"), "--k", "1"),
+    _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--do-sample", "--temperature", "0"),
+                          out, 2)
+    _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--pool", str(tmp_path / "none.jsonl"),
+                                "--k", "1"),
                           out, 2)
 
 
-def test_unavailable_features_are_errors_not_fallbacks(tmp_path, tiny_model_dir, small_gsm8k, monkeypatch):
+def test_unavailable_features_are_errors_not_fallbacks(tmp_path, tiny_model_dir, small_gsm8k,
+                                                       monkeypatch):
     from gsmkit import modeling
 
     monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: False)
@@ -120,7 +124,8 @@ def test_unavailable_features_are_errors_not_fallbacks(tmp_path, tiny_model_dir,
 
 def test_k_larger_than_pool(tmp_path, tiny_model_dir, small_gsm8k):
     pool = tmp_path / "pool.jsonl"
-    assert runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "2", "--out", str(pool)]).exit_code == 0
+    assert runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "2",
+                               "--out", str(pool)]).exit_code == 0
     out = tmp_path / "out"
     _assert_clean_failure(_eval(tiny_model_dir, small_gsm8k, out, "--pool", str(pool), "--k", "5"), out, 1,
                           "--k 5", "2")
@@ -129,7 +134,8 @@ def test_k_larger_than_pool(tmp_path, tiny_model_dir, small_gsm8k):
 def test_fewshot_cli_is_byte_identical_and_seeded(tmp_path, small_gsm8k):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     for path, seed in ((a, "42"), (b, "42"), (c, "7")):
-        res = runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "5", "--seed", seed, "--out", str(path)])
+        res = runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "5", "--seed", seed,
+                                  "--out", str(path)])
         assert res.exit_code == 0, res.output
     assert a.read_bytes() == b.read_bytes() and a.read_bytes() != c.read_bytes()
     assert (tmp_path / "a.jsonl.manifest.json").exists()

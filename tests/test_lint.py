@@ -1,4 +1,5 @@
-"""The code passes `ruff check` with the project's settings (pyproject.toml), as `pip install -e .[dev]` installs it."""
+"""The code passes `ruff check` with the project's settings (pyproject.toml), as `pip install -e .[dev]`
+installs it."""
 
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def data_file(tmp_path) -> Path:
 @pytest.fixture
 def manifest(monkeypatch, data_file):
     monkeypatch.setattr(sys, "argv", list(ARGV))
-    return build_manifest("eval gsm8k", Settings(), inputs={"data": data_file, "hub": "openai/gsm8k", "none": None},
+    return build_manifest("eval gsm8k", Settings(),
+                          inputs={"data": data_file, "hub": "openai/gsm8k", "none": None},
                           seeds={"seed": 3}, extra={"resolved": {"style": "plain"}})
 
 
@@ -109,7 +110,7 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
-def test_folder_input_hashes_every_file(monkeypatch, tmp_path):
+def test_folder_input_hashes_every_file(tmp_path):
     folder = tmp_path / "model"
     (folder / "sub").mkdir(parents=True)
     (folder / "config.json").write_text("{}")
@@ -132,7 +133,8 @@ def test_folder_input_lists_files_it_did_not_hash(monkeypatch, tmp_path):
 
 
 def test_to_jsonable_is_deterministic_and_strict():
-    assert to_jsonable({"s": {"b", "c", "a"}, 1: (Path("p"), None)}) == {"s": ["a", "b", "c"], "1": ["p", None]}
+    assert to_jsonable({"s": {"b", "c", "a"}, 1: (Path("p"), None)}) == {"s": ["a", "b", "c"],
+                                                                         "1": ["p", None]}
     out = to_jsonable({"x": float("inf"), "y": float("nan"), "z": 0.5})
     assert out == {"x": "inf", "y": "nan", "z": 0.5}
     json.dumps(out, allow_nan=False)
@@ -146,7 +148,8 @@ def test_dict_settings_are_accepted():
 
 def test_package_versions_lists_missing_packages_as_none(monkeypatch):
     monkeypatch.setattr(manifest_mod, "_PACKAGES", ("torch", "surely-not-installed-pkg"))
-    assert package_versions() == {"torch": importlib.metadata.version("torch"), "surely-not-installed-pkg": None}
+    assert package_versions() == {"torch": importlib.metadata.version("torch"),
+                                  "surely-not-installed-pkg": None}
 
 
 def test_git_commit_only_returns_real_commits(monkeypatch):
@@ -156,6 +159,6 @@ def test_git_commit_only_returns_real_commits(monkeypatch):
         subprocess.CompletedProcess([], 128, "HEAD\n", "fatal: ambiguous argument 'HEAD'"),  # no commits yet
         subprocess.CompletedProcess([], 0, "a" * 40 + "\n", ""),
     ])
-    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: next(answers))
+    monkeypatch.setattr(subprocess, "run", lambda *_, **__: next(answers))
     assert git_commit() is None
     assert git_commit() == "a" * 40

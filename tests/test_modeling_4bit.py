@@ -1,4 +1,5 @@
-"""4-bit loading keeps the compute dtype it was asked for: bitsandbytes' CPU bf16 repacking is switched off."""
+"""4-bit loading keeps the compute dtype it was asked for: bitsandbytes' CPU bf16 repacking is switched
+off."""
 
 from __future__ import annotations
 
@@ -43,4 +44,5 @@ def test_inference_keeps_the_weights_and_the_float32_compute(tiny_model_dir):
     layer = _first_4bit(other)
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
     # the scales were rounded to bfloat16 by the repacking, so the weights come back close, not identical
-    assert torch.allclose(bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state), before, rtol=0.02, atol=1e-3)
+    assert torch.allclose(bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state), before,
+                          rtol=0.02, atol=1e-3)

@@ -71,13 +71,15 @@ def test_plain_k_shot_matches_lm_eval_construction(k):
     """lm-eval: doc_to_text + target_delimiter " " + doc_to_target, joined by fewshot_delimiter "\\n\\n"."""
     shots = [Exemplar(f"Q{i} has 2 apples?", f"2 + {i} = {2 + i}\n#### {2 + i}") for i in range(k)]
     doc_to_text = "Question: {}\nAnswer:".format
-    expected = "".join(doc_to_text(ex.question) + " " + ex.answer + "\n\n" for ex in shots) + doc_to_text("Q?")
+    expected = ("".join(doc_to_text(ex.question) + " " + ex.answer + "\n\n" for ex in shots)
+                + doc_to_text("Q?"))
     assert render_prompt("plain", "Q?", shots) == expected
 
 
 def test_plain_keeps_text_verbatim():
     ex = [Exemplar("  spaced\nquestion ", "line1\nline2\n#### 3")]
-    assert render_prompt("plain", "x", ex) == "Question:   spaced\nquestion \nAnswer: line1\nline2\n#### 3\n\nQuestion: x\nAnswer:"
+    assert render_prompt("plain", "x", ex) == ("Question:   spaced\nquestion \nAnswer: line1\nline2\n#### 3"
+                                               "\n\nQuestion: x\nAnswer:")
 
 
 def test_plain_system_prompt_comes_first():
