@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import types
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar, get_args
 
 from gsmkit.errors import DataError
+from gsmkit.fields import described, field_types
 
 SCHEMA_VERSION = 1
 
@@ -35,7 +37,8 @@ def problem_id(question: str) -> str:
     return "gsm8k-" + content_hash(question)[:16]
 
 
-def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, hint: str | None = None):
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+             hint: str | None = None):
     if key not in obj:
         raise DataError(f"{where}: missing field '{key}'", hint=hint)
     value = obj[key]
@@ -60,12 +63,21 @@ def _normalize_gold(text: str) -> str | None:
 
 @dataclass(frozen=True)
 class Problem:
-    """A GSM8K problem: `answer` is the worked solution ending in `#### n`, `gold` its normalised n."""
+    """A GSM8K problem: `answer` is the worked solution ending in `#### n`, `gold` its normalised n.
 
-    id: str
-    question: str
-    answer: str
-    gold: str
+    The field help describes a GSM8K input row (docs/formats.md, "GSM8K problems")."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("question", "answer")  # in an input row; id and gold are filled in
+
+    id: str = described(
+        "used as given. If missing, it is derived from the question (see [Conventions](#conventions))")
+    question: str = described("the problem text, not blank")
+    answer: str = described(
+        "the worked solution, not blank. Unless `gold` is given, it must contain `#### <number>`; the number "
+        "after the **last** `####` (on its line) is the gold answer")
+    gold: str = described(
+        "the final answer, if the solution doesn't end in `#### n`: a string or a number, normalised (see "
+        "[Conventions](#conventions))")
 
     @property
     def sha256(self) -> str:
@@ -76,8 +88,7 @@ class Problem:
         from gsmkit.answers import gold_from_solution
 
         hint = "a GSM8K row needs 'question' and 'answer' (the solution ending in '#### <number>')"
-        question = _require(obj, "question", str, where, hint)
-        answer = _require(obj, "answer", str, where, hint)
+        question, answer = (_require(obj, key, str, where, hint) for key in cls.REQUIRED)
         gold = obj.get("gold")
         if gold is None:
             gold = gold_from_solution(answer)
@@ -109,11 +120,11 @@ class Problem:
 class FewshotExample:
     """A row of a few-shot pool file: a problem plus the content hash used to keep it out of training."""
 
-    id: str
-    question: str
-    answer: str
-    gold: str
-    sha256: str
+    id: str = described("the problem id (see [Conventions](#conventions))")
+    question: str = described("the problem text")
+    answer: str = described("the worked solution, shown to the model as the exemplar's answer")
+    gold: str = described("the normalised final answer")
+    sha256: str = described("SHA-256 (hex) of the whitespace-normalised question")
 
     @classmethod
     def from_problem(cls, p: Problem) -> FewshotExample:
@@ -141,17 +152,25 @@ class FewshotExample:
 class Prediction:
     """One model answer to one problem, as written to `predictions.jsonl` by `eval gsm8k`."""
 
-    id: str
-    prompt_sha256: str
-    completion: str
-    strict: str | None
-    flexible: str | None
-    gold: str
-    correct_strict: bool
-    correct_flexible: bool
-    num_prompt_tokens: int
-    num_tokens: int
-    finish_reason: str  # "stop" (stop string or end-of-sequence) or "length"
+    id: str = described("problem id")
+    prompt_sha256: str = described("SHA-256 (hex) of the exact prompt text given to the model (UTF-8)")
+    completion: str = described(
+        "the generated text, special tokens removed, cut before the first stop string")
+    strict: str | None = described(
+        "the answer found by strict-match, the first `#### <number>`, normalised (for the `tags` style, "
+        "the last `<SOLUTION>n</SOLUTION>`). null if there is none")
+    flexible: str | None = described(
+        "the answer found by flexible-extract, the last number in the text, normalised. "
+        "null if there is none")
+    gold: str = described("the normalised gold answer")
+    correct_strict: bool = described("`strict` equals `gold` numerically")
+    correct_flexible: bool = described("`flexible` equals `gold` numerically")
+    num_prompt_tokens: int = described("tokens in the prompt")
+    num_tokens: int = described(
+        "tokens generated (with the `hf` backend, an end-of-sequence token that ended the completion "
+        "isn't counted)")
+    finish_reason: str = described(
+        "`\"stop\"` (a stop string or end of sequence) or `\"length\"` (hit `--max-new-tokens`)")
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], where: str) -> Prediction:
@@ -172,16 +191,12 @@ class Prediction:
         return asdict(self)
 
 
+def _json_kinds(annotation: Any) -> tuple[type, ...]:
+    """The Python types a JSON value of a field may have: `str | None` -> (str, NoneType)."""
+    return get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
+# From the annotations, so that a field's type is declared once.
 _PREDICTION_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "prompt_sha256": (str,),
-    "completion": (str,),
-    "strict": (str, type(None)),
-    "flexible": (str, type(None)),
-    "gold": (str,),
-    "correct_strict": (bool,),
-    "correct_flexible": (bool,),
-    "num_prompt_tokens": (int,),
-    "num_tokens": (int,),
-    "finish_reason": (str,),
+    name: _json_kinds(kind) for name, kind in field_types(Prediction).items()
 }

@@ -96,7 +96,8 @@ def test_gold_is_normalised_from_solution(answer, gold):
     assert Problem.from_dict({**ROW, "answer": answer}, WHERE).gold == gold
 
 
-@pytest.mark.parametrize(("given", "gold"), [("1,000", "1000"), (1000, "1000"), (2.5, "2.5"), (1000.0, "1000")])
+@pytest.mark.parametrize(("given", "gold"),
+                         [("1,000", "1000"), (1000, "1000"), (2.5, "2.5"), (1000.0, "1000")])
 def test_given_gold_is_normalised(given, gold):
     assert Problem.from_dict({**ROW, "gold": given}, WHERE).gold == gold
 
@@ -143,7 +144,8 @@ def test_content_hash_is_sha256_of_normalised_text():
     assert problem_id(" x \n y ") == "gsm8k-" + hashlib.sha256(b"x y").hexdigest()[:16]
 
 
-@given(st.text(alphabet=st.sampled_from(list("ab 1\t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000\u200b")), max_size=30))
+@given(st.text(alphabet=st.sampled_from(list("ab 1\t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000\u200b")),
+               max_size=30))
 def test_normalize_text_matches_regex_definition(text):
     """Whitespace is what regex `\\s` means (Unicode), so ids stay stable whatever the implementation."""
     assert normalize_text(text) == re.sub(r"\s+", " ", text).strip()
@@ -217,7 +219,8 @@ def test_prediction_requires_every_field(field):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("correct_strict", "yes"), ("num_tokens", "9"), ("num_tokens", True), ("gold", 7), ("strict", 7), ("id", None)],
+    [("correct_strict", "yes"), ("num_tokens", "9"), ("num_tokens", True), ("gold", 7), ("strict", 7),
+     ("id", None)],
 )
 def test_prediction_field_types(field, value):
     assert _error({**PRED, field: value}, Prediction).startswith(f"{WHERE}: field '{field}' must be")
@@ -225,3 +228,32 @@ def test_prediction_field_types(field, value):
 
 def test_prediction_ignores_extra_fields():
     assert Prediction.from_dict({**PRED, "extra": 1}, WHERE).to_dict() == PRED
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("strict", 7, "str or null, got int"), ("num_tokens", "9", "int, got str"),
+    ("correct_strict", 1, "bool, got int"),
+])
+def test_prediction_type_errors_name_the_annotated_types(field, value, expected):
+    # the accepted types come from the field annotations, so the message names them as declared
+    assert _error({**PRED, field: value}, Prediction) == f"{WHERE}: field '{field}' must be {expected}"
+
+
+@pytest.mark.parametrize("cls", [Problem, FewshotExample, Prediction])
+def test_every_record_field_has_help(cls):
+    # docs/formats.md's field tables are generated from this help (scripts/gen_format_docs.py)
+    assert all(f.metadata.get("help") for f in fields(cls))
+
+
+def test_problem_required_fields_are_the_ones_from_dict_requires():
+    assert Problem.REQUIRED == ("question", "answer")
+    for name in {f.name for f in fields(Problem)} - set(Problem.REQUIRED):
+        row = {**ROW, "gold": "7", "id": "x"}
+        del row[name]
+        Problem.from_dict(row, WHERE)  # id and gold may be left out
+
+
+def test_records_stay_frozen():
+    p = Problem.from_dict(ROW, WHERE)
+    with pytest.raises(AttributeError):
+        p.question = "other"  # type: ignore[misc]
