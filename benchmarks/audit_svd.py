@@ -2,7 +2,7 @@
 
 What it measures, for random LoRA factors shaped like a 7B model's modules (d x k = 4096 x 4096, as
 q_proj / o_proj, and 4096 x 14336, as down_proj; r = 16 and 64):
-- qr_s: seconds of `gsmkit.adapters.svd.lora_singular_values` (float64 QR of B [d, r] and A^T [k, r],
+- qr_s: seconds of `gsmkit.adapters.spectra.lora_singular_values` (float64 QR of B [d, r] and A^T [k, r],
   then the singular values of the r x r core), best of `--repeats` after one warm-up call;
 - dense_s: seconds of forming scale * B @ A in float32 and `torch.linalg.svdvals` of it, best of
   `--dense-repeats` (the peers' way; 9.7 s and 53 s for the r = 16 shapes in BASELINES.md);
@@ -47,7 +47,7 @@ def _best_time(fn, repeats: int) -> tuple[float, object]:
 def measure(name: str, d: int, k: int, r: int, repeats: int, dense_repeats: int, seed: int) -> dict:
     import torch
 
-    from gsmkit.adapters.svd import lora_singular_values
+    from gsmkit.adapters.spectra import lora_singular_values
 
     gen = torch.Generator().manual_seed(seed)
     # Trained-looking factors: A kaiming-like (PEFT's init), B small but non-zero; alpha = 2r.
@@ -71,7 +71,8 @@ def measure(name: str, d: int, k: int, r: int, repeats: int, dense_repeats: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="512 x 512 and 512 x 1792 instead of the 7B shapes")
+    parser.add_argument("--quick", action="store_true",
+                        help="512 x 512 and 512 x 1792 instead of the 7B shapes")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of the QR path (best is kept)")
     parser.add_argument("--dense-repeats", type=int, default=None,
                         help="timed dense SVDs, best kept (default 1, or 3 with --quick)")
@@ -94,7 +95,8 @@ def main() -> None:
     for i, (name, d, k) in enumerate(shapes):
         for j, r in enumerate(RANKS):
             rows.append(measure(name, d, k, r, args.repeats, args.dense_repeats, seed=args.seed + 10 * i + j))
-            print(f"{name} {d}x{k} r={r}: qr {rows[-1]['qr_s'] * 1e3:.2f} ms, dense {rows[-1]['dense_s']:.3f} s",
+            row = rows[-1]
+            print(f"{name} {d}x{k} r={r}: qr {row['qr_s'] * 1e3:.2f} ms, dense {row['dense_s']:.3f} s",
                   file=sys.stderr, flush=True)
     record = {
         "benchmark": "audit_svd",

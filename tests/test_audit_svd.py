@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gsmkit.adapters.svd import (
+from gsmkit.adapters.lora_files import PEFT_PREFIX, read_adapter
+from gsmkit.adapters.spectra import (
     effective_rank,
     lora_singular_values,
-    read_adapter,
     spectral_entropy,
     stable_rank,
     suggest_rank,
@@ -148,8 +148,8 @@ def _stored_pairs(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     from safetensors.torch import load_file
 
     tensors = load_file(adapter / "adapter_model.safetensors")
-    prefix = "base_model.model."
-    return {key[len(prefix):-len(".lora_A.weight")]: (tensors[key], tensors[key.replace("lora_A", "lora_B")])
+    return {key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"):
+            (tensors[key], tensors[key.replace("lora_A", "lora_B")])
             for key in tensors if key.endswith(".lora_A.weight")}
 
 
@@ -175,7 +175,8 @@ def test_audit_files_and_numbers_match_dense_svd(adapter_dir, tmp_path):
         a, b = pairs[m["module"]]
         want = _dense_svdvals(a, b, 16 / 8)[:8]
         assert m["scale"] == 2.0 and m["r"] == 8 and m["shape"] == [b.shape[0], a.shape[1]]
-        assert torch.allclose(torch.tensor(m["singular_values"], dtype=torch.float64), want, rtol=1e-10, atol=0)
+        got = torch.tensor(m["singular_values"], dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=1e-10, atol=0)
         assert m["frobenius_norm"] == pytest.approx(float(torch.linalg.norm(want)), rel=1e-10)
         assert m["effective_rank"] == effective_rank(want.tolist(), 0.9)
         assert 1 <= m["suggested_rank"] <= 8 and m["note"] is None
@@ -197,7 +198,8 @@ def test_compress_at_full_rank_reproduces_the_model(adapter_dir, tiny_model_dir,
     out = tmp_path / "r8"
     res = _invoke("--adapter", str(adapter_dir), "--compress", "--rank", "8", "--out", str(out), "--json")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json"]
     original = _logits(tiny_model_dir, adapter_dir)
     assert (original - _logits(tiny_model_dir, None)).abs().max() > 1e-3  # the adapter does change the model
     assert (_logits(tiny_model_dir, out) - original).abs().max() < 1e-5
@@ -213,7 +215,8 @@ def test_compress_to_rank_2_is_smaller_and_loads(adapter_dir, tiny_model_dir, tm
     assert summary["lora_parameters_after"] < summary["lora_parameters_before"]
     assert set(summary["ranks"].values()) == {2}
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 2 and set(cfg["rank_pattern"].values()) == {2} and cfg["alpha_pattern"] == cfg["rank_pattern"]
+    assert cfg["r"] == 2 and set(cfg["rank_pattern"].values()) == {2}
+    assert cfg["alpha_pattern"] == cfg["rank_pattern"]
     stored = _stored_pairs(out)
     assert sum(a.numel() + b.numel() for a, b in stored.values()) == summary["lora_parameters_after"]
     # Each stored update (scale 2 / 2 = 1) is the best rank-2 approximation of the original one.
@@ -249,12 +252,15 @@ def test_patterns_and_rslora_set_rank_and_scale(tmp_path):
 
     adapter = tmp_path / "mixed"
     adapter.mkdir()
-    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj"],
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": True,
+           "target_modules": ["q_proj", "v_proj"],
            "rank_pattern": {"model.layers.0.self_attn.q_proj": 4}, "alpha_pattern": {"q_proj": 8}}
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    p = "base_model.model.model.layers.0.self_attn"
-    save_file({f"{p}.q_proj.lora_A.weight": torch.randn(4, 16), f"{p}.q_proj.lora_B.weight": torch.randn(16, 4),
-               f"{p}.v_proj.lora_A.weight": torch.randn(8, 16), f"{p}.v_proj.lora_B.weight": torch.randn(12, 8)},
+    p = f"{PEFT_PREFIX}model.layers.0.self_attn"
+    save_file({f"{p}.q_proj.lora_A.weight": torch.randn(4, 16),
+               f"{p}.q_proj.lora_B.weight": torch.randn(16, 4),
+               f"{p}.v_proj.lora_A.weight": torch.randn(8, 16),
+               f"{p}.v_proj.lora_B.weight": torch.randn(12, 8)},
               str(adapter / "adapter_model.safetensors"))
     modules = {m.path.rsplit(".", 1)[-1]: m for m in read_adapter(adapter).modules}
     assert (modules["q_proj"].r, modules["q_proj"].alpha, modules["q_proj"].scale) == (4, 8.0, 8 / 2)
@@ -272,7 +278,8 @@ def test_fresh_adapter_has_zero_spectra_and_a_note(tiny_model_dir, tmp_path):
     audit = json.loads((out / "audit.json").read_text())
     for m in audit["modules"]:
         assert m["singular_values"] == [0.0] * 8 and m["frobenius_norm"] == 0.0
-        assert (m["effective_rank"], m["stable_rank"], m["spectral_entropy"], m["suggested_rank"]) == (0, 0.0, 0.0, 1)
+        numbers = (m["effective_rank"], m["stable_rank"], m["spectral_entropy"], m["suggested_rank"])
+        assert numbers == (0, 0.0, 0.0, 1)
         assert "zero update" in m["note"]
     assert any("zero update" in n for n in audit["notes"])
     compressed = tmp_path / "fresh-c"
@@ -292,7 +299,8 @@ def _assert_clean_failure(res, out: Path, code: int, *needles: str):
     assert res.exit_code == code, res.output
     assert "Traceback" not in res.output
     if code == 1:
-        assert [line for line in res.output.splitlines() if line.startswith("error:")] == [res.output.splitlines()[0]]
+        lines = res.output.splitlines()
+        assert [line for line in lines if line.startswith("error:")] == [lines[0]]
     for needle in needles:
         assert needle in _flat(res.output), res.output
     assert not out.exists(), "a failed run must not leave an output folder"
@@ -304,7 +312,8 @@ def _assert_clean_failure(res, out: Path, code: int, *needles: str):
         ({"README.md": "hello"}, ["not a PEFT adapter folder", "adapter_config.json"]),
         ({"adapter_config.json": '{"peft_type": "LORA", "r": 8}'}, ["no weights"]),
         ({}, ["not a PEFT adapter folder"]),
-        ({"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": "not safetensors"}, ["cannot read"]),
+        ({"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": "not safetensors"},
+         ["cannot read"]),
     ],
     ids=["no-config", "no-weights", "empty", "damaged-weights"],
 )

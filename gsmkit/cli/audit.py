@@ -3,46 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
 
 import typer
 
-from gsmkit.cli.options import JsonOpt, usage_errors
+from gsmkit.adapters.svd import AuditSettings
+from gsmkit.cli.options import JsonOpt, command_from
 
 
-def audit_svd(
-    adapter: Annotated[
-        Path,
-        typer.Option("--adapter", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors); "
-                     "no base model is needed.", exists=True, file_okay=False, dir_okay=True, show_default=False),
-    ],
-    energy: Annotated[
-        float,
-        typer.Option("--energy", help="Effective rank: the fewest singular directions holding this fraction of each "
-                     "update's squared Frobenius norm, in (0, 1]."),
-    ] = 0.90,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder: the audit files (default ADAPTER/audit), or with --compress "
-                     "the new adapter (required).", file_okay=False, dir_okay=True, show_default=False),
-    ] = None,
-    compress: Annotated[
-        bool,
-        typer.Option("--compress", help="Write a new adapter truncated to the suggested ranks into --out, instead "
-                     "of the audit files."),
-    ] = False,
-    rank: Annotated[
-        int | None,
-        typer.Option("--rank", help="With --compress: this rank for every module instead of the suggested ones "
-                     "(a module keeps at most its own r).", min=1, show_default=False),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="With --compress: replace --out if it exists and is not empty."),
-    ] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Singular values of every LoRA update (scale * B @ A), from QR factors of B and A: no dense d x k matrix.
+@command_from(AuditSettings)
+def audit_svd(settings: AuditSettings, json_out: JsonOpt = False) -> None:
+    """Singular values of every LoRA update (scale * B @ A) from QR factors of B and A: no dense d x k matrix.
 
     Per module: effective rank at --energy, stable rank, spectral entropy, Frobenius norm and a suggested
     rank; tables by module type and by layer; a PEFT rank_pattern. Writes OUT/audit.json, OUT/audit.md,
@@ -52,12 +22,10 @@ def audit_svd(
 
     Example: gsmkit audit-svd --adapter runs/sft --energy 0.9 --out runs/sft/audit
     """
-    from gsmkit.adapters.svd import AuditSettings, audit_adapter, audit_tables
+    from gsmkit.adapters.audit_report import audit_tables
+    from gsmkit.adapters.svd import audit_adapter
     from gsmkit.progress import ProgressTask, stderr_console
 
-    with usage_errors():
-        settings = AuditSettings(adapter=adapter, out=out, energy=energy, compress=compress, rank=rank,
-                                 overwrite=overwrite)
     console = stderr_console()
     with ProgressTask("audit-svd", "modules", console, disable=json_out) as bar:
         result = audit_adapter(settings, on_start=bar.start, on_progress=bar.advance)
@@ -82,9 +50,11 @@ def audit_svd(
     for note in result.notes + (result.compression or {}).get("notes", []):
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if result.compression is not None:
-        before, after = result.compression["lora_parameters_before"], result.compression["lora_parameters_after"]
+        before = result.compression["lora_parameters_before"]
+        after = result.compression["lora_parameters_after"]
         console.print(f"compressed adapter in {settings.out_dir}: {before:,} -> {after:,} LoRA parameters "
                       f"({after / before:.1%})", highlight=False, markup=False, soft_wrap=True)
     else:
-        console.print(f"suggested ranks: {result.lora_parameters:,} -> {result.lora_parameters_suggested:,} LoRA "
-                      f"parameters; audit in {settings.out_dir}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"suggested ranks: {result.lora_parameters:,} -> {result.lora_parameters_suggested:,} "
+                      f"LoRA parameters; audit in {settings.out_dir}", highlight=False, markup=False,
+                      soft_wrap=True)
