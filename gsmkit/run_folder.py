@@ -15,7 +15,8 @@ into place by `publish_folder`: a failed run leaves nothing at `out`.
 
 Layouts: a folder output owns files inside `out` (`RunOutput.folder`); a file output (generate-traces)
 owns `out` and sidecars named after its stem (`traces.stats.json`, `traces.partial.jsonl`, ...;
-`RunOutput.file`).
+`RunOutput.file`), or after its whole name with `keep_suffix` (fewshot, convert-benchmarks:
+`pool.jsonl.manifest.json`).
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ class RunOutput:
 
     @classmethod
     def file(cls, out: Path, sidecars: tuple[str, ...], journals: tuple[str, ...] = (),
-             overwrite: bool = False, what: str = "run") -> RunOutput:
-        """`out` itself is the main final file; `sidecars` ("stats.json") are named `<stem>.<sidecar>`."""
-        stem = out.stem
+             overwrite: bool = False, what: str = "run", keep_suffix: bool = False) -> RunOutput:
+        """`out` itself is the main final file; `sidecars` ("stats.json") are named `<stem>.<sidecar>`, or
+        `<name>.<sidecar>` with `keep_suffix` (`pool.jsonl.manifest.json`, as the files already published
+        by fewshot and convert-benchmarks are named)."""
+        stem = out.name if keep_suffix else out.stem
         names = {"main": out.name, **{s: f"{stem}.{s}" for s in (*sidecars, *journals)},
                  FINGERPRINT: f"{stem}.{FINGERPRINT}", MANIFEST: f"{stem}.{MANIFEST}"}
         return cls(out, out.parent, names, ("main", *sidecars), journals, (), overwrite, what)

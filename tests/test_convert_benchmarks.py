@@ -1,4 +1,5 @@
-"""gsmkit.data.benchmarks and `gsmkit convert-benchmarks`: readers, stratified seeded sampling, decontamination."""
+"""gsmkit.data.benchmarks and `gsmkit convert-benchmarks`: readers, stratified seeded sampling,
+decontamination, the output file and its manifest."""
 
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from gsmkit.errors import ConfigError, DataError
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 REAL = ("humaneval", "mgsm", "mmlu", "math", "math500")
 
-GPQA_HEADER = [*GPQA_COLUMNS, "Explanation", "Subdomain", "High-level domain", "Record ID", "Writer's Difficulty Estimate"]
+GPQA_HEADER = [*GPQA_COLUMNS, "Explanation", "Subdomain", "High-level domain", "Record ID",
+               "Writer's Difficulty Estimate"]
 
 
 def _gpqa_rows(n: int) -> list[list[str]]:
-    return [[f"Which particle number {i}, with a comma, is meant?", f"right {i}", f"wrong a{i}", f"wrong b{i}",
-             f"wrong c{i}", "because", "Physics", "Physics", f"rec{i}", "Hard graduate level"] for i in range(n)]
+    return [[f"Which particle number {i}, with a comma, is meant?", f"right {i}", f"wrong a{i}",
+             f"wrong b{i}", f"wrong c{i}", "because", "Physics", "Physics", f"rec{i}", "Hard graduate level"]
+            for i in range(n)]
 
 
 def write_gpqa(folder: Path, n: int = 5) -> None:
@@ -49,7 +52,8 @@ def write_drop(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     empty_date = {"day": "", "month": "", "year": ""}
     data = {
-        "nfl_1": {"passage": "The Bears scored 3 touchdowns.\nThe Lions kicked a field goal.", "wiki_url": "x",
+        "nfl_1": {"passage": "The Bears scored 3 touchdowns.\nThe Lions kicked a field goal.",
+                  "wiki_url": "x",
                   "qa_pairs": [
                       {"question": "How many touchdowns?", "query_id": "q1", "validated_answers": [],
                        "answer": {"number": "3", "date": empty_date, "spans": []}},
@@ -109,7 +113,8 @@ def test_gpqa_fixture_options_shuffled_and_seeded(tmp_path):
     ex, files = read_gpqa(tmp_path / "gpqa", 1)
     assert len(ex) == 12 and files[0].name == "gpqa_main.csv"
     first = ex[0]
-    assert first.prompt.endswith("\nD. " + first.prompt.split("\nD. ")[1]) and first.prompt.endswith("Answer:")
+    assert first.prompt.endswith("\nD. " + first.prompt.split("\nD. ")[1])
+    assert first.prompt.endswith("Answer:")
     letter, text = first.response.split(". ", 1)
     assert text == "right 0" and f"\n{letter}. right 0\n" in first.prompt
     assert first.metadata["difficulty"] == "hard" and first.metadata["domain"] == "science"
@@ -121,9 +126,10 @@ def test_gpqa_fixture_options_shuffled_and_seeded(tmp_path):
 
 def test_drop_fixture_answers(tmp_path):
     write_drop(tmp_path / "drop")
-    ex, _ = read_drop(tmp_path / "drop", 0)
+    ex, _ = read_drop(tmp_path / "drop")
     assert [e.response for e in ex] == ["3", "the Lions, kicker", "May 1648"]
-    assert ex[0].prompt.startswith("The Bears scored") and ex[0].prompt.endswith("Question: How many touchdowns?\nAnswer:")
+    assert ex[0].prompt.startswith("The Bears scored")
+    assert ex[0].prompt.endswith("Question: How many touchdowns?\nAnswer:")
     assert ex[0].metadata == {"difficulty": "easy", "domain": "reading comprehension", "source": "drop",
                               "passage_id": "nfl_1", "query_id": "q1"}
 
@@ -131,12 +137,12 @@ def test_drop_fixture_answers(tmp_path):
 def test_real_readers():
     if not SHARED.is_dir():
         pytest.skip("no shared benchmarks")
-    he, _ = read_humaneval(SHARED / "humaneval", 0)
+    he, _ = read_humaneval(SHARED / "humaneval")
     assert len(he) == 164 and he[0].prompt.startswith("from typing import List")
-    mg, _ = read_mgsm(SHARED / "mgsm", 0)
+    mg, _ = read_mgsm(SHARED / "mgsm")
     assert len(mg) == 7 * 250 and all(e.response.lstrip("-").isdigit() for e in mg)
     assert {e.metadata["language"] for e in mg} == {"en", "de", "fr", "es", "zh", "ja", "ru"}
-    mm, _ = read_mmlu(SHARED / "mmlu", 0)
+    mm, _ = read_mmlu(SHARED / "mmlu")
     assert len(mm) == 14079  # as pandas counts the 57 test CSVs; rows with U+0085 inside a field stay whole
     algebra = next(e for e in mm if e.metadata["subject"] == "abstract_algebra")
     assert algebra.metadata["difficulty"] == "hard"
@@ -145,17 +151,21 @@ def test_real_readers():
 def test_hub_exports(tmp_path):
     (tmp_path / "mmlu").mkdir()
     (tmp_path / "mmlu" / "test.jsonl").write_text(json.dumps(
-        {"question": "2+2?", "subject": "college_mathematics", "choices": ["3", "4", "5", "6"], "answer": 1}) + "\n")
+        {"question": "2+2?", "subject": "college_mathematics", "choices": ["3", "4", "5", "6"],
+         "answer": 1}) + "\n")
     (tmp_path / "humaneval").mkdir()
     (tmp_path / "humaneval" / "test.jsonl").write_text(json.dumps(
         {"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "",
          "entry_point": "f"}) + "\n")
     (tmp_path / "mgsm" / "fr").mkdir(parents=True)
-    (tmp_path / "mgsm" / "fr" / "test.jsonl").write_text(json.dumps({"question": "Combien?", "answer_number": 1200.0}) + "\n")
+    (tmp_path / "mgsm" / "fr" / "test.jsonl").write_text(
+        json.dumps({"question": "Combien?", "answer_number": 1200.0}) + "\n")
     (tmp_path / "gsm8k").mkdir()
-    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "two\n#### 2"}) + "\n")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(
+        json.dumps({"question": "1+1?", "answer": "two\n#### 2"}) + "\n")
     out = tmp_path / "o.jsonl"
-    summary = convert_benchmarks(ConvertSettings(tmp_path, out, benchmarks=("mmlu", "humaneval", "mgsm", "gsm8k")))
+    summary = convert_benchmarks(ConvertSettings(tmp_path, out,
+                                                 benchmarks=("mmlu", "humaneval", "mgsm", "gsm8k")))
     rows = {r["metadata"]["source"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows["mmlu"]["response"] == "B. 4" and rows["mmlu"]["metadata"]["difficulty"] == "hard"
     assert rows["humaneval"]["response"] == "    return 1\n"
@@ -170,7 +180,7 @@ def test_bad_csv_row_names_file_and_line(tmp_path):
     (tmp_path / "mmlu" / "test").mkdir(parents=True)
     (tmp_path / "mmlu" / "test" / "anatomy_test.csv").write_text("q,a,b,c,d,A\nq2,a,b,c\n")
     with pytest.raises(DataError, match=r"anatomy_test.csv:2: expected 6 columns"):
-        read_mmlu(tmp_path / "mmlu", 0)
+        read_mmlu(tmp_path / "mmlu")
 
 
 def test_truncated_gzip_is_a_data_error(tmp_path):
@@ -181,7 +191,7 @@ def test_truncated_gzip_is_a_data_error(tmp_path):
     data = src.read_bytes()
     (tmp_path / "humaneval" / "HumanEval.jsonl.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"HumanEval.jsonl.gz:\d+: truncated or corrupt gzip"):
-        read_humaneval(tmp_path / "humaneval", 0)
+        read_humaneval(tmp_path / "humaneval")
 
 
 def test_missing_column_and_field(tmp_path):
@@ -192,7 +202,7 @@ def test_missing_column_and_field(tmp_path):
     (tmp_path / "humaneval").mkdir()
     (tmp_path / "humaneval" / "h.jsonl").write_text('{"task_id": "a", "prompt": "p", "entry_point": "f"}\n')
     with pytest.raises(DataError, match=r"h.jsonl:1: missing field 'canonical_solution'"):
-        read_humaneval(tmp_path / "humaneval", 0)
+        read_humaneval(tmp_path / "humaneval")
 
 
 def test_cli_malformed_exit_1_no_output(tmp_path):
@@ -211,8 +221,8 @@ def test_settings_validation(tmp_path):
         ConvertSettings(tmp_path, tmp_path / "o", benchmarks=("mmlu", "squad"))
     with pytest.raises(ConfigError, match="samples-per-benchmark"):
         ConvertSettings(tmp_path, tmp_path / "o", samples_per_benchmark=0)
-    res = CliRunner().invoke(app, ["convert-benchmarks", "--input-dir", str(tmp_path), "--out", str(tmp_path / "o"),
-                                   "--benchmarks", "squad"])
+    res = CliRunner().invoke(app, ["convert-benchmarks", "--input-dir", str(tmp_path),
+                                   "--out", str(tmp_path / "o"), "--benchmarks", "squad"])
     assert res.exit_code == 2
 
 
@@ -240,7 +250,8 @@ def test_full_conversion_100_each(bench_dir, tmp_path):
     assert order == sorted(order, key=["drop", "gpqa", "humaneval", "math", "math500", "mmlu", "mgsm"].index)
     math = [r for r in rows if r["metadata"]["source"] == "math"]
     assert {r["metadata"]["difficulty"] for r in math} == {"medium", "hard"}
-    assert all(r["metadata"]["difficulty"] == ("medium" if r["metadata"]["level"] <= 2 else "hard") for r in math)
+    assert all(r["metadata"]["difficulty"] == ("medium" if r["metadata"]["level"] <= 2 else "hard")
+               for r in math)
     manifest = json.loads((tmp_path / "bench.jsonl.manifest.json").read_text())
     assert manifest["command"] == "convert-benchmarks" and manifest["seeds"] == {"seed": 42}
 
@@ -266,8 +277,8 @@ def test_decontamination_counts(bench_dir, tmp_path):
                                           {"role": "assistant", "content": "x"}]}) + "\n")
         fh.write(json.dumps({"prompt": "How many touchdowns?"}) + "\n")
     out = tmp_path / "o.jsonl"
-    summary = convert_benchmarks(ConvertSettings(bench_dir, out, benchmarks=("mgsm", "drop"), samples_per_benchmark=-1,
-                                                 exclude=(train,)))
+    summary = convert_benchmarks(ConvertSettings(bench_dir, out, benchmarks=("mgsm", "drop"),
+                                                 samples_per_benchmark=-1, exclude=(train,)))
     assert summary["excluded"] == {"mgsm": 2, "drop": 1}
     assert summary["benchmarks"]["mgsm"]["written"] == 1748 and summary["benchmarks"]["drop"]["written"] == 2
     text = out.read_text()
@@ -277,7 +288,8 @@ def test_decontamination_counts(bench_dir, tmp_path):
 def test_empty_benchmark_reported(tmp_path):
     write_drop(tmp_path / "drop")
     (tmp_path / "gpqa").mkdir()
-    summary = convert_benchmarks(ConvertSettings(tmp_path, tmp_path / "o.jsonl", benchmarks=("drop", "gpqa", "mmlu")))
+    summary = convert_benchmarks(ConvertSettings(tmp_path, tmp_path / "o.jsonl",
+                                                 benchmarks=("drop", "gpqa", "mmlu")))
     assert summary["benchmarks"]["gpqa"]["status"] == "empty"
     assert summary["benchmarks"]["mmlu"]["status"] == "missing"
     assert summary["missing"] == ["gpqa", "mmlu"] and len(summary["warnings"]) == 3  # + drop has < 100
@@ -304,3 +316,36 @@ def test_hub_parquet_export_of_mmlu(tmp_path):
     first = by_q["What is 3+1?"]
     assert first["response"] == "B. 4" and first["metadata"]["difficulty"] == "hard"
     assert by_q["What is 2+1?"]["metadata"]["difficulty"] == "medium"
+
+
+# --- the output file, its manifest, and the --benchmarks list ---------------------------------------
+
+def test_output_and_manifest_are_replaced_byte_identically(tmp_path):
+    write_drop(tmp_path / "bench" / "drop")
+    write_gpqa(tmp_path / "bench" / "gpqa", 6)
+    out = tmp_path / "out" / "bench.jsonl"
+    settings = ConvertSettings(tmp_path / "bench", out, benchmarks=("drop", "gpqa"), samples_per_benchmark=4)
+    summary = convert_benchmarks(settings)
+    first = out.read_bytes()
+    manifest = json.loads((tmp_path / "out" / "bench.jsonl.manifest.json").read_text())
+    assert manifest["command"] == "convert-benchmarks" and manifest["summary"] == summary
+    assert manifest["settings"]["benchmarks"] == ["drop", "gpqa"]
+    assert set(manifest["inputs"]) == {"drop/drop_dataset_dev.json", "gpqa/gpqa_main.csv"}
+    convert_benchmarks(settings)  # it runs again over its own output: replaced, byte for byte
+    assert out.read_bytes() == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.jsonl", "bench.jsonl.manifest.json"]
+
+
+def test_benchmarks_as_a_comma_list_or_repeated(tmp_path):
+    write_drop(tmp_path / "drop")
+    write_gpqa(tmp_path / "gpqa", 3)
+    assert ConvertSettings(tmp_path, tmp_path / "o", benchmarks="GPQA, drop").benchmarks == ("gpqa", "drop")
+    for args in (["--benchmarks", "gpqa,drop"], ["--benchmarks", "gpqa", "--benchmarks", "drop"]):
+        out = tmp_path / "o.jsonl"
+        res = CliRunner().invoke(app, ["convert-benchmarks", "--input-dir", str(tmp_path), "--out", str(out),
+                                       "--json", *args])
+        assert res.exit_code == 0, res.output
+        assert list(json.loads(res.stdout.strip().splitlines()[-1])["benchmarks"]) == ["gpqa", "drop"]
+    res = CliRunner().invoke(app, ["convert-benchmarks", "--input-dir", str(tmp_path), "--out", str(out),
+                                   "--benchmarks", "drop,drop"])
+    assert res.exit_code == 2 and "listed twice" in res.output

@@ -18,7 +18,8 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 ROWS = [
     {"question": "Ann has 2 cats. She gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"},
-    {"question": "A box holds 1,000 pens. Half are sold. How many remain?", "answer": "1000 / 2 = 500\n#### 500"},
+    {"question": "A box holds 1,000 pens. Half are sold. How many remain?",
+     "answer": "1000 / 2 = 500\n#### 500"},
     {"question": "Bo earns $12 an hour for 10 hours. How much?", "answer": "12 * 10 = 120\n#### 1,20"},
     {"question": "What is 7 minus 10?", "answer": "7 - 10 = -3\n#### -3"},
 ]
@@ -45,7 +46,7 @@ def _fake_datasets(monkeypatch, load_dataset) -> None:
 def no_hub(monkeypatch):
     """Fail the test if anything reaches for the Hugging Face Hub."""
 
-    def refuse(*args, **kwargs):
+    def refuse(*args, **_kwargs):
         raise AssertionError(f"unexpected Hub lookup: load_dataset{args}")
 
     _fake_datasets(monkeypatch, refuse)
@@ -69,7 +70,8 @@ def _layouts(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def test_every_layout_gives_the_same_problems(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_every_layout_gives_the_same_problems(tmp_path):
     expected_ids = [problem_id(r["question"]) for r in ROWS]
     loaded = {name: load_gsm8k(path, "test") for name, path in _layouts(tmp_path).items()}
     reference = loaded["jsonl file"]
@@ -79,13 +81,15 @@ def test_every_layout_gives_the_same_problems(tmp_path, no_hub):
         assert problems == reference, name
 
 
-def test_string_and_path_sources_agree(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_string_and_path_sources_agree(tmp_path):
     folder = _layouts(tmp_path)["hub export folder"]
     assert load_gsm8k(str(folder), "test") == load_gsm8k(folder, "test")
     assert [p.question for p in load_gsm8k(folder, "train")] == [r["question"] for r in ROWS[:2]]
 
 
-def test_json_file_written_as_json_lines(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_json_file_written_as_json_lines(tmp_path):
     """`datasets.Dataset.to_json` writes JSON Lines into a .json file; that is accepted too."""
     path = tmp_path / "test.json"
     path.write_text(_jsonl(ROWS), encoding="utf-8")
@@ -99,13 +103,15 @@ def test_folder_prefers_jsonl_and_finds_split_files(tmp_path):
     assert find_split_files(tmp_path, "train") == []
 
 
-def test_sharded_parquet_is_read_in_shard_order(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_sharded_parquet_is_read_in_shard_order(tmp_path):
     _parquet(tmp_path / "main" / "test-00001-of-00002.parquet", ROWS[2:])
     _parquet(tmp_path / "main" / "test-00000-of-00002.parquet", ROWS[:2])
     assert [p.id for p in load_gsm8k(tmp_path, "test")] == [problem_id(r["question"]) for r in ROWS]
 
 
-def test_folder_without_the_split_lists_what_is_there(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_folder_without_the_split_lists_what_is_there(tmp_path):
     (tmp_path / "train.jsonl").write_text(_jsonl(ROWS), encoding="utf-8")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError) as info:
@@ -116,7 +122,8 @@ def test_folder_without_the_split_lists_what_is_there(tmp_path, no_hub):
     assert "test.jsonl" in info.value.hint
 
 
-def test_empty_folder_says_nothing_is_there(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_empty_folder_says_nothing_is_there(tmp_path):
     with pytest.raises(DataError, match=r"\(found: nothing\)"):
         load_gsm8k(tmp_path, "test")
 
@@ -125,14 +132,16 @@ def test_empty_folder_says_nothing_is_there(tmp_path, no_hub):
     "source",
     ["missing/test.jsonl", "no/such/folder", "./gsm8k", "gsm8k.parquet", "data dir/gsm8k", "a\\b", "nope/"],
 )
-def test_missing_local_path_is_a_data_error_not_a_hub_lookup(tmp_path, monkeypatch, no_hub, source):
+@pytest.mark.usefixtures("no_hub")
+def test_missing_local_path_is_a_data_error_not_a_hub_lookup(tmp_path, monkeypatch, source):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError) as info:
         load_gsm8k(source, "test")
     assert str(info.value) == f"{source}: no such file or folder"
 
 
-def test_missing_folder_under_an_existing_parent_is_a_path(tmp_path, monkeypatch, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_missing_folder_under_an_existing_parent_is_a_path(tmp_path, monkeypatch):
     """`data/gsm8k` could be a Hub id, but with a local `data/` the user meant the folder."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -163,7 +172,7 @@ def test_hub_rows_are_validated_like_local_ones(tmp_path, monkeypatch):
 def test_hub_failure_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
-    def offline(*args, **kwargs):
+    def offline(*_args, **_kwargs):
         raise ConnectionError("no network")
 
     _fake_datasets(monkeypatch, offline)
@@ -171,7 +180,8 @@ def test_hub_failure_is_a_data_error(tmp_path, monkeypatch):
         load_gsm8k("openai/gsm8k", "test")
 
 
-def test_duplicate_questions_are_kept_once(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_duplicate_questions_are_kept_once(tmp_path):
     dup = {**ROWS[0], "question": "  " + ROWS[0]["question"].replace(" ", "   ") + "\n"}
     path = tmp_path / "test.jsonl"
     path.write_text(_jsonl([ROWS[0], ROWS[1], dup, ROWS[1], ROWS[2]]), encoding="utf-8")
@@ -179,12 +189,14 @@ def test_duplicate_questions_are_kept_once(tmp_path, no_hub):
     assert [p.question for p in problems] == [r["question"] for r in ROWS[:3]]  # first copy, source order
 
 
-def test_given_ids_cannot_hide_duplicates_or_merge_problems(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_given_ids_cannot_hide_duplicates_or_merge_problems(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text(_jsonl([{**ROWS[0], "id": "x1"}, {**ROWS[0], "id": "x2"}]), encoding="utf-8")
     assert [p.id for p in load_gsm8k(path)] == ["x1"]
     path.write_text(_jsonl([{**ROWS[0], "id": "x1"}, {**ROWS[1], "id": "x1"}]), encoding="utf-8")
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: id 'x1' is already used by a different question")):
+    message = f"{path}:2: id 'x1' is already used by a different question"
+    with pytest.raises(DataError, match=re.escape(message)):
         load_gsm8k(path)
 
 
@@ -197,7 +209,8 @@ def test_given_ids_cannot_hide_duplicates_or_merge_problems(tmp_path, no_hub):
         ("\n  \n", ": file is empty"),
     ],
 )
-def test_bad_rows_name_file_and_line(tmp_path, no_hub, content, message):
+@pytest.mark.usefixtures("no_hub")
+def test_bad_rows_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "test.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError) as info:
@@ -205,27 +218,31 @@ def test_bad_rows_name_file_and_line(tmp_path, no_hub, content, message):
     assert str(info.value).startswith(f"{path}{message}")
 
 
-def test_bad_array_item_is_named(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_bad_array_item_is_named(tmp_path):
     path = tmp_path / "test.json"
     path.write_text(json.dumps([ROWS[0], {"question": "q", "answer": "no number"}]), encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{path}:item 2: field 'answer'")):
         load_gsm8k(path)
 
 
-def test_bad_parquet_row_is_named(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_bad_parquet_row_is_named(tmp_path):
     path = _parquet(tmp_path / "test.parquet", [ROWS[0], {"question": "", "answer": "#### 1"}])
     with pytest.raises(DataError, match=re.escape(f"{path}:row 2: field 'question' is empty")):
         load_gsm8k(path)
 
 
-def test_corrupt_parquet(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_corrupt_parquet(tmp_path):
     path = tmp_path / "test.parquet"
     path.write_bytes(b"not parquet")
     with pytest.raises(DataError, match=re.escape(f"{path}: cannot read parquet")):
         load_gsm8k(path)
 
 
-def test_unicode_line_separators_inside_rows(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_unicode_line_separators_inside_rows(tmp_path):
     """U+2028 / U+0085 are legal unescaped in JSON strings; they must not split a JSON line."""
     rows = [{**ROWS[0], "question": "Line\u2028sep\x85x?"}, ROWS[1]]
     path = tmp_path / "test.jsonl"
@@ -233,7 +250,8 @@ def test_unicode_line_separators_inside_rows(tmp_path, no_hub):
     assert [p.question for p in load_gsm8k(path)] == [r["question"] for r in rows]
 
 
-def test_byte_order_mark_and_bad_encoding(tmp_path, no_hub):
+@pytest.mark.usefixtures("no_hub")
+def test_byte_order_mark_and_bad_encoding(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + _jsonl(ROWS).encode())
     assert len(load_gsm8k(path)) == len(ROWS)

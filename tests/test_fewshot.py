@@ -1,4 +1,5 @@
-"""gsmkit.data.fewshot: a deterministic, content-defined pool, removed from training by content hash."""
+"""gsmkit.data.fewshot: a deterministic, content-defined pool, removed from training by content hash
+(`gsmkit.training.data.remove_fewshot`), and `make_pool` behind `gsmkit fewshot`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import pytest
 
 from gsmkit.data.fewshot import (
     DEFAULT_POOL_SIZE,
+    FewshotSettings,
     draw_pool,
+    make_pool,
     pool_exemplars,
     pool_hashes,
     read_pool,
-    remove_pool,
     write_pool,
 )
 from gsmkit.data.gsm8k import load_gsm8k
 from gsmkit.errors import ConfigError, DataError
 from gsmkit.prompts import Exemplar
 from gsmkit.records import FewshotExample, Problem, content_hash
+from gsmkit.training.data import TrainExample, remove_fewshot
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -162,30 +165,36 @@ def test_pool_exemplars_k_larger_than_pool():
 # --- removal from training data -------------------------------------------------------------------
 
 
+def _rows(questions: list[str]) -> list[TrainExample]:
+    return [TrainExample(where=f"t:{i}", question=q, answer="#### 1") for i, q in enumerate(questions)]
+
+
 def test_remove_pool_by_content_hash_despite_whitespace_and_shifted_rows():
     problems = _problems(12)
     pool = [FewshotExample.from_problem(problems[i]) for i in (3, 7)]
-    # Training rows as some other tool wrote them: extra rows in front (indices shift), other
-    # whitespace in the pooled questions, and dict rows rather than Problems.
-    rows = [{"q": "A warm-up question?"}, {"q": "Another one?"}]
+    # Training rows as some other tool wrote them: extra rows in front (indices shift) and other
+    # whitespace in the pooled questions.
+    questions = ["A warm-up question?", "Another one?"]
     for i, p in enumerate(problems):
         q = p.question
         if i == 3:
             q = "\n  " + q.replace(" ", "\t ") + "  "
         if i == 7:
             q = q.replace(" ", "\n")
-        rows.append({"q": q, "i": i})
-    kept, removed = remove_pool(rows, pool_hashes(pool), lambda r: r["q"])
+        questions.append(q)
+    rows = _rows(questions)
+    kept, removed = remove_fewshot(rows, pool_hashes(pool))
     assert sorted(removed) == sorted(ex.sha256 for ex in pool)
-    assert [r.get("i") for r in kept] == [None, None, 0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
-    assert kept == [r for r in rows if r.get("i") not in (3, 7)]  # everything else untouched, in order
+    # everything else untouched, in order
+    assert kept == [r for i, r in enumerate(rows) if i - 2 not in (3, 7)]
 
 
 def test_remove_pool_reports_every_removed_row():
     problems = _problems(3)
     hashes = pool_hashes([FewshotExample.from_problem(problems[0])])
-    kept, removed = remove_pool(problems + [problems[0]], hashes, lambda p: p.question)
-    assert kept == problems[1:]
+    rows = _rows([p.question for p in problems + [problems[0]]])
+    kept, removed = remove_fewshot(rows, hashes)
+    assert kept == rows[1:3]
     assert removed == [problems[0].sha256, problems[0].sha256]
 
 
@@ -193,13 +202,49 @@ def test_remove_pool_keeps_near_misses():
     """Only the whitespace-normalised question counts: a changed word or case is another problem."""
     problems = _problems(2)
     hashes = pool_hashes([FewshotExample.from_problem(problems[0])])
-    variants = [problems[0].question.upper(), problems[0].question + "!", problems[1].question]
-    kept, removed = remove_pool(variants, hashes, lambda q: q)
-    assert kept == variants and removed == []
+    rows = _rows([problems[0].question.upper(), problems[0].question + "!", problems[1].question])
+    kept, removed = remove_fewshot(rows, hashes)
+    assert kept == rows and removed == []
 
 
 def test_remove_real_pool_from_real_train(train):
     pool = draw_pool(train, 8, seed=42)
-    kept, removed = remove_pool(train, pool_hashes(pool), lambda p: p.question)
+    kept, removed = remove_fewshot(_rows([p.question for p in train]), pool_hashes(pool))
     assert len(kept) == len(train) - 8 and len(removed) == 8
-    assert not {p.sha256 for p in kept} & pool_hashes(pool)
+    assert not {content_hash(r.question) for r in kept} & pool_hashes(pool)
+
+
+# --- make_pool: the file and its manifest -------------------------------------------------------
+
+
+def _gsm8k_file(tmp_path: Path, n: int = 10) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}) + "\n"
+                            for i in range(n)), encoding="utf-8")
+    return path
+
+
+def test_make_pool_writes_the_pool_and_its_manifest_and_replaces_them(tmp_path):
+    data = _gsm8k_file(tmp_path)
+    out = tmp_path / "pool.jsonl"
+    settings = FewshotSettings(out=out, data=str(data), n=4, seed=3)
+    summary = make_pool(settings)
+    first = out.read_bytes()
+    assert summary["n"] == 4 and summary["source_rows"] == 10 and len(summary["ids"]) == 4
+    assert read_pool(out) == draw_pool(load_gsm8k(data, "train"), 4, seed=3)
+    manifest = json.loads((tmp_path / "pool.jsonl.manifest.json").read_text())
+    assert manifest["command"] == "fewshot" and manifest["settings"]["n"] == 4
+    assert manifest["inputs"]["data"]["sha256"]
+    make_pool(settings)  # the same inputs again: replaced, byte for byte
+    assert out.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.jsonl", "pool.jsonl.manifest.json",
+                                                          "train.jsonl"]
+
+
+def test_make_pool_writes_nothing_when_the_draw_fails(tmp_path):
+    data = _gsm8k_file(tmp_path, 3)
+    with pytest.raises(ConfigError, match="larger than the 3"):
+        make_pool(FewshotSettings(out=tmp_path / "pool.jsonl", data=str(data), n=4))
+    with pytest.raises(ConfigError, match="--n must be >= 1"):
+        FewshotSettings(out=tmp_path / "pool.jsonl", data=str(data), n=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]

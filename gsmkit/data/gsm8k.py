@@ -27,7 +27,8 @@ def find_split_files(folder: Path, split: str) -> list[Path]:
     found = [p for p in candidates if p.is_file()]
     if found:
         return found[:1]
-    for pattern in (f"{split}-*.parquet", f"main/{split}-*.parquet", f"{split}/*.parquet", f"data/{split}-*.parquet"):
+    for pattern in (f"{split}-*.parquet", f"main/{split}-*.parquet", f"{split}/*.parquet",
+                    f"data/{split}-*.parquet"):
         matches = sorted(folder.glob(pattern))
         if matches:
             return matches
@@ -103,7 +104,8 @@ def resolve_split_files(source: str | Path, split: str) -> list[Path] | None:
             )
         return files
     if _looks_like_path(source):
-        raise DataError(f"{source}: no such file or folder", hint="check the path, or give a Hub id such as openai/gsm8k")
+        raise DataError(f"{source}: no such file or folder",
+                        hint="check the path, or give a Hub id such as openai/gsm8k")
     return None
 
 
@@ -136,7 +138,8 @@ def _looks_like_path(source: str | Path) -> bool:
     return parent != Path(".") and parent.is_dir()
 
 
-def load_gsm8k(source: str | Path = DEFAULT_SOURCE, split: str = "test", config: str = DEFAULT_CONFIG) -> list[Problem]:
+def load_gsm8k(source: str | Path = DEFAULT_SOURCE, split: str = "test",
+               config: str = DEFAULT_CONFIG) -> list[Problem]:
     """Load and validate GSM8K problems from a local path or the Hub."""
     files = resolve_split_files(source, split)
     if files is not None:
@@ -150,7 +153,8 @@ def load_gsm8k(source: str | Path = DEFAULT_SOURCE, split: str = "test", config:
         ds = datasets.load_dataset(str(source), config, split=split)
     except Exception as err:  # noqa: BLE001 - network, auth, missing config: all one message for the user
         raise DataError(
-            f"{source}: cannot load split '{split}' from the Hugging Face Hub ({type(err).__name__}: {str(err)[:200]})",
+            f"{source}: cannot load split '{split}' from the Hugging Face Hub "
+            f"({type(err).__name__}: {str(err)[:200]})",
             hint="without network access, pass a local file or folder, e.g. --data ./gsm8k",
         ) from None
     return _validate([(f"{source}[{split}]:row {i + 1}", dict(r)) for i, r in enumerate(ds)], str(source))

@@ -74,7 +74,8 @@ def _optional(value: Any, where: str, field: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}", hint=JSONL_HINT)
+        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}",
+                        hint=JSONL_HINT)
     return value.strip() or None
 
 
@@ -119,8 +120,8 @@ def _read_csv(path: Path) -> list[SafetyPrompt]:
         body = record[col["prompt_text"]]
         if not body.strip():
             raise DataError(f"{where}: field 'prompt_text' is empty", hint=CSV_HINT)
-        prompts.append(SafetyPrompt(id=pid, text=body, hazard=cell("hazard"), persona=cell("persona"), where=where,
-                                    locale=cell("locale"), prompt_hash=cell("prompt_hash")))
+        prompts.append(SafetyPrompt(id=pid, text=body, hazard=cell("hazard"), persona=cell("persona"),
+                                    where=where, locale=cell("locale"), prompt_hash=cell("prompt_hash")))
     return prompts
 
 
@@ -135,18 +136,21 @@ def _read_jsonl(path: Path) -> list[SafetyPrompt]:
         if not present:
             raise DataError(f"{where}: missing field 'prompt' (or 'input')", hint=JSONL_HINT)
         if len(present) == 2:
-            raise DataError(f"{where}: both 'prompt' and 'input' are given", hint="keep one of the two fields")
+            raise DataError(f"{where}: both 'prompt' and 'input' are given",
+                            hint="keep one of the two fields")
         key = present[0]
         body = obj[key]
         if not isinstance(body, str):
-            raise DataError(f"{where}: field '{key}' must be a string, got {type(body).__name__}", hint=JSONL_HINT)
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(body).__name__}",
+                            hint=JSONL_HINT)
         if not body.strip():
             raise DataError(f"{where}: field '{key}' is empty", hint=JSONL_HINT)
         id_fields = [k for k in ("release_prompt_id", "id") if obj.get(k) is not None]
         if id_fields:
             pid = obj[id_fields[0]]
             if isinstance(pid, bool) or not isinstance(pid, str | int):
-                raise DataError(f"{where}: field '{id_fields[0]}' must be a string or an integer", hint=JSONL_HINT)
+                raise DataError(f"{where}: field '{id_fields[0]}' must be a string or an integer",
+                                hint=JSONL_HINT)
             pid = str(pid).strip()
             if not pid:
                 raise DataError(f"{where}: field '{id_fields[0]}' is empty", hint=JSONL_HINT)
@@ -165,7 +169,8 @@ def load_safety_prompts(path: str | Path) -> list[SafetyPrompt]:
     """Every prompt of a `.csv` (AILuminate) or `.jsonl` file, in file order; ids must be unique."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file", hint="check the path (relative paths are from the current folder)")
+        raise DataError(f"{path}: no such file",
+                        hint="check the path (relative paths are from the current folder)")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a .csv or .jsonl file")
     suffix = path.suffix.lower()
@@ -175,7 +180,8 @@ def load_safety_prompts(path: str | Path) -> list[SafetyPrompt]:
         prompts = _read_jsonl(path)
     else:
         raise DataError(f"{path}: unknown prompt file type '{suffix or '(none)'}'",
-                        hint="pass the AILuminate .csv as released, or a .jsonl file with a 'prompt' field per row")
+                        hint="pass the AILuminate .csv as released, or a .jsonl file with a 'prompt' field "
+                             "per row")
     if not prompts:
         raise DataError(f"{path}: holds no prompts", hint=CSV_HINT if suffix == ".csv" else JSONL_HINT)
     first: dict[str, str] = {}
@@ -217,7 +223,8 @@ def select_safety_prompts(
             available = sorted({p.hazard_group for p in prompts if p.hazard_group})
             raise ConfigError(
                 f"--hazards {','.join(unknown)}: no such hazard in {source}",
-                hint=f"choose from {', '.join(available)}" if available else "the file has no hazard column/field",
+                hint=f"choose from {', '.join(available)}" if available
+                else "the file has no hazard column/field",
             )
         wanted = set(hazards)
         selected = [p for p in selected if p.hazard in wanted or p.hazard_group in wanted]
@@ -226,7 +233,8 @@ def select_safety_prompts(
         for i, p in enumerate(selected):
             by_group.setdefault(p.hazard_group, []).append(i)
         if list(by_group) == [None]:
-            raise ConfigError("--per-hazard needs prompts with a hazard", hint=f"{source} has no hazard column/field")
+            raise ConfigError("--per-hazard needs prompts with a hazard",
+                              hint=f"{source} has no hazard column/field")
         keep: set[int] = set()
         for group, idx in by_group.items():
             if group is None:
