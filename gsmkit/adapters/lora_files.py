@@ -63,7 +63,6 @@ class AdapterWeights:
     config: dict[str, Any]
     modules: list[LoraModule]
     others: dict[str, Any]  # every other saved tensor (modules_to_save, biases, DoRA magnitudes), as stored
-    weights_file: Path
 
 
 def match_pattern(patterns: dict[str, Any] | None, path: str, default: Any) -> Any:
@@ -161,7 +160,7 @@ def read_adapter(adapter: str | Path) -> AdapterWeights:
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r  # as peft's LoraLayer.update_layer
         modules.append(LoraModule(path=path, key_prefix=prefix, kind=entry["kind"], lora_a=a, lora_b=b,
                                   r=r, alpha=alpha, scale=scale))
-    return AdapterWeights(config=cfg, modules=modules, others=others, weights_file=weights_file)
+    return AdapterWeights(config=cfg, modules=modules, others=others)
 
 
 def write_adapter_dir(out: Path, config: dict[str, Any], tensors: dict[str, Any],
