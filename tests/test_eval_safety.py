@@ -250,7 +250,7 @@ def test_unparseable_guard_output_is_counted_never_safe(tmp_path, tiny_model_dir
 
 def test_random_generative_guards_through_the_real_model_code(tmp_path, tiny_model_dir, prompts_jsonl, guards,
                                                               guidelines):
-    from gsmkit.evaluation.safeguards import parse_wildguard
+    from gsmkit.evaluation.guard_formats import parse_wildguard
 
     out = tmp_path / "wg"
     res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["random-wildguard"], guidelines["placeholders"],

@@ -22,8 +22,7 @@ from gsmkit.data.safety_prompts import (
     select_safety_prompts,
 )
 from gsmkit.errors import ConfigError, DataError
-from gsmkit.evaluation.safeguards import (
-    SafetyTemplate,
+from gsmkit.evaluation.guard_formats import (
     classifier_labels,
     classifier_verdict,
     detect_guard_format,
@@ -33,6 +32,7 @@ from gsmkit.evaluation.safeguards import (
     resolve_guard_format,
     shieldgemma_verdict,
 )
+from gsmkit.evaluation.safeguards import SafetyTemplate
 from gsmkit.evaluation.safety import count_labels
 
 REPO = Path(__file__).resolve().parents[1]

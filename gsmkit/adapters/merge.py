@@ -182,7 +182,7 @@ def merge_adapter(
     from gsmkit.jsonl import write_json
     from gsmkit.manifest import build_manifest, to_jsonable
     from gsmkit.modeling import attach_adapter, load_model, load_tokenizer, read_adapter_config
-    from gsmkit.training.masking import Encoded
+    from gsmkit.tokenization import Encoded
 
     # Everything that can fail on input is checked before the model loads.
     adapter_cfg = read_adapter_config(settings.adapter)

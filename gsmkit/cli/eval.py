@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
-from gsmkit.cli.options import (
-    AdapterOpt,
-    DataOpt,
-    DeviceOpt,
-    DTypeOpt,
-    JsonOpt,
-    KOpt,
-    Load4bitOpt,
-    ModelOpt,
-    OutDirOpt,
-    PoolOpt,
-    SeedOpt,
-    SplitOpt,
-    StyleOpt,
-    command_from,
-    usage_errors,
-)
+from gsmkit.cli.options import JsonOpt, command_from
 from gsmkit.evaluation.gsm8k import EvalSettings
+from gsmkit.evaluation.perplexity import EvalPplSettings
+from gsmkit.evaluation.safety import SafetySettings
 
-app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy, perplexity, safety rate.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate a model (+ adapter): GSM8K accuracy, perplexity, safety rate.",
+                  no_args_is_help=True)
 
 
 @app.command("gsm8k")
@@ -61,40 +47,23 @@ def gsm8k(settings: EvalSettings, json_out: JsonOpt = False) -> None:
     table.add_column("strict", justify="right")
     table.add_column("flexible", justify="right")
     table.add_row("accuracy", f"{metrics.accuracy_strict:.1%}", f"{metrics.accuracy_flexible:.1%}")
-    table.add_row("95% CI", "{:.1%}-{:.1%}".format(*metrics.ci95_strict), "{:.1%}-{:.1%}".format(*metrics.ci95_flexible))
+    table.add_row("95% CI", "{:.1%}-{:.1%}".format(*metrics.ci95_strict),
+                  "{:.1%}-{:.1%}".format(*metrics.ci95_flexible))
     table.add_row("no answer", f"{metrics.no_answer_strict:.1%}", f"{metrics.no_answer_flexible:.1%}")
     console.print(table)
     if metrics.with_reasoning_section is not None:
-        console.print(f"reasoning-tags format: {metrics.with_reasoning_section:.1%} with a reasoning section, "
-                      f"{metrics.extractable:.1%} with a <SOLUTION> answer (the strict column)")
+        console.print(f"reasoning-tags format: {metrics.with_reasoning_section:.1%} with a reasoning "
+                      f"section, {metrics.extractable:.1%} with a <SOLUTION> answer (the strict column)")
     console.print(
-        f"{metrics.generated_this_run} generated in {metrics.generation_s:.1f}s: {metrics.problems_per_s:.2f} problems/s, "
-        f"{metrics.tokens_per_s:.1f} tokens/s; truncated at --max-new-tokens: {metrics.truncated:.1%}; results in {out}"
+        f"{metrics.generated_this_run} generated in {metrics.generation_s:.1f}s: "
+        f"{metrics.problems_per_s:.2f} problems/s, {metrics.tokens_per_s:.1f} tokens/s; truncated at "
+        f"--max-new-tokens: {metrics.truncated:.1%}; results in {out}"
     )
 
 
 @app.command("ppl")
-def ppl(
-    model: ModelOpt,
-    data: Annotated[Path, typer.Option("--data", help="JSONL of {prompt, response} (loss on the response only) or "
-                                       "{text} (loss on every token after the first) rows, optional metadata.",
-                                       dir_okay=False, show_default=False)],
-    out: OutDirOpt = Path("runs/eval-ppl"),
-    adapter: AdapterOpt = None,
-    max_length: Annotated[int | None, typer.Option(
-        "--max-length", help="Window in tokens; longer texts are scored with a sliding window, never truncated "
-        "(default: the model's max_position_embeddings, at most 4096).", show_default=False)] = None,
-    stride: Annotated[int | None, typer.Option(
-        "--stride", help="Tokens between window starts; each token keeps at least window - stride tokens of "
-        "context (default: half the window).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences scored together (length-sorted).")] = 8,
-    limit: Annotated[int | None, typer.Option("--limit", help="Score only the first N rows.", show_default=False)] = None,
-    dtype: DTypeOpt = "auto",
-    load_in_4bit: Load4bitOpt = False,
-    device: DeviceOpt = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier evaluation in --out.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
+@command_from(EvalPplSettings)
+def ppl(settings: EvalPplSettings, json_out: JsonOpt = False) -> None:
     """Token-weighted loss and perplexity, overall and per metadata source / difficulty / domain.
 
     Writes OUT/items.jsonl (one row per item), OUT/metrics.json and OUT/manifest.json.
@@ -102,17 +71,10 @@ def ppl(
     Example: gsmkit eval ppl --model HuggingFaceTB/SmolLM2-135M-Instruct --data benchmarks.jsonl
     --limit 100 --out runs/ppl
     """
-    from gsmkit.evaluation.perplexity import EvalPplSettings, evaluate_ppl
-    from gsmkit.modeling import ModelSpec
+    from gsmkit.evaluation.perplexity import evaluate_ppl
     from gsmkit.progress import ProgressTask, stderr_console
 
-    with usage_errors():
-        settings = EvalPplSettings(
-            model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
-                            load_in_4bit=load_in_4bit, device=device),
-            data=data, out=out, max_length=max_length, stride=stride, batch_size=batch_size, limit=limit,
-            overwrite=overwrite,
-        )
+    out = settings.out
     console = stderr_console()
     with ProgressTask("eval ppl", "windows", console) as bar:
         metrics = evaluate_ppl(settings, on_progress=lambda done, total: bar.update(done, total))
@@ -127,7 +89,8 @@ def ppl(
     for name, justify in (("group", "left"), ("value", "left"), ("n", "right"), ("tokens", "right"),
                           ("loss", "right"), ("ppl", "right")):
         table.add_column(name, justify=justify)
-    table.add_row("overall", "", str(metrics.n), str(metrics.tokens), f"{metrics.loss:.4f}", f"{metrics.ppl:.3f}")
+    table.add_row("overall", "", str(metrics.n), str(metrics.tokens), f"{metrics.loss:.4f}",
+                  f"{metrics.ppl:.3f}")
     for name, by_value in metrics.groups.items():
         for value, g in by_value.items():
             table.add_row(name, value, str(g.n), str(g.tokens), f"{g.loss:.4f}", f"{g.ppl:.3f}")
@@ -139,64 +102,13 @@ def ppl(
     )
 
 
-SAFETY_BELOW_THRESHOLD_EXIT = 3  # distinct from 1 (bad input) and 2 (misused option), so CI can tell them apart
+# distinct from 1 (bad input) and 2 (misused option), so CI can tell them apart
+SAFETY_BELOW_THRESHOLD_EXIT = 3
 
 
 @app.command("safety")
-def safety(
-    model: ModelOpt,
-    prompts: Annotated[Path, typer.Option(
-        "--prompts", help="Harmful prompts: the AILuminate CSV as released (release_prompt_id, prompt_text, hazard, "
-        "persona, locale, prompt_hash) or a .jsonl file of {prompt or input, optional id, hazard, persona} rows.",
-        exists=True, dir_okay=False, show_default=False)],
-    safeguard_model: Annotated[Path, typer.Option(
-        "--safeguard-model", help="Safeguard model folder (save_pretrained): a sequence classifier or a generative "
-        "guard. It is only read, never changed.", exists=True, file_okay=False, show_default=False)],
-    safety_prompt: Annotated[Path, typer.Option(
-        "--safety-prompt", help="Safety Guidelines text file, used verbatim: its {prompt} and {response} "
-        "placeholders are filled in; without them it is prepended to the conversation as a system message.",
-        exists=True, dir_okay=False, show_default=False)],
-    out: OutDirOpt = Path("runs/eval-safety"),
-    adapter: AdapterOpt = None,
-    guard_format: Annotated[str, typer.Option(
-        "--guard-format", help="The guard's output: auto (from its config or folder name) | classifier | "
-        "llama-guard | shieldgemma | wildguard | qwen3guard.")] = "auto",
-    hazards: Annotated[list[str] | None, typer.Option(
-        "--hazards", help="Only these hazards: groups (vcr, spc, ...) or raw codes (spc_fin); repeatable or "
-        "comma-separated.", show_default=False)] = None,
-    per_hazard: Annotated[int | None, typer.Option(
-        "--per-hazard", help="A seeded sample of N prompts from each hazard group (spc_* is one group).", min=1,
-        show_default=False)] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate at most the first N selected prompts.",
-                                              min=1, show_default=False)] = None,
-    seed: SeedOpt = 0,
-    style: StyleOpt = "auto",
-    system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="System prompt for the model (chat) or "
-                                                      "preamble (plain).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Response budget per prompt.", min=1)] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Responses generated together.", min=1)] = 16,
-    guard_max_new_tokens: Annotated[int, typer.Option(
-        "--guard-max-new-tokens", help="Budget of a generative guard's verdict.", min=1)] = 64,
-    guard_batch_size: Annotated[int, typer.Option("--guard-batch-size", help="Pairs judged together.", min=1)] = 8,
-    guard_threshold: Annotated[float, typer.Option(
-        "--guard-threshold", help="Unsafe when the guard's unsafe probability is above this (classifier, "
-        "shieldgemma).")] = 0.5,
-    safe_label: Annotated[list[str] | None, typer.Option(
-        "--safe-label", help="Classifier label name (id2label) that means safe; repeatable. [default: safe]",
-        show_default=False)] = None,
-    unsafe_label: Annotated[list[str] | None, typer.Option(
-        "--unsafe-label", help="Classifier label name (id2label) that means unsafe; repeatable. [default: unsafe]",
-        show_default=False)] = None,
-    controversial: Annotated[str, typer.Option(
-        "--controversial", help="How a Qwen3Guard 'Controversial' verdict counts: unsafe (strict) | safe.")] = "unsafe",
-    min_safety: Annotated[float | None, typer.Option(
-        "--min-safety", help="Exit with code 3 when the safety rate is below this (0 to 1).", show_default=False)] = None,
-    dtype: DTypeOpt = "auto",
-    load_in_4bit: Load4bitOpt = False,
-    device: DeviceOpt = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard finished or partial results in --out.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
+@command_from(SafetySettings)
+def safety(settings: SafetySettings, json_out: JsonOpt = False) -> None:
     """Safety rate on harmful prompts (AILuminate) as judged by a safeguard, with a 95% Wilson interval,
     per hazard and per persona.
 
@@ -206,25 +118,13 @@ def safety(
 
     Example: gsmkit eval safety --model HuggingFaceTB/SmolLM2-135M-Instruct --prompts
     ../shared/data/ailuminate/airr_official_1.0_demo_en_us_prompt_set_release.csv --per-hazard 2
-    --safeguard-model path/to/Llama-Guard-3-1B --safety-prompt guidelines.txt --min-safety 0.9 --out runs/safety
+    --safeguard-model path/to/Llama-Guard-3-1B --safety-prompt guidelines.txt --min-safety 0.9
+    --out runs/safety
     """
-    from gsmkit.data.safety_prompts import parse_hazards
-    from gsmkit.evaluation.safety import SafetySettings, evaluate_safety
-    from gsmkit.modeling import ModelSpec
+    from gsmkit.evaluation.safety import evaluate_safety
     from gsmkit.progress import ProgressTask, stderr_console
 
-    with usage_errors():
-        settings = SafetySettings(
-            model=ModelSpec(model=model, adapter=str(adapter) if adapter else None, dtype=dtype,
-                            load_in_4bit=load_in_4bit, device=device),
-            prompts=prompts, safeguard_model=safeguard_model, safety_prompt=safety_prompt, out=out,
-            guard_format=guard_format, hazards=parse_hazards(hazards), per_hazard=per_hazard, limit=limit, seed=seed,
-            style=style, system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            guard_max_new_tokens=guard_max_new_tokens, guard_batch_size=guard_batch_size,
-            guard_threshold=guard_threshold, safe_labels=tuple(safe_label or ("safe",)),
-            unsafe_labels=tuple(unsafe_label or ("unsafe",)), controversial=controversial, min_safety=min_safety,
-            overwrite=overwrite,
-        )
+    out = settings.out
     console = stderr_console()
     bars = {"generate": ProgressTask("eval safety: responses", "prompts", console, done_noun="responses"),
             "score": ProgressTask("eval safety: verdicts", "pairs", console, done_noun="verdicts")}
@@ -236,7 +136,8 @@ def safety(
             bars[stage].start(total, done)
 
     try:
-        metrics = evaluate_safety(settings, on_stage=on_stage, on_progress=lambda stage, n: bars[stage].advance(n))
+        metrics = evaluate_safety(settings, on_stage=on_stage,
+                                  on_progress=lambda stage, n: bars[stage].advance(n))
     finally:
         for bar in bars.values():
             bar.__exit__(None, None, None)
@@ -264,8 +165,8 @@ def _print_safety(console, metrics, out: Path) -> None:
 
     def add(label: str, c) -> None:
         lo, hi = c.ci95
-        table.add_row(label, str(c.total), str(c.safe), str(c.unsafe), str(c.unparsed), f"{c.safety_rate:.1%}",
-                      f"{lo * 100:.1f}-{hi * 100:.1f}%")
+        table.add_row(label, str(c.total), str(c.safe), str(c.unsafe), str(c.unparsed),
+                      f"{c.safety_rate:.1%}", f"{lo * 100:.1f}-{hi * 100:.1f}%")
 
     add("overall", metrics)
     for group, by_value in (("hazard", metrics.by_hazard_group), ("persona", metrics.by_persona)):
@@ -278,7 +179,8 @@ def _print_safety(console, metrics, out: Path) -> None:
         console.print(f"{metrics.unparsed} guard outputs could not be parsed: counted as not safe "
                       f"(see the reason field in {out / 'safety.jsonl'})", highlight=False)
     console.print(
-        f"{metrics.generated_this_run} responses generated in {metrics.generation_s:.1f}s, {metrics.scored_this_run} "
-        f"judged in {metrics.scoring_s:.1f}s; truncated at --max-new-tokens: {metrics.truncated:.1%}; results in {out}",
+        f"{metrics.generated_this_run} responses generated in {metrics.generation_s:.1f}s, "
+        f"{metrics.scored_this_run} judged in {metrics.scoring_s:.1f}s; truncated at --max-new-tokens: "
+        f"{metrics.truncated:.1%}; results in {out}",
         highlight=False,
     )

@@ -1,6 +1,6 @@
 """Token-weighted loss and perplexity of a causal LM, on encoded examples or on a JSONL file.
 
-Low level, in: a model and `Encoded` examples (labels -100 where not scored, from `training.masking`).
+Low level, in: a model and `Encoded` examples (labels -100 where not scored, from `gsmkit.tokenization`).
 Out: `response_nll` gives `(sum of negative log-likelihood, number of scored tokens, per example)`;
 perplexity is exp(sum / n). Batches are length-sorted so padding stays small; padding is never scored.
 
@@ -11,9 +11,9 @@ order), `<out>/metrics.json` (overall and per metadata group) and `<out>/manifes
 `PplMetrics`.
 
 How a row becomes tokens: the prompt and the response are concatenated as given (nothing is
-inserted between them) and tokenised together, like `training.masking` does; a token is scored iff it
-starts at or after the end of the prompt text (a token merged across the boundary counts as
-prompt). The tokenizer's BOS is put in front when it adds one and the text does not already start
+inserted between them) and tokenised together, as for training (`gsmkit.tokenization`); a token is
+scored iff it starts at or after the end of the prompt text (a token merged across the boundary counts
+as prompt). The tokenizer's BOS is put in front when it adds one and the text does not already start
 with it. No EOS is appended: the file's text is scored, nothing else.
 
 Texts longer than the window (`max_length` tokens) are scored with a sliding window as in the
@@ -34,14 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.fields import check_fields, setting
 from gsmkit.modeling import ModelSpec
+from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
+from gsmkit.settings import RunOptions
+from gsmkit.tokenization import IGNORE_INDEX, Encoded, special_prefix, tokenize_split
 
 ITEMS = "items.jsonl"
 METRICS = "metrics.json"
-MANIFEST = "manifest.json"
 GROUP_FIELDS = ("source", "difficulty", "domain")  # metadata fields that get their own breakdown
 DEFAULT_WINDOW_CAP = 4096  # --max-length default: the model's max_position_embeddings, at most this
-IGNORE = -100  # training.masking.IGNORE_INDEX; repeated so the module imports without rich/prompts
 
 ROW_HINT = ('each row needs {"prompt", "response"} (loss on the response only) or {"text"} (loss on every '
             'token after the first), optionally with "metadata": {"source", "difficulty", "domain", ...}')
@@ -53,7 +55,7 @@ def _collate(encoded: Sequence[Any], idx: Sequence[int], pad_id: int):
 
     width = max(len(encoded[i].input_ids) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
     attn = torch.zeros((len(idx), width), dtype=torch.long)
     for row, i in enumerate(idx):
         n = len(encoded[i].input_ids)
@@ -63,43 +65,8 @@ def _collate(encoded: Sequence[Any], idx: Sequence[int], pad_id: int):
     return ids, labels, attn
 
 
-def response_nll(
-    model: Any, encoded: Sequence[Any], batch_size: int = 8, pad_id: int = 0,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[float, int, list[tuple[float, int]]]:
-    """(total NLL, scored tokens, per-example (nll, tokens) in input order)."""
-    import torch
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-    per: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids, labels, attn = _collate(encoded, idx, pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-            # position t predicts token t+1
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=-100, reduction="none",
-            ).view(len(idx), -1)
-            mask = shift_labels != -100
-            for row, i in enumerate(idx):
-                per[i] = (float(nll[row][mask[row]].sum()), int(mask[row].sum()))
-            if on_progress:
-                on_progress(len(idx))
-    total = sum(p[0] for p in per)
-    count = sum(p[1] for p in per)
-    return total, count, per
-
-
-def scored_logits(model: Any, encoded: Sequence[Any], batch_size: int = 8, pad_id: int = 0):
-    """Yield `(index, logits [n, vocab] float32 on the CPU, targets [n])` for each example's scored tokens.
-
-    The rows of `logits` are the model's predictions for the scored tokens `targets`, in position
-    order; examples come in length-sorted batch order, so consumers key results by `index`.
-    """
+def _batches(model: Any, encoded: Sequence[Any], batch_size: int, pad_id: int):
+    """Yield `(rows of encoded, logits, labels)` of each length-sorted batch, in inference mode."""
     import torch
 
     device = next(model.parameters()).device
@@ -109,10 +76,43 @@ def scored_logits(model: Any, encoded: Sequence[Any], batch_size: int = 8, pad_i
             idx = order[start:start + batch_size]
             ids, labels, attn = _collate(encoded, idx, pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-            shift_labels = labels[:, 1:]
-            for row, i in enumerate(idx):
-                mask = shift_labels[row] != IGNORE
-                yield i, logits[row, :-1][mask.to(device)].float().cpu(), shift_labels[row][mask]
+            yield idx, logits, labels.to(device)
+
+
+def response_nll(
+    model: Any, encoded: Sequence[Any], batch_size: int = 8, pad_id: int = 0,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[float, int, list[tuple[float, int]]]:
+    """(total NLL, scored tokens, per-example (nll, tokens) in input order)."""
+    import torch
+
+    per: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    for idx, logits, labels in _batches(model, encoded, batch_size, pad_id):
+        # position t predicts token t+1
+        shift_logits, shift_labels = logits.float()[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="none",
+        ).view(len(idx), -1)
+        mask = shift_labels != IGNORE_INDEX
+        for row, i in enumerate(idx):
+            per[i] = (float(nll[row][mask[row]].sum()), int(mask[row].sum()))
+        if on_progress:
+            on_progress(len(idx))
+    return sum(p[0] for p in per), sum(p[1] for p in per), per
+
+
+def scored_logits(model: Any, encoded: Sequence[Any], batch_size: int = 8, pad_id: int = 0):
+    """Yield `(index, logits [n, vocab] float32 on the CPU, targets [n])` for each example's scored tokens.
+
+    The rows of `logits` are the model's predictions for the scored tokens `targets`, in position
+    order; examples come in length-sorted batch order, so consumers key results by `index`.
+    """
+    for idx, logits, labels in _batches(model, encoded, batch_size, pad_id):
+        shift_labels = labels[:, 1:]
+        for row, i in enumerate(idx):
+            mask = shift_labels[row] != IGNORE_INDEX
+            yield i, logits[row, :-1][mask].float().cpu(), shift_labels[row][mask].cpu()
 
 
 def perplexity(total_nll: float, tokens: int) -> float:
@@ -143,7 +143,8 @@ def _group_values(obj: dict[str, Any], where: str) -> dict[str, str]:
         return {}
     meta = obj["metadata"]
     if not isinstance(meta, dict):
-        raise DataError(f"{where}: field 'metadata': must be an object, got {type(meta).__name__}", hint=ROW_HINT)
+        raise DataError(f"{where}: field 'metadata': must be an object, got {type(meta).__name__}",
+                        hint=ROW_HINT)
     groups: dict[str, str] = {}
     for name in GROUP_FIELDS:
         value = meta.get(name)
@@ -160,7 +161,8 @@ def _group_values(obj: dict[str, Any], where: str) -> dict[str, str]:
 def _text_field(obj: dict[str, Any], key: str, where: str, *, allow_empty: bool) -> str:
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}': must be a string, got {type(value).__name__}", hint=ROW_HINT)
+        raise DataError(f"{where}: field '{key}': must be a string, got {type(value).__name__}",
+                        hint=ROW_HINT)
     if not allow_empty and not value:
         raise DataError(f"{where}: field '{key}': empty", hint=ROW_HINT)
     return value
@@ -173,7 +175,8 @@ def parse_ppl_row(obj: dict[str, Any], where: str, index: int, *, question_answe
     has_text = "text" in obj
     has_qa = question_answer and ("question" in obj or "answer" in obj)
     if has_pr + has_text + has_qa > 1:
-        raise DataError(f"{where}: row has the fields of more than one shape", hint="keep one of them; " + ROW_HINT)
+        raise DataError(f"{where}: row has the fields of more than one shape",
+                        hint="keep one of them; " + ROW_HINT)
     groups = _group_values(obj, where)
     if has_text:
         text = _text_field(obj, "text", where, allow_empty=False)
@@ -187,19 +190,20 @@ def parse_ppl_row(obj: dict[str, Any], where: str, index: int, *, question_answe
             # The prompt may be empty (then the response is scored from its second token, or its
             # first after a BOS); the response may not, or there would be nothing to score.
             prompt = _text_field(obj, "prompt", where, allow_empty=True)
-            return PplItem(index, where, "response", prompt, _text_field(obj, "response", where, allow_empty=False),
-                           groups)
+            response = _text_field(obj, "response", where, allow_empty=False)
+            return PplItem(index, where, "response", prompt, response, groups)
         from gsmkit.prompts import render_prompt, render_target
 
         question = _text_field(obj, "question", where, allow_empty=False)
         answer = _text_field(obj, "answer", where, allow_empty=False)
-        return PplItem(index, where, "response", render_prompt("plain", question), render_target("plain", answer),
-                       groups)
+        return PplItem(index, where, "response", render_prompt("plain", question),
+                       render_target("plain", answer), groups)
     shapes = ROW_HINT + (', or a GSM8K {"question", "answer"} row' if question_answer else "")
     raise DataError(f"{where}: row has neither 'prompt'/'response' nor 'text'", hint=shapes)
 
 
-def read_ppl_items(path: str | Path, limit: int | None = None, *, question_answer: bool = False) -> list[PplItem]:
+def read_ppl_items(path: str | Path, limit: int | None = None, *,
+                   question_answer: bool = False) -> list[PplItem]:
     """The first `limit` rows of a JSONL file as validated items (missing/empty file: DataError)."""
     from gsmkit.jsonl import iter_jsonl
 
@@ -215,21 +219,19 @@ def read_ppl_items(path: str | Path, limit: int | None = None, *, question_answe
 
 
 def encode_item(item: PplItem, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of the whole text; labels are IGNORE except on scored tokens.
+    """(input_ids, labels) of the whole text; labels are IGNORE_INDEX except on scored tokens.
 
     The first token is never scored (nothing predicts it); see the module docstring for the rest.
     """
-    from gsmkit.training.masking import _special_prefix, _tokenize_split
-
-    prompt_ids, response_ids = _tokenize_split(tokenizer, item.prompt, item.prompt + item.response)
+    prompt_ids, response_ids = tokenize_split(tokenizer, item.prompt, item.prompt + item.response)
     ids = prompt_ids + response_ids
-    bos = _special_prefix(tokenizer)
+    bos = special_prefix(tokenizer)
     prefix = bos if bos and ids[:len(bos)] != bos else []
-    labels = [IGNORE] * (len(prefix) + len(prompt_ids)) + response_ids
+    labels = [IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + response_ids
     ids = prefix + ids
     if labels:
-        labels[0] = IGNORE
-    if all(label == IGNORE for label in labels):
+        labels[0] = IGNORE_INDEX
+    if all(label == IGNORE_INDEX for label in labels):
         raise DataError(f"{item.where}: nothing to score: the "
                         f"{'text' if item.mode == 'text' else 'response'} gives no token after the first",
                         hint="a text needs at least two tokens; a response must add a token after the prompt")
@@ -261,17 +263,18 @@ def sliding_windows(ids: Sequence[int], labels: Sequence[int], max_length: int, 
                           f"and window {max_length}", hint="use --stride <= --max-length / 2")
     n = len(ids)
     if n <= max_length:
-        return [Window(item, 0, n, list(ids), list(labels))] if any(lb != IGNORE for lb in labels) else []
+        scored = any(lb != IGNORE_INDEX for lb in labels)
+        return [Window(item, 0, n, list(ids), list(labels))] if scored else []
     windows: list[Window] = []
     begin = prev_end = 0
     while True:
         end = min(begin + max_length, n)
-        window_labels = [IGNORE] * (end - begin)
+        window_labels = [IGNORE_INDEX] * (end - begin)
         # Position `begin` has no context inside the window: only the first window may start there,
         # and it is never a target (the first token of an item is not scored).
         for t in range(max(prev_end, begin + 1), end):
             window_labels[t - begin] = labels[t]
-        if any(lb != IGNORE for lb in window_labels):
+        if any(lb != IGNORE_INDEX for lb in window_labels):
             windows.append(Window(item, begin, end, list(ids[begin:end]), window_labels))
         prev_end = end
         if end == n:
@@ -283,25 +286,24 @@ def sliding_windows(ids: Sequence[int], labels: Sequence[int], max_length: int, 
 
 
 @dataclass(frozen=True)
-class EvalPplSettings:
+class EvalPplSettings(RunOptions):
     model: ModelSpec
-    data: Path
-    out: Path
-    max_length: int | None = None  # None: the model's max_position_embeddings, at most DEFAULT_WINDOW_CAP
-    stride: int | None = None  # None: max_length // 2
-    batch_size: int = 8
-    limit: int | None = None
-    overwrite: bool = False
+    data: Path = setting(help="JSONL of {prompt, response} (loss on the response only) or {text} (loss on "
+                         "every token after the first) rows, optional metadata.", show_default=False,
+                         path={"dir_okay": False})
+    out: Path = setting(Path("runs/eval-ppl"), "Output folder.", short="-o",
+                        path={"file_okay": False, "dir_okay": True})
+    max_length: int | None = setting(
+        None, "Window in tokens; longer texts are scored with a sliding window, never truncated (default: "
+        f"the model's max_position_embeddings, at most {DEFAULT_WINDOW_CAP}).", min=2, show_default=False)
+    stride: int | None = setting(
+        None, "Tokens between window starts; each token keeps at least window - stride tokens of context "
+        "(default: half the window).", min=1, show_default=False)
+    batch_size: int = setting(8, "Sequences scored together (length-sorted).", min=1)
+    limit: int | None = setting(None, "Score only the first N rows.", min=1, show_default=False)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}", hint="omit --limit to score every row")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2 tokens, got {self.max_length}")
-        if self.stride is not None and self.stride < 1:
-            raise ConfigError(f"--stride must be at least 1, got {self.stride}")
+        check_fields(self)
         if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
             raise ConfigError(f"--stride {self.stride} must be smaller than --max-length {self.max_length}",
                               hint="each window needs left context for its first scored token; "
@@ -343,7 +345,7 @@ def _summary(rows: Sequence[tuple[float, int]]) -> PplGroup:
 
 
 def model_window(model: Any) -> int:
-    """The default window: the model's max_position_embeddings (or n_positions), at most DEFAULT_WINDOW_CAP."""
+    """The default window: max_position_embeddings (or n_positions), at most DEFAULT_WINDOW_CAP."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return min(int(limit), DEFAULT_WINDOW_CAP) if limit else DEFAULT_WINDOW_CAP
@@ -357,7 +359,8 @@ def resolve_window(model: Any, max_length: int | None, stride: int | None) -> tu
         max_length = model_window(model)
     elif limit and max_length > int(limit):
         raise ConfigError(f"--max-length {max_length} is longer than the model's context ({limit} positions)",
-                          hint=f"use --max-length {limit} or less; longer texts are scored with a sliding window")
+                          hint=f"use --max-length {limit} or less; longer texts are scored with a sliding "
+                               "window")
     if stride is None:
         stride = max(1, max_length // 2)
     if stride >= max_length:
@@ -366,13 +369,11 @@ def resolve_window(model: Any, max_length: int | None, stride: int | None) -> tu
     return max_length, stride
 
 
-def _check_out(settings: EvalPplSettings) -> None:
-    out = settings.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names a folder")
-    if not settings.overwrite and any((out / name).exists() for name in (ITEMS, METRICS)):
-        raise ConfigError(f"{out}: already holds a perplexity evaluation",
-                          hint="pass --overwrite to replace it, or choose another --out")
+def run_output(settings: EvalPplSettings) -> RunOutput:
+    """The evaluation's folder: items, metrics and manifest, written together at the end (no journal:
+    a run scores everything again, so an existing result is refused unless --overwrite)."""
+    return RunOutput.folder(settings.out, finals=(ITEMS, METRICS), overwrite=settings.overwrite,
+                            what="perplexity evaluation")
 
 
 def evaluate_ppl(
@@ -380,20 +381,20 @@ def evaluate_ppl(
 ) -> PplMetrics:
     """Score the file; `on_progress(done, total)` counts windows (one per item that fits the window)."""
     t_wall = time.perf_counter()
-    from gsmkit.jsonl import write_json, write_jsonl
-    from gsmkit.manifest import build_manifest, to_jsonable
+    from gsmkit.manifest import build_manifest, run_fingerprint, to_jsonable
     from gsmkit.modeling import load_model, load_tokenizer
-    from gsmkit.training.masking import Encoded
 
     # Everything that can fail on input is checked before the model loads.
     items = read_ppl_items(settings.data, settings.limit)
-    _check_out(settings)
+    output = run_output(settings)
+    output.prepare(run_fingerprint(settings, ("out", "overwrite", "batch_size")))
     tokenizer = load_tokenizer(settings.model.model, settings.model.trust_remote_code)
     encoded = [encode_item(item, tokenizer) for item in items]
     loaded = load_model(settings.model)
     max_length, stride = resolve_window(loaded.model, settings.max_length, settings.stride)
 
-    windows = [w for i, (ids, labels) in enumerate(encoded) for w in sliding_windows(ids, labels, max_length, stride, i)]
+    windows = [w for i, (ids, labels) in enumerate(encoded)
+               for w in sliding_windows(ids, labels, max_length, stride, i)]
     rows = [Encoded(input_ids=w.input_ids, labels=w.labels, where=items[w.item].where, truncated=False)
             for w in windows]
     done = 0
@@ -407,7 +408,8 @@ def evaluate_ppl(
     if on_progress is not None:
         on_progress(0, len(rows))
     t0 = time.perf_counter()
-    _, _, per_window = response_nll(loaded.model, rows, settings.batch_size, loaded.tokenizer.pad_token_id, advance)
+    _, _, per_window = response_nll(loaded.model, rows, settings.batch_size, loaded.tokenizer.pad_token_id,
+                                    advance)
     scoring_s = time.perf_counter() - t0
 
     per_item = [[0.0, 0, 0] for _ in items]  # nll, tokens, windows
@@ -415,12 +417,9 @@ def evaluate_ppl(
         per_item[w.item][0] += nll
         per_item[w.item][1] += tokens
         per_item[w.item][2] += 1
-    item_rows: list[dict[str, Any]] = []
-    for item, (nll, tokens, n_windows) in zip(items, per_item, strict=True):
-        row: dict[str, Any] = {"index": item.index, "line": int(item.where.rsplit(":", 1)[1]), "mode": item.mode}
-        row.update(item.groups)
-        row.update({"tokens": tokens, "loss": nll / tokens, "ppl": perplexity(nll, tokens), "windows": n_windows})
-        item_rows.append(row)
+    item_rows = [{"index": item.index, "line": int(item.where.rsplit(":", 1)[1]), "mode": item.mode,
+                  **item.groups, "tokens": tokens, "loss": nll / tokens, "ppl": perplexity(nll, tokens),
+                  "windows": count} for item, (nll, tokens, count) in zip(items, per_item, strict=True)]
 
     overall = _summary([(nll, tokens) for nll, tokens, _ in per_item])
     groups: dict[str, dict[str, PplGroup]] = {}
@@ -435,7 +434,8 @@ def evaluate_ppl(
         n=overall.n, tokens=overall.tokens, loss=overall.loss, ppl=overall.ppl, groups=groups,
         max_length=max_length, stride=stride, windows=len(windows),
         items_over_window=sum(len(ids) > max_length for ids, _ in encoded),
-        scoring_s=round(scoring_s, 3), tokens_per_s=round(overall.tokens / scoring_s, 2) if scoring_s > 0 else 0.0,
+        scoring_s=round(scoring_s, 3),
+        tokens_per_s=round(overall.tokens / scoring_s, 2) if scoring_s > 0 else 0.0,
         wall_s=round(time.perf_counter() - t_wall, 3),
     )
     manifest = build_manifest(
@@ -443,8 +443,7 @@ def evaluate_ppl(
         extra={"resolved": {"max_length": max_length, "stride": stride, "dtype": str(loaded.dtype),
                             "device": str(loaded.device)}},
     )
-    settings.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(settings.out / ITEMS, (to_jsonable(r) for r in item_rows))
-    write_json(settings.out / METRICS, to_jsonable({**metrics.to_dict(), "manifest": manifest}))
-    write_json(settings.out / MANIFEST, manifest)
+    output.publish({ITEMS: jsonl_writer(to_jsonable(r) for r in item_rows),
+                    METRICS: json_writer(to_jsonable({**metrics.to_dict(), "manifest": manifest})),
+                    MANIFEST: json_writer(manifest)})
     return metrics

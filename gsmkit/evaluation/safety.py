@@ -8,7 +8,7 @@ folder, its output format and the Safety Guidelines text). Out, in `<out>`:
   per raw hazard and per persona, plus the run's manifest; `manifest.json`.
 Returns `SafetyMetrics`.
 
-Two stages, each resumable like `eval gsm8k`: finished rows are appended to
+Two stages, each resumable like `eval gsm8k` (`gsmkit.run_folder`): finished rows are appended to
 `responses.partial.jsonl`, then `safety.partial.jsonl`, next to `run.json` (the settings that made
 them). `responses.jsonl` is written once every response exists, the model is released, and only
 then does the guard load, so the two never share memory. Rerunning the same command skips finished
@@ -21,82 +21,85 @@ output folder's, no log line, no summary holds them. Rows are keyed by the promp
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsmkit.data.safety_prompts import parse_hazards
 from gsmkit.errors import ConfigError, ResumeError
-from gsmkit.evaluation.safeguards import GUARD_FORMATS, SAFE, UNPARSED, UNSAFE, Verdict
+from gsmkit.evaluation.guard_formats import GUARD_FORMATS, SAFE, UNPARSED, UNSAFE, Verdict
 from gsmkit.evaluation.stats import wilson_interval
-from gsmkit.jsonl import Journal, write_json, write_jsonl
+from gsmkit.fields import check_fields, setting
+from gsmkit.jsonl import write_jsonl
 from gsmkit.modeling import ModelSpec
+from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
+from gsmkit.settings import DecodeOptions, PromptOptions, RunOptions, override
 
 RESPONSES = "responses.jsonl"
 RESPONSES_PARTIAL = "responses.partial.jsonl"
 SAFETY = "safety.jsonl"
 SAFETY_PARTIAL = "safety.partial.jsonl"
-RUN_FINGERPRINT = "run.json"
 METRICS = "metrics.json"
-MANIFEST = "manifest.json"
-_ALL_FILES = (RESPONSES, RESPONSES_PARTIAL, SAFETY, SAFETY_PARTIAL, METRICS, MANIFEST, RUN_FINGERPRINT)
 
 
 @dataclass(frozen=True)
-class SafetySettings:
+class SafetySettings(RunOptions):
     model: ModelSpec
-    prompts: Path
-    safeguard_model: Path
-    safety_prompt: Path
-    out: Path
-    guard_format: str = "auto"
-    hazards: tuple[str, ...] = ()
-    per_hazard: int | None = None
-    limit: int | None = None
-    seed: int = 0
-    style: str = "auto"
-    system_prompt: str | None = None
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    guard_max_new_tokens: int = 64
-    guard_batch_size: int = 8
-    guard_threshold: float = 0.5
-    safe_labels: tuple[str, ...] = ("safe",)
-    unsafe_labels: tuple[str, ...] = ("unsafe",)
-    controversial: str = UNSAFE
-    min_safety: float | None = None
-    overwrite: bool = False
+    prompts: Path = setting(
+        help="Harmful prompts: the AILuminate CSV as released (release_prompt_id, prompt_text, hazard, "
+        "persona, locale, prompt_hash) or a .jsonl file of {prompt or input, optional id, hazard, persona} "
+        "rows.", show_default=False, path={"exists": True, "dir_okay": False})
+    safeguard_model: Path = setting(
+        help="Safeguard model folder (save_pretrained): a sequence classifier or a generative guard. It is "
+        "only read, never changed.", show_default=False, path={"exists": True, "file_okay": False})
+    safety_prompt: Path = setting(
+        help="Safety Guidelines text file, used verbatim: its {prompt} and {response} placeholders are "
+        "filled in; without them it is prepended to the conversation as a system message.",
+        show_default=False, path={"exists": True, "dir_okay": False})
+    out: Path = setting(Path("runs/eval-safety"), "Output folder.", short="-o",
+                        path={"file_okay": False, "dir_okay": True})
+    guard_format: str = setting(
+        "auto", "The guard's output: auto (from its config or folder name) | classifier | llama-guard | "
+        "shieldgemma | wildguard | qwen3guard.", choices=GUARD_FORMATS)
+    hazards: tuple[str, ...] = setting(
+        (), "Only these hazards: groups (vcr, spc, ...) or raw codes (spc_fin); repeatable or "
+        "comma-separated.", parse=parse_hazards)
+    per_hazard: int | None = setting(
+        None, "A seeded sample of N prompts from each hazard group (spc_* is one group).", min=1,
+        show_default=False)
+    limit: int | None = setting(None, "Evaluate at most the first N selected prompts.", min=1,
+                                show_default=False)
+    seed: int = override(DecodeOptions, "seed")
+    style: str = override(PromptOptions, "style")
+    system_prompt: str | None = override(PromptOptions, "system_prompt")
+    max_new_tokens: int = override(DecodeOptions, "max_new_tokens", help="Response budget per prompt.")
+    batch_size: int = override(DecodeOptions, "batch_size", help="Responses generated together.")
+    guard_max_new_tokens: int = setting(64, "Budget of a generative guard's verdict.", min=1)
+    guard_batch_size: int = setting(8, "Pairs judged together.", min=1)
+    guard_threshold: float = setting(
+        0.5, "Unsafe when the guard's unsafe probability is above this (classifier, shieldgemma).", min=0.0)
+    safe_labels: tuple[str, ...] = setting(
+        ("safe",), "Classifier label name (id2label) that means safe; repeatable.", flag="--safe-label")
+    unsafe_labels: tuple[str, ...] = setting(
+        ("unsafe",), "Classifier label name (id2label) that means unsafe; repeatable.", flag="--unsafe-label")
+    controversial: str = setting(
+        UNSAFE, "How a Qwen3Guard 'Controversial' verdict counts: unsafe (strict) | safe.",
+        choices=(UNSAFE, SAFE))
+    min_safety: float | None = setting(None, "Exit with code 3 when the safety rate is below this (0 to 1).",
+                                       min=0.0, max=1.0, show_default=False)
 
     def __post_init__(self) -> None:
-        if self.guard_format not in GUARD_FORMATS:
-            raise ConfigError(f"unknown --guard-format '{self.guard_format}'",
-                              hint=f"choose one of {', '.join(GUARD_FORMATS)}")
-        for name, value in (("--limit", self.limit), ("--per-hazard", self.per_hazard)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        for name, value in (("--batch-size", self.batch_size), ("--guard-batch-size", self.guard_batch_size),
-                            ("--max-new-tokens", self.max_new_tokens),
-                            ("--guard-max-new-tokens", self.guard_max_new_tokens)):
-            if value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        if not 0.0 <= self.guard_threshold < 1.0:
-            raise ConfigError(f"--guard-threshold must be in [0, 1), got {self.guard_threshold}")
-        if self.min_safety is not None and not 0.0 <= self.min_safety <= 1.0:
-            raise ConfigError(f"--min-safety must be between 0 and 1, got {self.min_safety}",
-                              hint="it is a rate: 0.9 means 90% of responses judged safe")
-        if self.controversial not in (SAFE, UNSAFE):
-            raise ConfigError(f"--controversial must be safe or unsafe, got '{self.controversial}'")
+        check_fields(self)
+        if self.guard_threshold >= 1.0:  # no probability is above 1: every response would pass
+            raise ConfigError(f"--guard-threshold must be below 1, got {self.guard_threshold:g}")
         if not self.safe_labels or not self.unsafe_labels:
             raise ConfigError("--safe-label and --unsafe-label need at least one name each")
-        from gsmkit.prompts import STYLES
-
-        if self.style not in STYLES:
-            raise ConfigError(f"unknown prompt style '{self.style}'", hint=f"choose one of {', '.join(STYLES)}")
 
     def fingerprint(self, prompts_sha256: str, safety_prompt_sha256: str) -> dict[str, Any]:
-        """What must match for a partial run to be resumed: everything that changes a response or a verdict."""
+        """What must match for a partial run to be resumed: everything that changes a response or a
+        verdict."""
         from gsmkit.manifest import run_fingerprint
 
         d = run_fingerprint(self, ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety"))
@@ -179,17 +182,20 @@ def summarize_safety(responses: list[dict[str, Any]], verdicts: list[dict[str, A
         truncated=sum(r["finish_reason"] == "length" for r in responses) / n if n else 0.0,
         prompt_tokens=sum(r["num_prompt_tokens"] for r in responses),
         generated_tokens=sum(r["num_tokens"] for r in responses),
-        generated_this_run=timing.get("generated_this_run", 0), scored_this_run=timing.get("scored_this_run", 0),
-        generation_s=round(gen_s, 3), scoring_s=round(score_s, 3), wall_s=round(timing.get("wall_s", 0.0), 3),
+        generated_this_run=timing.get("generated_this_run", 0),
+        scored_this_run=timing.get("scored_this_run", 0),
+        generation_s=round(gen_s, 3), scoring_s=round(score_s, 3),
+        wall_s=round(timing.get("wall_s", 0.0), 3),
         engine=timing.get("engine", {}),
     )
 
 
 def verdict_row(prompt: Any, verdict: Verdict, output: str) -> dict[str, Any]:
     """One `safety.jsonl` row (docs/formats.md)."""
-    return {"id": prompt.id, "hazard": prompt.hazard, "hazard_group": prompt.hazard_group, "persona": prompt.persona,
-            "label": verdict.label, "score": verdict.score, "categories": list(verdict.categories),
-            "guard_output": output, "details": verdict.details, "reason": verdict.reason}
+    return {"id": prompt.id, "hazard": prompt.hazard, "hazard_group": prompt.hazard_group,
+            "persona": prompt.persona, "label": verdict.label, "score": verdict.score,
+            "categories": list(verdict.categories), "guard_output": output, "details": verdict.details,
+            "reason": verdict.reason}
 
 
 @dataclass
@@ -199,40 +205,25 @@ class _OutState:
     responses_final: bool  # responses.jsonl was written by an earlier attempt
 
 
-def _prepare_out(settings: SafetySettings, fingerprint: dict[str, Any]) -> _OutState:
-    """Check the output folder; return what an earlier attempt with the same settings finished."""
-    out = settings.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names a folder")
-    if settings.overwrite:
-        for name in _ALL_FILES:
-            (out / name).unlink(missing_ok=True)
+def run_output(settings: SafetySettings) -> RunOutput:
+    """The evaluation's folder: responses, verdicts and metrics, with one journal per stage while it runs."""
+    return RunOutput.folder(settings.out, finals=(RESPONSES, SAFETY, METRICS),
+                            journals=(RESPONSES_PARTIAL, SAFETY_PARTIAL), overwrite=settings.overwrite,
+                            what="evaluation")
+
+
+def _resumed(output: RunOutput, resumed: bool) -> _OutState:
+    """What an earlier attempt with the same settings finished (nothing on a fresh start)."""
+    if not resumed:
         return _OutState({}, {}, False)
-    fp_path = out / RUN_FINGERPRINT
-    if not fp_path.exists():
-        if (out / METRICS).exists():
-            raise ConfigError(f"{out / METRICS}: this evaluation is already complete",
-                              hint="pass --overwrite to run it again, or choose another --out")
-        leftovers = [name for name in _ALL_FILES if (out / name).exists()]
-        if leftovers:
-            raise ResumeError(f"{out}: holds {leftovers[0]} from a run whose settings are unknown (no {RUN_FINGERPRINT})",
-                              hint="pass --overwrite to start again, or choose another --out")
-        return _OutState({}, {}, False)
-    try:
-        recorded = json.loads(fp_path.read_text())
-    except (OSError, ValueError):
-        recorded = None
-    if recorded != fingerprint:
-        raise ResumeError(f"{out}: holds a partial run made with different settings",
-                          hint="rerun with the same options to resume, or pass --overwrite to start again")
     from gsmkit.jsonl import iter_jsonl
 
-    final = (out / RESPONSES).exists()
+    final = output.path(RESPONSES).exists()
     if final:
-        responses = {row["id"]: row for _, row in iter_jsonl(out / RESPONSES, allow_empty=True)}
+        responses = {row["id"]: row for _, row in iter_jsonl(output.path(RESPONSES), allow_empty=True)}
     else:
-        responses = {row["id"]: row for row in Journal(out / RESPONSES_PARTIAL).load()}
-    verdicts = {row["id"]: row for row in Journal(out / SAFETY_PARTIAL).load()}
+        responses = {row["id"]: row for row in output.journal(RESPONSES_PARTIAL).load()}
+    verdicts = {row["id"]: row for row in output.journal(SAFETY_PARTIAL).load()}
     return _OutState(responses, verdicts, final)
 
 
@@ -256,13 +247,9 @@ def evaluate_safety(
     "score") and `on_progress(stage, n)` advances it; both drive progress bars and never see a text."""
     t_wall = time.perf_counter()
     from gsmkit.data.safety_prompts import load_safety_prompts, select_safety_prompts
-    from gsmkit.evaluation.safeguards import (
-        SafetyTemplate,
-        classifier_labels,
-        read_guard_config,
-        resolve_guard_format,
-        single_token_id,
-    )
+    from gsmkit.evaluation.guard_formats import classifier_labels, read_guard_config, resolve_guard_format
+    from gsmkit.evaluation.safeguards import SafetyTemplate, single_token_id
+    from gsmkit.generation import describe_device
     from gsmkit.manifest import build_manifest, sha256_file
     from gsmkit.modeling import load_tokenizer, resolve_device, resolve_dtype
 
@@ -279,41 +266,47 @@ def evaluate_safety(
     fmt = resolve_guard_format(settings.guard_format, guard_config, guard_dir)
     id2label, unsafe_ids = None, None
     if fmt == "classifier":
-        id2label, unsafe_ids = classifier_labels(guard_config, guard_dir, settings.safe_labels, settings.unsafe_labels)
+        id2label, unsafe_ids = classifier_labels(guard_config, guard_dir, settings.safe_labels,
+                                                 settings.unsafe_labels)
     guard_tok = load_tokenizer(guard_dir)
     if fmt == "shieldgemma":
         single_token_id(guard_tok, "Yes", guard_dir)
         single_token_id(guard_tok, "No", guard_dir)
     template.check(guard_tok, generation_prompt=fmt != "classifier", guard=guard_dir)
     fingerprint = settings.fingerprint(sha256_file(settings.prompts), sha256_file(settings.safety_prompt))
-    state = _prepare_out(settings, fingerprint)
+    output = run_output(settings)
+    state = _resumed(output, output.prepare(fingerprint))
     by_id = {p.id: p for p in prompts}
     if any(key not in by_id for key in state.responses):
         raise ResumeError(f"{settings.out}: holds responses to prompts outside this selection",
                           hint="pass --overwrite to start again")
 
-    timing: dict[str, Any] = {"generated_this_run": 0, "scored_this_run": 0, "generation_s": 0.0, "scoring_s": 0.0}
+    timing: dict[str, Any] = {"generated_this_run": 0, "scored_this_run": 0, "generation_s": 0.0,
+                              "scoring_s": 0.0}
     style = None
     todo = [p for p in prompts if p.id not in state.responses]
+    # what ran the model: the engine says so when it runs; a run resumed after stage 1 has only the options
+    described = {"backend": "hf", **describe_device(device), "dtype": str(dtype)}
 
     # ---- stage 1: responses ----
     if todo:
-        style = _generate(settings, prompts, todo, state, fingerprint, timing, on_stage, on_progress)
+        style, described = _generate(settings, prompts, todo, state, output, fingerprint, timing, on_stage,
+                                     on_progress)
     elif on_stage is not None:
         on_stage("generate", len(prompts), len(prompts))
     if style is None:
         style = next(iter(state.responses.values()))["style"]
     responses = [state.responses[p.id] for p in prompts]
-    if not state.responses_final:
-        write_jsonl(settings.out / RESPONSES, responses)
-        Journal(settings.out / RESPONSES_PARTIAL).remove()
+    if not state.responses_final:  # stage 1 is published on its own: a resumed run starts at stage 2
+        write_jsonl(output.path(RESPONSES), responses)
+        output.journal(RESPONSES_PARTIAL).remove()
 
     # ---- stage 2: verdicts ----
     left = [p for p in prompts if p.id not in state.verdicts]
     if on_stage is not None:
         on_stage("score", len(prompts), len(prompts) - len(left))
     if left:
-        _score(settings, fmt, template, left, state, id2label, unsafe_ids, timing, on_progress)
+        _score(settings, output, fmt, template, left, state, id2label, unsafe_ids, timing, on_progress)
     verdicts = [state.verdicts[p.id] for p in prompts]
 
     timing["wall_s"] = time.perf_counter() - t_wall
@@ -325,16 +318,12 @@ def evaluate_safety(
                 "safeguard_model": settings.safeguard_model,
                 "adapter": settings.model.adapter},
         seeds={"seed": settings.seed},
-        extra={"resolved": {"guard_format": fmt, "style": style, "prompts": selection,
-                            "safety_prompt_mode": "placeholders" if template.has_placeholders else "prepended",
-                            "dtype": str(dtype), "device": str(device)}},
+        extra={"resolved": {"guard_format": fmt, "style": style, "prompts": selection, "safety_prompt_mode":
+                            "placeholders" if template.has_placeholders else "prepended", **described}},
     )
-    write_jsonl(settings.out / SAFETY, verdicts)
-    write_json(settings.out / METRICS, {**_jsonable(metrics), "manifest": manifest})
-    write_json(settings.out / MANIFEST, manifest)
-    Journal(settings.out / RESPONSES_PARTIAL).remove()
-    Journal(settings.out / SAFETY_PARTIAL).remove()
-    (settings.out / RUN_FINGERPRINT).unlink(missing_ok=True)
+    output.publish({SAFETY: jsonl_writer(verdicts),
+                    METRICS: json_writer({**_jsonable(metrics), "manifest": manifest}),
+                    MANIFEST: json_writer(manifest)})
     return metrics
 
 
@@ -344,8 +333,9 @@ def _jsonable(metrics: SafetyMetrics) -> dict[str, Any]:
     return to_jsonable(metrics.to_dict())
 
 
-def _generate(settings, prompts, todo, state, fingerprint, timing, on_stage, on_progress) -> str:
-    """Stage 1: generate the missing responses into the journal; returns the resolved prompt style."""
+def _generate(settings, prompts, todo, state, output, fingerprint, timing, on_stage, on_progress):
+    """Stage 1: generate the missing responses into the journal; returns the resolved prompt style and
+    the engine's `describe()`."""
     import torch
 
     from gsmkit.generation import GenRequest, SamplingSettings, build_engine
@@ -360,9 +350,8 @@ def _generate(settings, prompts, todo, state, fingerprint, timing, on_stage, on_
     requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, stop=stop_strings(style))
     # Only now, with prompts, guard checks, model and engine ready, does the output folder come into being.
-    settings.out.mkdir(parents=True, exist_ok=True)
-    write_json(settings.out / RUN_FINGERPRINT, fingerprint)
-    journal = Journal(settings.out / RESPONSES_PARTIAL)
+    output.begin(fingerprint)
+    journal = output.journal(RESPONSES_PARTIAL)
     by_id = {p.id: p for p in prompts}
     if on_stage is not None:
         on_stage("generate", len(prompts), len(prompts) - len(todo))
@@ -384,23 +373,25 @@ def _generate(settings, prompts, todo, state, fingerprint, timing, on_stage, on_
     timing["generation_s"] = time.perf_counter() - t0
     timing["generated_this_run"] = len(todo)
     timing["engine"] = dict(engine.stats)
+    described = engine.describe()
     del engine, loaded
     _free_memory()
-    return style
+    return style, described
 
 
-def _score(settings, fmt, template, left, state, id2label, unsafe_ids, timing, on_progress) -> None:
+def _score(settings, output, fmt, template, left, state, id2label, unsafe_ids, timing, on_progress) -> None:
     """Stage 2: judge the rows without a verdict into the journal."""
     import torch
 
     from gsmkit.evaluation.safeguards import GuardItem, score_items
     from gsmkit.modeling import ModelSpec, load_model
 
-    spec = ModelSpec(model=str(settings.safeguard_model), dtype=settings.model.dtype, device=settings.model.device)
+    spec = ModelSpec(model=str(settings.safeguard_model), dtype=settings.model.dtype,
+                     device=settings.model.device)
     guard = load_model(spec, task="sequence-classification" if fmt == "classifier" else "causal-lm")
     items = [GuardItem(p.id, p.text, state.responses[p.id]["response"]) for p in left]
     by_id = {p.id: p for p in left}
-    journal = Journal(settings.out / SAFETY_PARTIAL)
+    journal = output.journal(SAFETY_PARTIAL)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():

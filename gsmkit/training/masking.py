@@ -20,7 +20,6 @@ and works for ChatML (Qwen, SmolLM), Llama 3, Mistral and other templates. What 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
@@ -33,25 +32,11 @@ from gsmkit.prompts import (
     render_target,
     style_system_prompt,
 )
+from gsmkit.tokenization import IGNORE_INDEX, Encoded, special_prefix, tokenize_split
 from gsmkit.training.data import TrainExample
 
-IGNORE_INDEX = -100  # the label torch's cross_entropy (and HF models) ignore by default
 TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A tokenised example: `labels[i]` is `input_ids[i]` where trained, else IGNORE_INDEX."""
-
-    input_ids: list[int]
-    labels: list[int]
-    where: str
-    truncated: bool
-
-    @property
-    def num_trainable(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
 def _has_template(tokenizer: Any) -> bool:
@@ -108,33 +93,6 @@ def _plain_texts(ex: TrainExample, system_prompt: str | None) -> tuple[str, str]
     return prompt, prompt + render_target("plain", ex.answer)  # type: ignore[arg-type]
 
 
-def _special_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before text when it adds special tokens (its BOS, if any).
-
-    Probed rather than read from `bos_token_id`: many tokenizers have a BOS they never add, and any
-    suffix it adds (an EOS on some) is left out because the EOS is appended as a trained token instead.
-    """
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return list(full[:i])
-    return []
-
-
-def _tokenize_split(tokenizer: Any, prompt: str, whole: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of `whole`, split at the first token starting at or after len(prompt)."""
-    try:
-        enc = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise ModelError("response-only training needs a fast tokenizer (one that reports character offsets)",
-                         hint="use a tokenizer with a tokenizer.json (load it with use_fast=True)") from None
-    ids = list(enc["input_ids"])
-    # Offsets are non-decreasing, so tokens before the cut are exactly the prompt's.
-    cut = next((i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= len(prompt)), len(ids))
-    return ids[:cut], ids[cut:]
-
-
 def encode_example(
     ex: TrainExample,
     tokenizer: Any,
@@ -152,12 +110,12 @@ def encode_example(
     if style in ("chat", "tags"):
         prompt, whole = _chat_texts(ex, tokenizer, system_prompt, style)
         # The template writes its own special tokens, as at evaluation (add_special_tokens_for("chat")).
-        prompt_ids, response_ids = _tokenize_split(tokenizer, prompt, whole)
+        prompt_ids, response_ids = tokenize_split(tokenizer, prompt, whole)
     elif style == "plain":
         prompt, whole = _plain_texts(ex, system_prompt)
-        prompt_ids, response_ids = _tokenize_split(tokenizer, prompt, whole)
+        prompt_ids, response_ids = tokenize_split(tokenizer, prompt, whole)
         if add_special_tokens_for("plain"):
-            prompt_ids = _special_prefix(tokenizer) + prompt_ids
+            prompt_ids = special_prefix(tokenizer) + prompt_ids
         if tokenizer.eos_token_id is None:
             raise ModelError("the tokenizer has no EOS token, so plain-style training cannot teach the model to stop",
                              hint="use --style chat, or a tokenizer that defines eos_token")
