@@ -19,8 +19,12 @@ Attempts before i keep running: one of them may still be correct and come first.
 `all_attempts`, every attempt runs (no early stop), which gives the combinatorial pass@k estimator
 more samples to work with.
 
-Resumable: decided problems are appended to `<out>.partial.jsonl` next to `<out>.run.json` (the
-settings fingerprint); a rerun skips them, and the final file is written atomically at the end.
+Resumable (`gsmkit.run_folder`, file layout): decided problems are appended to `<stem>.partial.jsonl`
+next to `<stem>.run.json` (the settings fingerprint); a rerun skips them, and the final files are
+written atomically at the end.
+
+`--data gsm8k:train` / `gsm8k:test` name a split of the Hub dataset; the settings hold it resolved
+(`data` openai/gsm8k, `split` train), so manifests and fingerprints name the source as it was read.
 """
 
 from __future__ import annotations
@@ -32,55 +36,80 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gsmkit.errors import ConfigError, ResumeError
+from gsmkit.errors import ConfigError
+from gsmkit.fields import check_fields, setting
 from gsmkit.generation import SamplingSettings
 from gsmkit.modeling import ModelSpec
+from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
+from gsmkit.settings import (
+    DecodeOptions,
+    ProblemOptions,
+    PromptOptions,
+    RunOptions,
+    SamplingOptions,
+    override,
+)
+
+STATS = "stats.json"  # sidecars of the traces file: <stem>.stats.json, <stem>.partial.jsonl
+PARTIAL = "partial.jsonl"
+HUB_SPLITS = "gsm8k:"  # --data gsm8k:train | gsm8k:test: a split of the Hub dataset
+HUB_DATASET = "openai/gsm8k"
+DEFAULT_SPLIT = "train"
+
+
+def resolve_data(data: str, split: str | None) -> tuple[str, str]:
+    """(source, split): `gsm8k:<split>` names the Hub dataset's split; any other `data` is a GSM8K source,
+    read at `split` (train when not given)."""
+    if not data.startswith(HUB_SPLITS):
+        return data, split or DEFAULT_SPLIT
+    named = data[len(HUB_SPLITS):]
+    if split is not None and split != named:
+        raise ConfigError(f"--data {data} names split '{named}', and --split says '{split}'",
+                          hint=f"drop --split, or pass --data {HUB_DATASET} --split {split}")
+    return HUB_DATASET, named
 
 
 @dataclass(frozen=True)
-class TraceSettings:
+class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, RunOptions):
     model: ModelSpec
-    out: Path
-    data: str = "openai/gsm8k"
-    split: str = "train"
-    offset: int = 0
-    num_samples: int | None = None  # problems to take from the split (after --offset); None: all
-    max_attempts: int = 5
-    pool: Path | None = None
-    k: int = 0
-    style: str = "auto"
-    system_prompt: str | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    seed: int = 0
-    keep_attempts: bool = False
-    all_attempts: bool = False
-    prefix_cache: bool = True
-    backend: str = "hf"
-    overwrite: bool = False
+    out: Path = setting(Path("traces.jsonl"), "Traces file to write (JSONL); stats go to <stem>.stats.json.",
+                        short="-o", path={"dir_okay": False})
+    data: str = override(ProblemOptions, "data", f"{HUB_SPLITS}{DEFAULT_SPLIT}", help=(
+        f"{HUB_SPLITS}train | {HUB_SPLITS}test (the Hub dataset), or a GSM8K source: a Hub id or a local "
+        ".jsonl/.json/.parquet file or folder."))
+    split: str | None = override(ProblemOptions, "split", None, show_default=False,
+                                 help=f"Split of a GSM8K source. [default: {DEFAULT_SPLIT}]")
+    num_samples: int | None = setting(None, "Problems to trace (after --offset; default: the whole split).",
+                                      min=1, show_default=False)
+    max_attempts: int = setting(5, "Sampled attempts per problem before falling back to the gold solution "
+                                "(K).", min=1)
+    all_attempts: bool = setting(False, "Sample all K attempts even after a correct one (slower; unbiased "
+                                 "pass@k over K samples).")
+    keep_attempts: bool = setting(False, "Also write every counted attempt (text, answer, correct) in each "
+                                  "row.")
+    temperature: float = override(SamplingOptions, "temperature", 0.8, help="Sampling temperature.")
+    top_p: float = override(SamplingOptions, "top_p", 0.95, help="Nucleus sampling mass.")
+    max_new_tokens: int = override(DecodeOptions, "max_new_tokens", help="Generation budget per attempt.")
+    batch_size: int = override(DecodeOptions, "batch_size", help="Attempts generated together.")
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ConfigError(f"--num-samples must be >= 1, got {self.num_samples}")
-        if self.k < 0:
-            raise ConfigError(f"--k must be >= 0, got {self.k}")
+        # Held resolved (frozen, so set once here): `data` is the source read, `split` the split.
+        data, split = resolve_data(self.data, self.split)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "split", split)
+        check_fields(self)
         if self.k > 0 and self.pool is None:
-            raise ConfigError(f"--k {self.k} needs a few-shot pool",
-                              hint="make one with `gsmkit fewshot --out pool.jsonl` and pass --pool pool.jsonl")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"--k {self.k} needs a few-shot pool", hint="make one with `gsmkit fewshot "
+                              "--out pool.jsonl` and pass --pool pool.jsonl")
         if self.out.suffix != ".jsonl":
-            raise ConfigError(f"--out {self.out}: traces are written as JSON Lines", hint="name it like traces.jsonl")
+            raise ConfigError(f"--out {self.out}: traces are written as JSON Lines",
+                              hint="name it like traces.jsonl")
         self.sampling()
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
-        return SamplingSettings(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                                top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop)
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, do_sample=True,
+                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                seed=self.seed, stop=stop)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""
@@ -88,21 +117,11 @@ class TraceSettings:
 
         return run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend"))
 
-    @property
-    def partial(self) -> Path:
-        return self.out.with_name(self.out.stem + ".partial.jsonl")
 
-    @property
-    def run_file(self) -> Path:
-        return self.out.with_name(self.out.stem + ".run.json")
-
-    @property
-    def stats_file(self) -> Path:
-        return self.out.with_name(self.out.stem + ".stats.json")
-
-    @property
-    def manifest_file(self) -> Path:
-        return self.out.with_name(self.out.stem + ".manifest.json")
+def run_output(settings: TraceSettings) -> RunOutput:
+    """The traces file and its sidecars (stats, manifest), with a journal while the run goes on."""
+    return RunOutput.file(settings.out, sidecars=(STATS,), journals=(PARTIAL,), overwrite=settings.overwrite,
+                          what="trace generation")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -168,7 +187,8 @@ def summarize(rows: list[dict[str, Any]], max_attempts: int, all_attempts: bool,
         avg_attempts_for_successes=sum(r["attempts"] for r in wins) / len(wins) if wins else None,
         avg_attempts_overall=sum(r["attempts"] for r in rows) / n if n else 0.0,
         total_attempts=sum(r["attempts"] for r in rows), max_attempts=max_attempts, pass_at_k=passes,
-        pass_at_k_estimator="unbiased (n=K samples per problem)" if all_attempts else "first-k (sequential attempts)",
+        pass_at_k_estimator=("unbiased (n=K samples per problem)" if all_attempts
+                             else "first-k (sequential attempts)"),
         excluded_pool_problems=excluded,
         generated_this_run=timing.get("problems", 0), attempts_this_run=timing.get("attempts", 0),
         completions_this_run=timing.get("completions", 0), generated_tokens_this_run=timing.get("tokens", 0),
@@ -229,18 +249,21 @@ def generate_traces(
     t_wall = time.perf_counter()
     from gsmkit.answers import answers_equal, primary_answer, to_tags
     from gsmkit.data.fewshot import problems_for_run
-    from gsmkit.jsonl import write_json, write_jsonl
+    from gsmkit.data.gsm8k import source_file
     from gsmkit.manifest import build_manifest
 
     problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                      settings.num_samples, settings.pool, settings.k)
-    journal, done = _prepare_out(settings)
+    output = run_output(settings)
+    output.prepare(settings.fingerprint())
+    journal = output.journal(PARTIAL)
+    done = {row["id"]: row for row in journal.load()}
 
     from gsmkit.generation import GenRequest, build_engine
     from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
 
-    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
-                                       settings.seed)
+    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
+                                       settings.prefix_cache, settings.seed)
     style = resolve_style(settings.style, tok)
     fmt = answer_format(style)
     sampling = settings.sampling(stop_strings(style))
@@ -248,8 +271,8 @@ def generate_traces(
     todo = [p for p in problems if p.id not in done]
     requests = [GenRequest(p.id, encode_prompt(style, p.question, exemplars, tok, settings.system_prompt)[1],
                            num_samples=settings.max_attempts) for p in todo]
-    settings.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(settings.run_file, settings.fingerprint())
+    # Only now, with data, model and engine ready, does anything appear beside --out.
+    output.begin(settings.fingerprint())
     if on_start is not None:
         on_start(len(problems), len(done))
 
@@ -311,56 +334,17 @@ def generate_traces(
         raise RuntimeError(f"{len(missing)} problems were not decided (first: {missing[0]})")
 
     rows = [done[p.id] for p in problems]
-    timing = {**counts, "generation_s": gen_s, "wall_s": time.perf_counter() - t_wall, "engine": dict(engine.stats)}
+    timing = {**counts, "generation_s": gen_s, "wall_s": time.perf_counter() - t_wall,
+              "engine": dict(engine.stats)}
     stats = summarize(rows, settings.max_attempts, settings.all_attempts, timing, excluded)
     manifest = build_manifest(
         "generate-traces", settings,
-        inputs={"data": _data_file(settings), "pool": settings.pool},
+        inputs={"data": source_file(settings.data, settings.split), "pool": settings.pool},
         seeds={"seed": settings.seed},
         extra={"resolved": {"style": style, "answer_format": fmt, "stop": list(sampling.stop),
-                            "backend": settings.backend, "dtype": str(loaded.dtype) if loaded else settings.model.dtype,
-                            "device": str(loaded.device) if loaded else "cuda", "excluded_pool_problems": excluded}},
+                            **engine.describe(), "excluded_pool_problems": excluded}},
     )
-    write_jsonl(settings.out, rows)
-    write_json(settings.stats_file, {**stats.to_dict(), "traces": str(settings.out)})
-    write_json(settings.manifest_file, manifest)
-    journal.remove()
-    settings.run_file.unlink(missing_ok=True)
+    output.publish({"main": jsonl_writer(rows),
+                    STATS: json_writer({**stats.to_dict(), "traces": str(settings.out)}),
+                    MANIFEST: json_writer(manifest)})
     return stats
-
-
-def _prepare_out(settings: TraceSettings):
-    """Check the output paths; return the journal and the rows already decided there."""
-    import json
-
-    from gsmkit.jsonl import Journal
-
-    out = settings.out
-    if out.exists() and out.is_dir():
-        raise ConfigError(f"{out}: is a folder", hint="--out names the traces .jsonl file")
-    journal = Journal(settings.partial)
-    if settings.overwrite:
-        journal.remove()
-        for path in (out, settings.stats_file, settings.manifest_file, settings.run_file):
-            path.unlink(missing_ok=True)
-        return journal, {}
-    if out.exists() and not journal.path.exists():
-        raise ConfigError(f"{out}: already holds finished traces",
-                          hint="pass --overwrite to generate them again, or choose another --out")
-    if not journal.path.exists():
-        return journal, {}
-    try:
-        recorded = json.loads(settings.run_file.read_text())
-    except (OSError, ValueError):
-        recorded = None
-    if recorded != settings.fingerprint():
-        raise ResumeError(f"{journal.path}: holds a partial run made with different settings",
-                          hint="rerun with the same options to resume, or pass --overwrite to start again")
-    return journal, {row["id"]: row for row in journal.load()}
-
-
-def _data_file(settings: TraceSettings):
-    from gsmkit.data.gsm8k import resolve_split_files
-
-    files = resolve_split_files(settings.data, settings.split)
-    return files[0] if files else settings.data

@@ -55,6 +55,9 @@ class StubEngine:
                 text = f"attempt {s}: reasoning\n#### {self.gold[r.key] if right else '-1'}\nQuestion: junk"
                 yield GenResult(r.key, s, (1, 2, 3), text, "stop", 10)
 
+    def describe(self):
+        return {"backend": "stub", "device": "cpu", "dtype": "torch.float32"}
+
 
 @pytest.fixture()
 def stub(monkeypatch, small_gsm8k):
@@ -107,7 +110,9 @@ def test_first_correct_attempt_is_kept_and_later_ones_are_cancelled(tmp_path, ti
     on_disk = json.loads(out.with_name("traces.stats.json").read_text())
     assert on_disk["successes"] == sum(r["source"] == "model" for r in rows)
     assert on_disk["total_attempts"] == sum(r["attempts"] for r in rows)
-    assert json.loads(out.with_name("traces.manifest.json").read_text())["command"] == "generate-traces"
+    manifest = json.loads(out.with_name("traces.manifest.json").read_text())
+    assert manifest["command"] == "generate-traces"
+    assert manifest["resolved"]["backend"] == "stub"  # what ran, as the engine describes itself
     assert not out.with_name("traces.partial.jsonl").exists() and not out.with_name("traces.run.json").exists()
 
 

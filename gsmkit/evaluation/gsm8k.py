@@ -46,8 +46,8 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
     def __post_init__(self) -> None:
         check_fields(self)
         if self.k > 0 and self.pool is None:
-            raise ConfigError(f"--k {self.k} needs a few-shot pool",
-                              hint="make one with `gsmkit fewshot --out pool.jsonl` and pass --pool pool.jsonl")
+            raise ConfigError(f"--k {self.k} needs a few-shot pool", hint="make one with `gsmkit fewshot "
+                              "--out pool.jsonl` and pass --pool pool.jsonl")
         self.sampling()  # decoding options are checked where they are defined, before any model loads
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
@@ -154,8 +154,8 @@ def evaluate_gsm8k(
     from gsmkit.manifest import build_manifest
 
     # Everything that can fail on input is checked before the model loads.
-    problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset, settings.limit,
-                                                     settings.pool, settings.k)
+    problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
+                                                     settings.limit, settings.pool, settings.k)
     output = run_output(settings)
     output.prepare(settings.fingerprint())
     journal = output.journal(PARTIAL)
@@ -164,8 +164,8 @@ def evaluate_gsm8k(
     from gsmkit.generation import GenRequest, build_engine
     from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
 
-    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size, settings.prefix_cache,
-                                       settings.seed)
+    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
+                                       settings.prefix_cache, settings.seed)
     style = resolve_style(settings.style, tok)
     fmt = answer_format(style)
     sampling = settings.sampling(stop_strings(style))
@@ -217,9 +217,7 @@ def evaluate_gsm8k(
         "eval gsm8k", settings,
         inputs={"data": source_file(settings.data, settings.split), "pool": settings.pool},
         seeds={"seed": settings.seed},
-        extra={"resolved": {"style": style, "stop": list(sampling.stop), "backend": settings.backend,
-                            "dtype": str(loaded.dtype) if loaded else settings.model.dtype,
-                            "device": str(loaded.device) if loaded else "cuda",
+        extra={"resolved": {"style": style, "stop": list(sampling.stop), **engine.describe(),
                             "excluded_pool_problems": excluded}},
     )
     output.publish({PREDICTIONS: jsonl_writer(pr.to_dict() for pr in preds),
