@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from gsmkit.adapters.spectra import (
     truncate_lora,
 )
 from gsmkit.errors import ConfigError, ModelError
-from gsmkit.fields import check_fields, setting
+from gsmkit.fields import check_fields, described, setting
 from gsmkit.run_folder import check_new_folder
 from gsmkit.settings import RunOptions, override
 
@@ -92,36 +92,65 @@ class AuditSettings:
 
 @dataclass
 class ModuleAudit:
-    module: str
-    type: str  # last path component: q_proj, v_proj, ...
-    layer: int | None  # first integer path component (model.layers.3.* -> 3); None for lm_head etc.
-    shape: list[int]  # [d, k] of B @ A: [out_features, in_features] for a Linear layer
-    r: int
-    lora_alpha: float
-    scale: float
-    singular_values: list[float]  # of scale * B @ A, descending, min(d, k, r) of them
-    frobenius_norm: float
-    effective_rank: int
-    stable_rank: float
-    spectral_entropy: float  # nats
-    suggested_rank: int
-    lora_parameters: int
-    note: str | None = None
+    module: str = described(
+        "the module path in the base model, as PEFT's `rank_pattern` keys match it: the saved key without "
+        "`base_model.model.` and `.lora_A.weight`")
+    type: str = described("the last path component: `q_proj`, `v_proj`, ...")
+    layer: int | None = described(
+        "the first number in the path (`model.layers.3.*` → 3); null for modules outside the layers, "
+        "such as `lm_head`")
+    shape: list[int] = described(
+        "`[d, k]` of `B @ A` (`[out_features, in_features]` for a Linear layer; a Conv kernel is folded "
+        "into `k`)")
+    r: int = described("the module's rank (from `rank_pattern` when a key there matches the module)")
+    lora_alpha: float = described("the module's alpha (from `alpha_pattern` when a key there matches)")
+    scale: float = described(
+        "the scale PEFT applies: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`")
+    singular_values: list[float] = described(
+        "singular values of `scale * B @ A`, in descending order. There are `min(d, k, r)` of them")
+    frobenius_norm: float = described("`sqrt(sum sigma_i^2)`")
+    effective_rank: int = described(
+        "the smallest `n` whose `n` largest `sigma_i^2` add up to at least `energy` of their total "
+        "(0 for a zero update)")
+    stable_rank: float = described("`sum sigma_i^2 / sigma_1^2` (0 for a zero update)")
+    spectral_entropy: float = described(
+        "`-sum p_i ln p_i` in nats, with `p_i = sigma_i^2 / sum sigma_j^2` (0 for a zero update)")
+    suggested_rank: int = described("`effective_rank`, at least 1 and at most `r`")
+    lora_parameters: int = described("elements of `lora_A` plus `lora_B`")
+    note: str | None = described(
+        "set for a zero update (`lora_A` or `lora_B` all zeros, as in an untrained adapter): its spectrum "
+        "is all zeros, its effective rank 0 and its suggested rank 1", default=None)
 
 
 @dataclass
 class AuditResult:
-    adapter: str
-    out: str
-    energy: float
-    modules: list[ModuleAudit]
-    by_type: dict[str, dict[str, Any]]
-    by_layer: list[dict[str, Any]]
-    rank_pattern: dict[str, int]
-    lora_parameters: int
-    lora_parameters_suggested: int
-    notes: list[str] = field(default_factory=list)
-    compression: dict[str, Any] | None = None  # set when a compressed adapter was written
+    adapter: str = described("the adapter folder")
+    out: str = described("the output folder")
+    energy: float = described("`--energy`, in (0, 1]")
+    modules: list[ModuleAudit] = described(
+        "one per LoRA module, in path order (layer 2 before layer 10). The fields are listed in the next "
+        "table")
+    by_type: dict[str, dict[str, Any]] = described(
+        "module type (the last path component: `q_proj`, `v_proj`, ...) → `modules`, `r` (the distinct "
+        "ranks), `effective_rank_mean`, `effective_rank_max`, `stable_rank_mean`, `spectral_entropy_mean`, "
+        "`frobenius_norm_mean`, `lora_parameters`, `lora_parameters_suggested`")
+    by_layer: list[dict[str, Any]] = described(
+        "one per layer (the first number in the module path; `null` for modules outside the layers, such "
+        "as `lm_head`): `layer`, `modules`, `frobenius_norm` (of all the layer's updates together), "
+        "`effective_rank` and `r` (module type → value), `stable_rank_mean`")
+    rank_pattern: dict[str, int] = described(
+        "module path → suggested rank, ready for `peft.LoraConfig(rank_pattern=...)`. Longer paths come "
+        "first, because PEFT uses the first key that matches")
+    lora_parameters: int = described("parameters in all `lora_A` and `lora_B` matrices")
+    lora_parameters_suggested: int = described(
+        "the same at the suggested ranks: the sum of `suggested_rank * (d + k)`")
+    notes: list[str] = described(
+        "for example how many modules have a zero update, or that a DoRA adapter's magnitude vectors are "
+        "ignored", default_factory=list)
+    compression: dict[str, Any] | None = described(
+        "`--compress` only: the summary written into the compressed adapter's `manifest.json` as "
+        "`compression` (see [Compressed adapter](#compressed-adapter-audit-svd---compress)); never in "
+        "`audit.json`", default=None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
