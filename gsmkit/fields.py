@@ -105,10 +105,11 @@ def check_fields(obj: Any) -> None:
         flag = flag_of(f)
         lo, hi = meta.get("min"), meta.get("max")
         if isinstance(value, int | float):
-            if lo is not None and (value <= lo if meta.get("min_open") else value < lo):
+            # written as "not above" so that NaN fails every bound instead of passing it
+            if lo is not None and not (value > lo if meta.get("min_open") else value >= lo):
                 rel = ">" if meta.get("min_open") else ">="
                 raise ConfigError(f"{flag} must be {rel} {lo:g}, got {value:g}")
-            if hi is not None and value > hi:
+            if hi is not None and not value <= hi:
                 raise ConfigError(f"{flag} must be <= {hi:g}, got {value:g}")
         choices = meta.get("choices")
         if choices and isinstance(value, str) and value not in choices:

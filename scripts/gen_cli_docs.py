@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MD = ROOT / "docs" / "cli.md"
@@ -87,6 +87,10 @@ def _base_type_label(annotation: Any, param: Any) -> str:
         return {"file": "file", "dir": "folder", "directory": "folder"}.get(kind, "path")
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return " \\| ".join(str(m.value) for m in annotation)
+    if get_origin(annotation) is Literal:  # a field declared with choices=
+        return " \\| ".join(str(c) for c in get_args(annotation))
+    if type(None) in get_args(annotation):  # X | None: the option is just not given
+        return _base_type_label(next(a for a in get_args(annotation) if a is not type(None)), param)
     return {int: "integer", float: "number", str: "text", bool: "boolean"}.get(annotation, str(annotation))
 
 

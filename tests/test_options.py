@@ -134,3 +134,8 @@ def test_every_settings_field_with_cli_metadata_has_help():
         for opt in command.options():
             assert opt.field.metadata.get("help"), f"{command.cls.__name__}.{opt.name} has no help"
     assert all(dataclasses.is_dataclass(c.cls) for c in built)
+
+
+def test_nan_fails_every_declared_bound():
+    with pytest.raises(ConfigError, match="--top-p"):
+        EvalSettings(model=ModelSpec(model="m"), top_p=float("nan"))
