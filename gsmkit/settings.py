@@ -95,3 +95,23 @@ class RunOptions:
     """What to do with an output that already exists (see gsmkit.run_folder)."""
 
     overwrite: bool = setting(False, "Discard finished or partial results in --out.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions:
+    """How a training run (train sft, qlora, grpo) optimises, logs and checkpoints; the defaults are SFT's."""
+
+    learning_rate: float = setting(2e-4, "Peak learning rate.", aliases=("--lr",), min=0.0, min_open=True)
+    lr_scheduler: str = setting("cosine", "Learning-rate schedule: linear | cosine | constant ...")
+    warmup_ratio: float = setting(0.03, "Share of steps for warmup.", min=0.0, max=0.999)
+    max_steps: int = setting(-1, "Stop after this many optimizer steps (overrides --epochs).", min=-1,
+                             show_default=False)
+    grad_accum: int = setting(1, "Gradient accumulation steps.", min=1)
+    seed: int = setting(42, "Random seed.")
+    logging_steps: int = setting(5, "Log (and draw the loss curve) every N steps.", min=1)
+    save_steps: int = setting(0, "Keep an adapter checkpoint every N steps (enables --resume).", min=0,
+                              show_default=False)
+    gradient_checkpointing: bool | None = setting(
+        None, "Trade compute for memory.", flag="--gradient-checkpointing/--no-gradient-checkpointing",
+        show_default="on with a 4-bit base")
+    resume: bool = setting(False, "Continue an interrupted run from its last checkpoint.")
