@@ -81,14 +81,16 @@ def resolve_dtype(dtype: str, device) -> Any:
     resolved = getattr(torch, dtype)
     if resolved is torch.bfloat16:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("this GPU does not support bfloat16", hint="use --dtype float16 or --dtype float32")
+            raise ConfigError("this GPU does not support bfloat16",
+                              hint="use --dtype float16 or --dtype float32")
         if device.type == "cpu" and not cpu_supports_bf16():
             raise ConfigError(
                 "this CPU has no native bfloat16 support (no AVX512-BF16 or AMX)",
                 hint="use --dtype float32 (or auto)",
             )
     if resolved is torch.float16 and device.type == "cpu":
-        raise ConfigError("float16 on the CPU is not supported for generation here", hint="use --dtype float32")
+        raise ConfigError("float16 on the CPU is not supported for generation here",
+                          hint="use --dtype float32")
     return resolved
 
 
@@ -106,7 +108,8 @@ def locate_weights(model: str) -> tuple[str, dict[str, Any], str]:
         if len(ggufs) == 1:
             return str(path), {"gguf_file": ggufs[0].name}, "gguf"
         if len(ggufs) > 1:
-            raise ModelError(f"{path}: several .gguf files", hint="pass the one you want: --model path/to/file.gguf")
+            raise ModelError(f"{path}: several .gguf files",
+                             hint="pass the one you want: --model path/to/file.gguf")
         raise ModelError(f"{path}: not a model folder (no config.json, no .gguf file)",
                          hint="pass a folder written by save_pretrained, a .gguf file or a Hub id")
     if model.startswith((".", "/", "~")) or model.endswith(".gguf"):
@@ -134,7 +137,8 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ModelError(f"{path}: adapter folder not found")
     if not path.is_dir():
-        raise ModelError(f"{path}: an adapter must be a folder", hint="pass the folder holding adapter_config.json")
+        raise ModelError(f"{path}: an adapter must be a folder",
+                         hint="pass the folder holding adapter_config.json")
     cfg_path = path / "adapter_config.json"
     if not cfg_path.exists():
         raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)",
@@ -162,8 +166,8 @@ def adapter_trained_in_4bit(adapter: str | Path) -> bool:
 
 
 def adapter_nf4_correction(adapter: str | Path) -> str | None:
-    """The `--init-lora` method (loftq, cloq) that started the adapter at a correction of the nf4 error, if any
-    (from the run's settings, which a resumed run keeps too)."""
+    """The `--init-lora` method (loftq, cloq) that started the adapter at a correction of the nf4 error, if
+    any (from the run's settings, which a resumed run keeps too)."""
     settings = _adapter_manifest(adapter).get("settings")
     method = settings.get("init_lora") if isinstance(settings, dict) else None
     return method if isinstance(method, str) and method != "default" else None
@@ -180,9 +184,16 @@ def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool 
         first = str(err).strip().splitlines()
         detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
         raise ModelError(
-            f"{adapter}: adapter does not fit base model '{base_name}' (it was trained on '{recorded}'): {detail[:200]}",
+            f"{adapter}: adapter does not fit base model '{base_name}' (it was trained on '{recorded}'): "
+            f"{detail[:200]}",
             hint="pass the --model the adapter was trained from",
         ) from None
+
+
+def _display_name(spec: ModelSpec, where: str, extra: dict[str, Any], source: str) -> str:
+    """What the loading step calls the model: the Hub id, the folder's or the .gguf file's name, + adapter."""
+    name = spec.model if source == "hub" else extra.get("gguf_file") or Path(where).name
+    return name + (f" + adapter {Path(spec.adapter).name}" if spec.adapter is not None else "")
 
 
 def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-lm") -> LoadedModel:
@@ -204,11 +215,13 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
             from gsmkit.progress import stderr_console
 
             method = adapter_nf4_correction(spec.adapter)
-            why = (f"it holds a correction of the nf4 rounding (--init-lora {method}), which full-precision weights "
-                   "do not have, so there it overcorrects" if method else "on full-precision weights it scores differently")
+            why = (f"it holds a correction of the nf4 rounding (--init-lora {method}), which full-precision "
+                   "weights do not have, so there it overcorrects" if method
+                   else "on full-precision weights it scores differently")
             stderr_console().print(
-                f"[yellow]warning:[/yellow] {spec.adapter} was trained on a 4-bit (nf4) base by `train qlora`; {why}. "
-                "Add --load-in-4bit to use the base it was trained with.", highlight=False, soft_wrap=True)
+                f"[yellow]warning:[/yellow] {spec.adapter} was trained on a 4-bit (nf4) base by "
+                f"`train qlora`; {why}. Add --load-in-4bit to use the base it was trained with.",
+                highlight=False, soft_wrap=True)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     where, extra, source = locate_weights(spec.model)
@@ -221,10 +234,12 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError as err:
-            raise ConfigError(f"--load-in-4bit needs bitsandbytes ({err})", hint="pip install bitsandbytes") from None
+            raise ConfigError(f"--load-in-4bit needs bitsandbytes ({err})",
+                              hint="pip install bitsandbytes") from None
         compute = dtype if dtype != torch.float32 or device.type == "cpu" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": device}
     if source == "gguf":
@@ -235,21 +250,26 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
         else:
             # Dequantize to ordinary dense weights: the model then trains, merges and saves like any other.
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
-    try:
-        model = auto_class.from_pretrained(where, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any loader failure becomes one line for the user
-        raise ModelError(f"{spec.model}: cannot load the model ({type(err).__name__}: {str(err)[:300]})",
-                         hint="without network access, pass a local folder or .gguf file") from None
-    if not spec.load_in_4bit:
-        model.to(device)
-    if spec.load_in_4bit and not any("4bit" in type(m).__name__ for m in model.modules()):
-        raise ConfigError("4-bit loading was asked for but no layer was quantized",
-                          hint="check that bitsandbytes supports this device")
-    if spec.load_in_4bit:
-        keep_4bit_compute_dtype(model)
-    if spec.adapter is not None:
-        model = attach_adapter(model, spec.adapter, spec.model, is_trainable=for_training)
+    from gsmkit.progress import status_step
+
+    name = _display_name(spec, where, extra, source)
+    precision = "4-bit nf4" if spec.load_in_4bit else str(dtype).removeprefix("torch.")
+    with status_step(f"loading model {name}", done=f"loaded model {name} ({device}, {precision})"):
+        tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+        try:
+            model = auto_class.from_pretrained(where, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any loader failure becomes one line for the user
+            raise ModelError(f"{spec.model}: cannot load the model ({type(err).__name__}: {str(err)[:300]})",
+                             hint="without network access, pass a local folder or .gguf file") from None
+        if not spec.load_in_4bit:
+            model.to(device)
+        if spec.load_in_4bit and not any("4bit" in type(m).__name__ for m in model.modules()):
+            raise ConfigError("4-bit loading was asked for but no layer was quantized",
+                              hint="check that bitsandbytes supports this device")
+        if spec.load_in_4bit:
+            keep_4bit_compute_dtype(model)
+        if spec.adapter is not None:
+            model = attach_adapter(model, spec.adapter, spec.model, is_trainable=for_training)
     if not for_training:
         model.eval()
         for p in model.parameters():
@@ -290,7 +310,8 @@ def keep_4bit_compute_dtype(model: Any) -> int:
 
     restored = 0
     for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu") or getattr(module, "compute_dtype", None) == torch.bfloat16:
+        if (not hasattr(module, "support_avx512bf16_for_cpu")
+                or getattr(module, "compute_dtype", None) == torch.bfloat16):
             continue
         module.support_avx512bf16_for_cpu = False
         state = getattr(module.weight, "quant_state", None)

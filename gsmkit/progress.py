@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
 from typing import Self
 
 from rich.console import Console
@@ -70,7 +74,8 @@ class ProgressTask:
     def start(self, total: int, completed: int = 0) -> None:
         """Draw the bar; a run that resumes (`completed` > 0) says so first, on the same console."""
         if completed and self.console is not None:
-            self.console.print(f"resuming: {completed} of {total} {self.done_noun} already done", highlight=False)
+            self.console.print(f"resuming: {completed} of {total} {self.done_noun} already done",
+                               highlight=False)
         # `resumed` = work already done when this run began, left out of the rate. (Not `start`: that
         # keyword of add_task decides whether the task's clock runs at all.)
         self.task = self.progress.add_task(self.description, total=total, completed=completed, unit=self.unit,
@@ -88,7 +93,7 @@ class ProgressTask:
                              description=description or self.description)
 
     def close(self) -> None:
-        """Stop drawing (rich allows one live bar at a time, so a stage's bar is closed before the next starts)."""
+        """Stop drawing (rich draws one live bar at a time: a stage's bar closes before the next starts)."""
         if self.task is not None:
             self.progress.stop()
 
@@ -97,3 +102,25 @@ class ProgressTask:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def status_step(description: str, done: str | None = None, console: Console | None = None) -> Iterator[None]:
+    """One step of work that has no count to report (loading a model): a spinner with `description` while it
+    runs (on a terminal), then one line, `done` (or `description`) and the seconds it took. If the work
+    fails, nothing stays behind.
+
+    Inside another live display (a command's stage bar already says what is happening) it draws nothing:
+    rich draws one live display per terminal, and that one is redirecting stderr.
+    """
+    from rich.file_proxy import FileProxy
+
+    if isinstance(sys.stderr, FileProxy):
+        yield
+        return
+    console = console or stderr_console()
+    t0 = time.perf_counter()
+    with console.status(description, spinner="dots"):
+        yield
+    seconds = time.perf_counter() - t0
+    console.print(f"{done or description} in {seconds:.1f}s", highlight=False, soft_wrap=True)

@@ -66,11 +66,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,  # noqa: ARG001
+                                          help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
     """gsmkit: independent subcommands that pass JSONL files and adapter folders to each other."""
     ctx.obj = {"debug": debug}
+    if not debug:  # what a user sees is gsmkit's own; --debug shows the libraries' output too
+        from gsmkit.console_noise import silence_library_noise
+
+        silence_library_noise()
 
 
 from gsmkit.cli import audit as _audit
