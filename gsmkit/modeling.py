@@ -35,6 +35,8 @@ class ModelSpec:
             raise ConfigError(f"unknown --dtype '{self.dtype}'", hint=f"choose one of {', '.join(DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown --device '{self.device}'", hint=f"choose one of {', '.join(DEVICES)}")
+        if self.adapter is not None:
+            check_adapter(self.adapter)  # a damaged adapter fails here, before any model loads
 
 
 @dataclass
@@ -144,12 +146,69 @@ def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)",
                          hint="pass the output folder of `gsmkit train` or a PEFT save_pretrained folder")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ModelError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not any((path / n).exists() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})", hint=_RESAVE) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{cfg_path}: cannot read it ({type(err).__name__}: {err})", hint=_RESAVE) from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}", hint=_RESAVE)
+    if not any((path / n).exists() for n in ADAPTER_WEIGHTS):
         raise ModelError(f"{path}: adapter_config.json has no weights beside it (adapter_model.safetensors)")
     return cfg
+
+
+def check_adapter(adapter: str | Path) -> dict[str, Any]:
+    """The config of the adapter folder, once it is whole; otherwise a ModelError that names the file.
+
+    Whole: adapter_config.json is a JSON object, a weights file is beside it, and adapter_model.safetensors
+    has a header that reads and describes exactly the bytes that follow it. Reads the config and that
+    header, no tensor and no model, so commands call it while they build their settings.
+    """
+    cfg = read_adapter_config(adapter)
+    path = Path(adapter).expanduser()
+    for name in ADAPTER_WEIGHTS:
+        weights = path / name
+        if weights.exists():
+            if not weights.is_file() or weights.stat().st_size == 0:
+                raise ModelError(f"{weights}: empty or not a file", hint=_RESAVE)
+            if name.endswith(".safetensors"):
+                _check_safetensors(weights)
+            break
+    return cfg
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_RESAVE = "the adapter is damaged or incomplete: save it again (save_pretrained) or download it again"
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors reader refuses larger headers
+
+
+def _check_safetensors(weights: Path) -> None:
+    """A safetensors file: an 8-byte little-endian header length, a JSON header, then the tensors' bytes."""
+    size = weights.stat().st_size
+    with weights.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise ModelError(f"{weights}: damaged: {size} bytes, too short for a safetensors file",
+                             hint=_RESAVE)
+        claimed = int.from_bytes(prefix, "little")
+        if claimed > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise ModelError(f"{weights}: damaged: its safetensors header claims {claimed} bytes, but the "
+                             f"file has {size} in all", hint=_RESAVE)
+        raw = fh.read(claimed)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    entries = [v for k, v in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    if entries is None or not all(isinstance(e, dict) and isinstance(e.get("data_offsets"), list)
+                                  and len(e["data_offsets"]) == 2 for e in entries):
+        raise ModelError(f"{weights}: damaged: its safetensors header is not a JSON table of tensors",
+                         hint=_RESAVE)
+    needed = max((int(e["data_offsets"][1]) for e in entries), default=0)
+    if needed != size - 8 - claimed:
+        raise ModelError(f"{weights}: damaged: its header describes {needed} bytes of tensors, but "
+                         f"{size - 8 - claimed} follow it (a truncated copy?)", hint=_RESAVE)
 
 
 def _adapter_manifest(adapter: str | Path) -> dict:

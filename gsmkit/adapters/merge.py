@@ -34,7 +34,7 @@ from typing import Any
 
 from gsmkit.errors import GsmkitError, ModelError
 from gsmkit.fields import check_fields, setting
-from gsmkit.modeling import ModelSpec
+from gsmkit.modeling import ModelSpec, check_adapter
 from gsmkit.run_folder import MANIFEST, check_new_folder, publish_folder, staging_folder
 from gsmkit.settings import ProblemOptions, RunOptions, override
 
@@ -76,6 +76,7 @@ class MergeSettings:
         check_fields(self)
         # The device string is checked where it is used (ModelSpec); fail here too, before any loading.
         ModelSpec(model=self.model, dtype="float32", device=self.device)
+        check_adapter(self.adapter)  # a damaged adapter fails before any data or model is read
 
 
 @dataclass
@@ -181,11 +182,11 @@ def merge_adapter(
     from gsmkit.evaluation.perplexity import encode_item, model_window, sliding_windows
     from gsmkit.jsonl import write_json
     from gsmkit.manifest import build_manifest, to_jsonable
-    from gsmkit.modeling import attach_adapter, load_model, load_tokenizer, read_adapter_config
+    from gsmkit.modeling import attach_adapter, load_model, load_tokenizer
     from gsmkit.tokenization import Encoded
 
     # Everything that can fail on input is checked before the model loads.
-    adapter_cfg = read_adapter_config(settings.adapter)
+    adapter_cfg = check_adapter(settings.adapter)  # first: the verification data may come from the Hub
     peft_type = adapter_cfg.get("peft_type")
     if peft_type in _PROMPT_LEARNING:
         raise ModelError(f"{settings.adapter}: a {peft_type} adapter adds virtual tokens, it has no weights "

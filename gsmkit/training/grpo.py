@@ -92,6 +92,10 @@ class GrpoSettings:
             raise ConfigError("--resume and --overwrite contradict each other")
         if self.init_adapter is not None and self.target_modules:
             raise ConfigError("--target-modules does not apply with --init-adapter", hint="the adapter's own modules train")
+        if self.init_adapter is not None:
+            from gsmkit.modeling import check_adapter
+
+            check_adapter(self.init_adapter)  # a damaged adapter fails here, before any model loads
 
     @property
     def weights(self) -> dict[str, float]:
