@@ -159,16 +159,19 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
         nll, n, _ = response_nll(model, enc, batch_size=8, pad_id=loaded.tokenizer.pad_token_id)
         del loaded, model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        return {"loss": nll / n, "ppl": perplexity(nll, n), "tokens": n, "seconds": round(time.perf_counter() - t0, 1)}
+        return {"loss": nll / n, "ppl": perplexity(nll, n), "tokens": n,
+                "seconds": round(time.perf_counter() - t0, 1)}
 
     def initialised_adapter(model, tokenizer, method: str, seed: int):
         from peft import LoraConfig, get_peft_model
 
-        from gsmkit.training.sft import TrainSettings, initialise_lora, prepare_examples
+        from gsmkit.training.config import TrainSettings
+        from gsmkit.training.lora import initialise_lora
+        from gsmkit.training.sft import prepare_examples
 
         settings = TrainSettings(model=str(model_dir), out=out / "unused", mode="qlora", data=str(rows),
-                                 fewshot_pool=pool, max_length=args.max_length, seed=seed, init_lora=method)
-        encoded = prepare_examples(settings, tokenizer)[0]  # the rows train() encodes, so the same calibration
+                                 pool=pool, max_length=args.max_length, seed=seed, init_lora=method)
+        encoded = prepare_examples(settings, tokenizer)[0]  # the rows train() encodes: the same calibration
         peft_model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
         initialise_lora(peft_model, settings, encoded, tokenizer.pad_token_id)  # the call train() makes
@@ -199,8 +202,9 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
                     "--fewshot-pool", str(pool),
                     "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
                     str(args.max_length), "--learning-rate", str(args.lr), "--lora-r", str(LORA["r"]),
-                    "--lora-alpha", str(LORA["alpha"]), "--seed", str(seed), "--out", str(run_dir), "--overwrite",
-                    "--json", *(["--init-lora", INIT_MODES[mode]] if mode in INIT_MODES else [])]
+                    "--lora-alpha", str(LORA["alpha"]), "--seed", str(seed), "--out", str(run_dir),
+                    "--overwrite", "--json",
+                    *(["--init-lora", INIT_MODES[mode]] if mode in INIT_MODES else [])]
             log = out / "logs" / f"train_{mode}_seed{seed}.log"
             wall, code = run_timed(cmd, log)
             if code != 0:
@@ -208,9 +212,9 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
             summary = last_json(log)
             after = score(mode, run_dir)
             init = score(mode, None, init_seed=seed) if mode in INIT_MODES else None
-            done[key] = results[key] = {"seed": seed, "before": before, "init": init, "after": after, "train": summary,
-                                        "wall_s": round(wall, 1), "ppl_reduction": 1 - after["ppl"] / before["ppl"],
-                                        "command": cmd}
+            done[key] = results[key] = {"seed": seed, "before": before, "init": init, "after": after,
+                                        "train": summary, "wall_s": round(wall, 1),
+                                        "ppl_reduction": 1 - after["ppl"] / before["ppl"], "command": cmd}
             partial.write_text(json.dumps(done, indent=2))
     for prefix, q in (("", "qlora"), ("trl-", "qlora"), *(("", m) for m in INIT_MODES)):
         # qlora's perplexity after training relative to sft's, per seed and on average
@@ -238,15 +242,18 @@ def plot_learning(results: dict, png: Path, window: int = 4) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, run in results.items():
-        log = Path(run["train"]["out"]) / "trainer_log.jsonl" if isinstance(run, dict) and "train" in run else None
+        trained = isinstance(run, dict) and "train" in run
+        log = Path(run["train"]["out"]) / "trainer_log.jsonl" if trained else None
         if log is None or not log.exists():
             continue
-        points = [(r["step"], r["loss"]) for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+        points = [(r["step"], r["loss"]) for r in map(json.loads, log.read_text().splitlines())
+                  if "loss" in r]
         steps = [p[0] for p in points]
-        mean = [sum(v for _, v in points[max(0, i - window + 1):i + 1]) / len(points[max(0, i - window + 1):i + 1])
-                for i in range(len(points))]
+        windows = [points[max(0, i - window + 1):i + 1] for i in range(len(points))]
+        mean = [sum(v for _, v in w) / len(w) for w in windows]
         init = f" (init {run['init']['ppl']:.2f})" if run.get("init") else ""
-        ax.plot(steps, mean, label=f"{key}: held-out ppl {run['before']['ppl']:.2f}{init} -> {run['after']['ppl']:.3f}")
+        ax.plot(steps, mean,
+                label=f"{key}: held-out ppl {run['before']['ppl']:.2f}{init} -> {run['after']['ppl']:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training loss (response tokens, mean of {window} logs)")
     ax.grid(alpha=0.3)
@@ -267,10 +274,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rows", type=int, default=2048, help="training rows (GSM8K train minus the pool)")
     parser.add_argument("--eval-rows", type=int, default=200)
-    parser.add_argument("--gc", action="store_true", help="gradient checkpointing in both tools (TRL's default)")
+    parser.add_argument("--gc", action="store_true",
+                        help="gradient checkpointing in both tools (TRL's default)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42],
-                        help="training seeds (data order, LoRA init, dropout); with several, each mode is trained "
-                             "once per seed and the qlora/sft perplexity gap is reported per seed and on average")
+                        help="training seeds (data order, LoRA init, dropout); with several, each mode is "
+                             "trained once per seed and the qlora/sft perplexity gap is reported per seed "
+                             "and on average")
     parser.add_argument("--modes", nargs="+", default=["sft", "qlora"],
                         choices=["sft", "qlora", *INIT_MODES, "trl-sft", "trl-qlora"],
                         help="qlora-loftq / qlora-cloq: train qlora --init-lora loftq / cloq (also scored at "
@@ -288,7 +297,8 @@ def main() -> None:
     if code != 0:
         raise SystemExit("gsmkit fewshot failed")
     rows = prepare_rows(args.gsm8k_dir, pool, args.out, args.rows)
-    results = run_speed(args, model_dir, rows, pool) if args.part == "speed" else run_learning(args, model_dir, rows, pool)
+    run_part = run_speed if args.part == "speed" else run_learning
+    results = run_part(args, model_dir, rows, pool)
     record = {"benchmark": f"train_{args.part}", "settings": {k: str(v) for k, v in vars(args).items()},
               "machine": machine_info(), "results": results}
     (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str))

@@ -46,14 +46,16 @@ TAGGED = "<start_working_out>2 + 3 = 5<end_working_out>\n<SOLUTION>5</SOLUTION>"
     ("2 + 3 = 5\n#### 5", "tags", (0, 0, 0, 0)),  # the other format's marker earns nothing
 ])
 def test_rewards(text, fmt, expected):
-    got = (correctness(text, "5", fmt), strict_format(text, fmt), soft_format(text, fmt), integer_answer(text, fmt))
+    got = (correctness(text, "5", fmt), strict_format(text, fmt), soft_format(text, fmt),
+           integer_answer(text, fmt))
     assert got == tuple(float(x) for x in expected)
 
 
 @given(st.text(max_size=80), st.integers(-10**6, 10**6))
 def test_correctness_reward_agrees_with_the_metric(noise, gold):
     """The reward and the metric's strict column are one extractor: they can never disagree."""
-    for text in (noise, f"{noise}\n#### {gold}", f"#### {gold}{noise}", f"<SOLUTION>{gold}</SOLUTION>{noise}"):
+    for text in (noise, f"{noise}\n#### {gold}", f"#### {gold}{noise}",
+                 f"<SOLUTION>{gold}</SOLUTION>{noise}"):
         for fmt in ("hash", "tags"):
             _, strict, _ = score_completion(text, str(gold), fmt)
             assert correctness(text, str(gold), fmt) == float(strict)
@@ -71,8 +73,10 @@ def test_reward_funcs_have_trl_signature_and_names():
 
 def test_parse_weights():
     assert parse_weights(None) == DEFAULT_WEIGHTS
-    assert parse_weights("correctness=1, integer=0") == {**DEFAULT_WEIGHTS, "correctness": 1.0, "integer": 0.0}
-    for bad in ("correctness", "speed=1", "correctness=high", "correctness=0,strict_format=0,soft_format=0,integer=0"):
+    assert parse_weights("correctness=1, integer=0") == {**DEFAULT_WEIGHTS, "correctness": 1.0,
+                                                         "integer": 0.0}
+    for bad in ("correctness", "speed=1", "correctness=high",
+                "correctness=0,strict_format=0,soft_format=0,integer=0"):
         with pytest.raises(ConfigError):
             parse_weights(bad)
 
@@ -91,15 +95,18 @@ def test_grpo_prompts_tokenize_to_the_eval_prompt(style, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.add_tokens(["<s>"], special_tokens=True)
     tok.bos_token = "<s>"
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
     tok.chat_template = "{{ bos_token }}" + tok.chat_template
     ex = [Exemplar("How many legs do 2 ducks have?", "2 x 2 = 4\n#### 4")]
     prompt = grpo_prompt(style, "What is 9 times 8?", ex, tok, None)
     if isinstance(prompt, list):  # what TRL does with a conversational prompt
-        got = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        got = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"]
     else:  # what TRL does with a text prompt
         got = tok(text=[prompt])["input_ids"][0]
-    want = tok(render_prompt(style, "What is 9 times 8?", ex, tok), add_special_tokens=add_special_tokens_for(style)).input_ids
+    want = tok(render_prompt(style, "What is 9 times 8?", ex, tok),
+               add_special_tokens=add_special_tokens_for(style)).input_ids
     assert list(got) == list(want)
     assert list(want).count(tok.bos_token_id) == 1
 
@@ -114,7 +121,7 @@ def _lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 def varied_reward(monkeypatch):
     """A random tiny model never answers right, so every reward is 0 and GRPO has no signal; this makes
     correctness depend on the completion's length parity so groups have reward variance."""
-    monkeypatch.setattr(rewards, "correctness", lambda text, gold, fmt: float(len(text) % 2))
+    monkeypatch.setattr(rewards, "correctness", lambda text, _gold, _fmt: float(len(text) % 2))
 
 
 def _settings(model, data, out, **kw) -> GrpoSettings:
@@ -125,7 +132,8 @@ def _settings(model, data, out, **kw) -> GrpoSettings:
     return GrpoSettings(**base)
 
 
-def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+@pytest.mark.usefixtures("varied_reward")
+def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_model_dir, small_gsm8k):
     out = tmp_path / "grpo"
     result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out))
     assert result.steps == 2 and result.train_problems == 8
@@ -142,14 +150,15 @@ def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_
     assert manifest["command"] == "train grpo" and manifest["resolved"]["reward_weights"] == DEFAULT_WEIGHTS
     assert manifest["resolved"]["removed_fewshot"] > 0
     # the adapter loads in `eval gsm8k`
-    res = runner.invoke(app, ["eval", "gsm8k", "--model", str(tiny_model_dir), "--adapter", str(out), "--data",
-                              str(small_gsm8k), "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "ev"),
-                              "--json"])
+    res = runner.invoke(app, ["eval", "gsm8k", "--model", str(tiny_model_dir), "--adapter", str(out),
+                              "--data", str(small_gsm8k), "--limit", "2", "--max-new-tokens", "4",
+                              "--out", str(tmp_path / "ev"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["n"] == 2
 
 
-def test_grpo_continues_an_sft_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+@pytest.mark.usefixtures("varied_reward")
+def test_grpo_continues_an_sft_adapter(tmp_path, tiny_model_dir, small_gsm8k):
     first = tmp_path / "first"
     train_grpo(_settings(tiny_model_dir, small_gsm8k, first, max_steps=1))
     before = _lora_weights(first)
@@ -160,33 +169,38 @@ def test_grpo_continues_an_sft_adapter(tmp_path, tiny_model_dir, small_gsm8k, va
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_time_limit_stops_after_the_step_that_crosses_it(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+@pytest.mark.usefixtures("varied_reward")
+def test_time_limit_stops_after_the_step_that_crosses_it(tmp_path, tiny_model_dir, small_gsm8k):
     out = tmp_path / "t"
-    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=50, time_limit_s=1e-6))
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=50, time_limit=1e-8))  # minutes
     assert result.steps == 1 and (out / "adapter_model.safetensors").exists()
 
 
-def test_grpo_resume_reaches_the_same_step_count(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+@pytest.mark.usefixtures("varied_reward")
+def test_grpo_resume_reaches_the_same_step_count(tmp_path, tiny_model_dir, small_gsm8k):
     out = tmp_path / "res"
 
-    def crash(step, total):
+    def crash(step, _total):
         if step == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=3, save_steps=1), on_step=crash)
     assert (out / "checkpoints" / "checkpoint-1").exists() and not (out / "adapter_config.json").exists()
-    with pytest.raises(ConfigError, match="interrupted run"):  # an interrupted run is never silently restarted
+    # an interrupted run is never silently restarted
+    with pytest.raises(ConfigError, match="interrupted run"):
         train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=3, save_steps=1))
     result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=3, save_steps=1, resume=True))
     assert result.steps == 3 and (out / "adapter_model.safetensors").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resolved"]["resumed_from"].endswith("checkpoint-1")
-    steps = [r["step"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "reward" in r]
+    log = (out / "trainer_log.jsonl").read_text().splitlines()
+    steps = [r["step"] for r in map(json.loads, log) if "reward" in r]
     assert steps == [1, 2, 3]  # step 2 ran twice (before the crash, after the resume) and is logged once
 
 
-def test_grpo_qlora_runs_fresh_and_from_an_adapter(tmp_path, tiny_model_dir, small_gsm8k, varied_reward):
+@pytest.mark.usefixtures("varied_reward")
+def test_grpo_qlora_runs_fresh_and_from_an_adapter(tmp_path, tiny_model_dir, small_gsm8k):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"
     result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, load_in_4bit=True, max_steps=1))
@@ -210,6 +224,12 @@ def test_grpo_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
     assert r.exit_code == 2 and "speed" in r.output
     r = _cli(*base, "--num-generations", "1")
     assert r.exit_code == 2
+    r = _cli(*base, "--time-limit", "0")
+    assert r.exit_code == 2 and "--time-limit must be > 0" in r.output
+    r = _cli(*base, "--temperature", "0")
+    assert r.exit_code == 2 and "--temperature" in r.output
+    r = _cli(*base, "--lr", "0")
+    assert r.exit_code == 2 and "--learning-rate must be > 0" in r.output
     not_adapter = tmp_path / "empty"
     not_adapter.mkdir()
     r = _cli(*base, "--init-adapter", str(not_adapter))

@@ -1,4 +1,5 @@
-"""gsmkit.training.data: training rows from GSM8K or a jsonl of one of three shapes, minus the few-shot pool."""
+"""gsmkit.training.data: training rows from GSM8K or a jsonl of one of three shapes, minus the few-shot
+pool."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from gsmkit.data.fewshot import draw_pool, pool_hashes
 from gsmkit.data.gsm8k import load_gsm8k
 from gsmkit.errors import DataError
 from gsmkit.records import FewshotExample, Problem, content_hash
-from gsmkit.training.data import TrainExample, load_train_examples, remove_fewshot
+from gsmkit.training.data import TrainExample, load_train_examples, remove_fewshot, resolve_pool
 
 
 def write_rows(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -66,12 +68,14 @@ def test_gsm8k_json_array_goes_through_the_gsm8k_loader(tmp_path):
 
 def test_traces_jsonl_needs_no_final_answer_line(tmp_path):
     path = write_rows(tmp_path / "traces.jsonl", [
-        {"id": "gsm8k-1", "question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4", "gold": "4", "model": "m"},
+        {"id": "gsm8k-1", "question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4", "gold": "4",
+         "model": "m"},
         "",
         {"question": "What is 3 + 3?", "answer": "It is six."},
     ])
     a, b = load_train_examples(str(path))
-    assert (a.kind, a.question, a.answer, a.where) == ("qa", "What is 2 + 2?", "2 + 2 = 4\n#### 4", f"{path}:1")
+    assert (a.kind, a.question, a.answer) == ("qa", "What is 2 + 2?", "2 + 2 = 4\n#### 4")
+    assert a.where == f"{path}:1"
     assert (b.answer, b.where, b.key_text) == ("It is six.", f"{path}:3", "What is 3 + 3?")
     assert a.prompt is None and a.messages is None
 
@@ -87,7 +91,8 @@ def test_prompt_response_jsonl(tmp_path):
 
 def test_messages_jsonl(tmp_path):
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2 + 2?"},
-                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?", "name": "kim"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?", "name": "kim"},
                 {"role": "assistant", "content": "6"}]
     path = write_rows(tmp_path / "chat.jsonl", [{"messages": messages}])
     (ex,) = load_train_examples(str(path))
@@ -99,14 +104,17 @@ def test_messages_jsonl(tmp_path):
 
 
 def test_bad_json_line_names_the_line(tmp_path):
-    raises(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}, "{not json"], r"a\.jsonl:2: not valid JSON")
+    raises(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}, "{not json"],
+           r"a\.jsonl:2: not valid JSON")
 
 
 def test_missing_field_names_it_and_lists_the_shapes(tmp_path):
     err = raises(tmp_path / "a.jsonl", [{"question": "What?"}], r"a\.jsonl:1: field 'answer': missing$")
-    assert '"question", "answer"' in err.hint and '"prompt", "response"' in err.hint and '"messages"' in err.hint
+    assert '"question", "answer"' in err.hint and '"prompt", "response"' in err.hint
+    assert '"messages"' in err.hint
     raises(tmp_path / "b.jsonl", [{"response": "x"}], r"b\.jsonl:1: field 'prompt': missing")
-    err = raises(tmp_path / "c.jsonl", [{"text": "x", "label": 1}], r"c\.jsonl:1: no 'question', 'prompt' or 'messages'")
+    err = raises(tmp_path / "c.jsonl", [{"text": "x", "label": 1}],
+                 r"c\.jsonl:1: no 'question', 'prompt' or 'messages'")
     assert "'text'" in str(err) and '"messages"' in err.hint
 
 
@@ -118,7 +126,8 @@ def test_missing_field_names_it_and_lists_the_shapes(tmp_path):
     ({"messages": "hi"}, r"field 'messages': must be an array, got string"),
     ({"messages": []}, r"field 'messages': empty"),
     ({"messages": [{"role": "user", "content": "q"}, "a"]}, r"field 'messages\[1\]': must be an object"),
-    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, r"field 'messages\[0\]\.content': missing"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+     r"field 'messages\[0\]\.content': missing"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ["a"]}]},
      r"field 'messages\[1\]\.content': must be a string, got array"),
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
@@ -127,11 +136,12 @@ def test_missing_field_names_it_and_lists_the_shapes(tmp_path):
      r"field 'messages\[1\]\.content': empty"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
      r"field 'messages': no user message"),
-    ({"question": "q", "answer": "a", "prompt": "p", "response": "r"}, r"row has the fields of more than one shape"),
+    ({"question": "q", "answer": "a", "prompt": "p", "response": "r"},
+     r"row has the fields of more than one shape"),
 ])
 def test_wrong_rows_name_line_and_field(tmp_path, row, match):
-    raises(tmp_path / "x.jsonl", [{"question": "fine", "answer": "fine"}, row] if "question" in row else [row],
-           r"x\.jsonl:\d: " + match)
+    rows = [{"question": "fine", "answer": "fine"}, row] if "question" in row else [row]
+    raises(tmp_path / "x.jsonl", rows, r"x\.jsonl:\d: " + match)
 
 
 def test_mixed_shapes_in_one_file_are_an_error(tmp_path):
@@ -151,7 +161,8 @@ def test_empty_and_missing_files_are_data_errors(tmp_path):
 
 
 def _pool(*questions: str) -> set[str]:
-    return pool_hashes(FewshotExample.from_problem(Problem.from_dict({"question": q, "answer": "#### 1"}, "p"))
+    return pool_hashes(FewshotExample.from_problem(Problem.from_dict({"question": q, "answer": "#### 1"},
+                                                                      "p"))
                        for q in questions)
 
 
@@ -171,7 +182,8 @@ def test_remove_fewshot_matches_content_hash_despite_whitespace():
     ]
     kept, removed = remove_fewshot(examples, hashes)
     assert [e.where for e in kept] == ["a:2", "c:2", "a:3"]
-    assert removed == [content_hash("What is 2 + 2?")] + [content_hash("How many clips did Natalia sell?")] * 2
+    clips = content_hash("How many clips did Natalia sell?")
+    assert removed == [content_hash("What is 2 + 2?"), clips, clips]
 
 
 def test_remove_real_pool_from_real_train(small_gsm8k):
@@ -206,3 +218,25 @@ def test_remove_fewshot_catches_pool_questions_wrapped_in_prompts():
     assert removed == [content_hash(q), content_hash(q)]
     kept_by_hash_only, _ = remove_fewshot(rows, {content_hash(q)})
     assert len(kept_by_hash_only) == 3  # a wrapped question is only caught by containment
+
+
+def test_the_pool_kept_out_is_the_given_file_then_the_local_default(tmp_path, monkeypatch, small_gsm8k):
+    from gsmkit.data.fewshot import write_pool
+
+    given, local = tmp_path / "given.jsonl", tmp_path / "fewshot_pool.jsonl"
+    problems = load_gsm8k(small_gsm8k, "train")
+    write_pool(given, draw_pool(problems, 2, 0))
+    write_pool(local, draw_pool(problems, 3, 1))
+    monkeypatch.chdir(tmp_path)
+    pool = resolve_pool(given, str(small_gsm8k))
+    assert (len(pool.examples), pool.origin, pool.path) == (2, str(given), given)
+    pool = resolve_pool(None, str(small_gsm8k))  # ./fewshot_pool.jsonl, hashed as an input like a given one
+    assert (len(pool.examples), pool.path) == (3, Path("fewshot_pool.jsonl"))
+    local.unlink()
+    import gsmkit.data.gsm8k as gsm8k_mod
+
+    asked = []
+    monkeypatch.setattr(gsm8k_mod, "load_gsm8k", lambda source, _split: asked.append(source) or problems)
+    pool = resolve_pool(None, str(small_gsm8k), traces="traces.jsonl")  # traces: the pool is GSM8K train's
+    assert asked == ["openai/gsm8k"] and pool.path is None and len(pool.examples) == 8
+    assert pool.origin == "default pool of openai/gsm8k (n=8, seed=42)"

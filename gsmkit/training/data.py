@@ -12,6 +12,7 @@ Out: `TrainExample`s in source order, each with `where` (its "path:line") and `k
 whose content hash identifies it when the few-shot pool is removed (`remove_fewshot`).
 
 Rows of a `.jsonl` file are not deduplicated: several traces of one question are legitimate data.
+`resolve_pool` finds the few-shot pool a run keeps out (--pool, ./fewshot_pool.jsonl, or the default draw).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _json_type(value: Any) -> str:
 def _string(obj: dict[str, Any], key: str, name: str, where: str, *, allow_empty: bool = False) -> str:
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}': must be a string, got {_json_type(value)}", hint=SHAPES_HINT)
+        raise DataError(f"{where}: field '{name}': must be a string, got {_json_type(value)}",
+                        hint=SHAPES_HINT)
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field '{name}': empty", hint=SHAPES_HINT)
     return value
@@ -110,12 +112,14 @@ def _row_kind(obj: dict[str, Any], where: str) -> str:
             missing = next(k for k in keys if k not in obj)
             raise DataError(f"{where}: field '{missing}': missing", hint=SHAPES_HINT)
     found = ", ".join(f"'{k}'" for k in list(obj)[:6]) or "none"
-    raise DataError(f"{where}: no 'question', 'prompt' or 'messages' field (fields: {found})", hint=SHAPES_HINT)
+    raise DataError(f"{where}: no 'question', 'prompt' or 'messages' field (fields: {found})",
+                    hint=SHAPES_HINT)
 
 
 def _messages(value: Any, where: str) -> tuple[dict, ...]:
     if not isinstance(value, list):
-        raise DataError(f"{where}: field 'messages': must be an array, got {_json_type(value)}", hint=SHAPES_HINT)
+        raise DataError(f"{where}: field 'messages': must be an array, got {_json_type(value)}",
+                        hint=SHAPES_HINT)
     if not value:
         raise DataError(f"{where}: field 'messages': empty", hint=SHAPES_HINT)
     out: list[dict] = []
@@ -137,7 +141,8 @@ def _messages(value: Any, where: str) -> tuple[dict, ...]:
                         f"got '{out[last]['role']}'",
                         hint="the last message is the one trained on; earlier messages are its context")
     if not out[last]["content"].strip():
-        raise DataError(f"{where}: field 'messages[{last}].content': empty", hint="the last message is trained on")
+        raise DataError(f"{where}: field 'messages[{last}].content': empty",
+                        hint="the last message is trained on")
     if not any(m["role"] == "user" for m in out[:-1]):
         # The last user message identifies the example for few-shot leakage removal.
         raise DataError(f"{where}: field 'messages': no user message before the assistant's",
@@ -208,3 +213,42 @@ def remove_fewshot(
         else:
             kept.append(ex)
     return kept, removed
+
+
+DEFAULT_POOL = Path("fewshot_pool.jsonl")  # what `gsmkit fewshot` writes by default
+
+
+@dataclass(frozen=True)
+class KeptOutPool:
+    """The few-shot pool a training run keeps out of its data: its examples, where it came from (for the
+    manifest's `resolved.fewshot_pool`) and the file it was read from (hashed as an input), if any."""
+
+    examples: list[Any]
+    origin: str
+    path: Path | None
+
+
+def resolve_pool(pool: Path | None, data: str, traces: str | None = None) -> KeptOutPool:
+    """The few-shot pool to keep out of training: `pool` (--pool), else ./fewshot_pool.jsonl, else the
+    default pool drawn from GSM8K train exactly as `gsmkit fewshot` would (seed 42, 8 examples): from
+    `data` when it is a GSM8K source (Hub id, folder, .json/.parquet) and no `traces` file replaces it,
+    else from openai/gsm8k."""
+    from gsmkit.data import gsm8k
+    from gsmkit.data.fewshot import DEFAULT_POOL_SIZE, DEFAULT_SEED, draw_pool, read_pool
+
+    if pool is not None:
+        return KeptOutPool(read_pool(pool), str(pool), Path(pool))
+    if DEFAULT_POOL.exists():
+        return KeptOutPool(read_pool(DEFAULT_POOL), str(DEFAULT_POOL), DEFAULT_POOL)
+    # A .jsonl training file is read as training rows (traces, prompt/response ...): drawing the pool from
+    # it would make a pool no evaluation uses, and remove a quarter of a small traces file. The draw
+    # depends only on content, so GSM8K train from the Hub gives the same pool as any local copy.
+    jsonl = str(data).lower().endswith(".jsonl")
+    source = data if (traces is None or traces == data) and not jsonl else "openai/gsm8k"
+    try:
+        problems = gsm8k.load_gsm8k(source, "train")
+    except DataError as err:
+        raise DataError(f"no few-shot pool to exclude from training ({err.message})",
+                        hint="pass --pool FILE (made by `gsmkit fewshot`)") from None
+    drawn = draw_pool(problems, DEFAULT_POOL_SIZE, DEFAULT_SEED)
+    return KeptOutPool(drawn, f"default pool of {source} (n={DEFAULT_POOL_SIZE}, seed={DEFAULT_SEED})", None)

@@ -1,10 +1,11 @@
-"""GRPO with LoRA (optionally on a 4-bit base) on TRL's GRPOTrainer, rewarded by `training.rewards`.
+"""The GRPO recipe: LoRA (optionally on a 4-bit base) on TRL's GRPOTrainer, rewarded by `training.rewards`.
 
 In: `GrpoSettings` (model, optional SFT adapter to continue from, GSM8K problems or a {question,
 answer} JSONL, few-shot pool, prompt style, reward weights, sampling and optimiser options).
 Out: an output folder like `train sft`'s: the adapter, the tokenizer, `manifest.json`,
 `trainer_log.jsonl` (TRL's logs: reward, each reward's mean, KL, completion lengths),
-`reward_curve.png` and `fewshot_pool.jsonl` (the pool kept out of training).
+`reward_curve.png` and `fewshot_pool.jsonl` (the pool kept out of training), published whole
+(`training.outputs`).
 
 Prompts are the ones `eval gsm8k` sends (`grpo_prompt`: chat messages TRL renders with the same
 template, or the rendered plain text), and the
@@ -17,9 +18,6 @@ adapter disabled, i.e. the model before SFT as well.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,71 +25,96 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.fields import check_fields, setting
+from gsmkit.modeling import ModelSpec
+from gsmkit.settings import (
+    LoraOptions,
+    PromptOptions,
+    RunOptions,
+    SamplingOptions,
+    TrainingOptions,
+    override,
+)
+from gsmkit.training.config import TRAIN_POOL_DEFAULT, TRAIN_POOL_HELP, BaseModelOptions
+from gsmkit.training.rewards import DEFAULT_WEIGHTS, parse_weights
 
 
-@dataclass(frozen=True)
-class GrpoSettings:
-    model: str
-    out: Path
-    init_adapter: str | None = None
-    load_in_4bit: bool = False
-    data: str = "openai/gsm8k"
-    split: str = "train"
-    train_samples: int | None = None  # the sample budget: training problems drawn (seeded) from the data
-    fewshot_pool: Path | None = None
-    k: int = 0  # exemplars in each prompt (from the pool)
-    style: str = "auto"
-    system_prompt: str | None = None
-    reward_weights: tuple[tuple[str, float], ...] = ()
-    num_generations: int = 4
-    prompts_per_step: int = 2
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.0
-    learning_rate: float = 2e-5
-    lr_scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    max_steps: int = 100
-    grad_accum: int = 1
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    seed: int = 42
-    dtype: str = "auto"
-    device: str = "auto"
-    gradient_checkpointing: bool | None = None
-    logging_steps: int = 1
-    save_steps: int = 0
-    time_limit_s: float | None = None  # stop (and save) after the step that crosses this wall-clock budget
-    resume: bool = False
-    overwrite: bool = False
-    use_vllm: bool = False
+def reward_weight_pairs(spec: str) -> tuple[tuple[str, float], ...]:
+    """--reward-weights as the field holds it: every reward's weight, the unnamed ones at their default."""
+    return tuple(parse_weights(spec).items())
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpoPromptOptions(PromptOptions):
+    """The prompts GRPO samples from: k exemplars (none by default) from the pool kept out of training."""
+
+    pool: Path | None = override(PromptOptions, "pool", help=TRAIN_POOL_HELP, show_default=TRAIN_POOL_DEFAULT)
+    k: int = override(PromptOptions, "k", 0, help="Few-shot exemplars in each prompt, from the pool.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpoLoraOptions(LoraOptions):
+    lora_dropout: float = override(LoraOptions, "lora_dropout", 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpoTrainingOptions(TrainingOptions):
+    """GRPO's optimiser and schedule: a smaller, constant learning rate, a fixed number of steps, every
+    step logged."""
+
+    learning_rate: float = override(TrainingOptions, "learning_rate", 2e-5)
+    lr_scheduler: str = override(TrainingOptions, "lr_scheduler", "constant")
+    warmup_ratio: float = override(TrainingOptions, "warmup_ratio", 0.0)
+    max_steps: int = override(TrainingOptions, "max_steps", 100, help="Optimizer steps.", min=1,
+                              show_default=True)
+    seed: int = override(TrainingOptions, "seed",
+                         help="Random seed (rollouts, data order, --train-samples).")
+    logging_steps: int = override(TrainingOptions, "logging_steps", 1, help="Log rewards every N steps.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpoSettings(BaseModelOptions, GrpoPromptOptions, GrpoLoraOptions, GrpoTrainingOptions, RunOptions):
+    model: str = override(ModelSpec, "model")
+    out: Path = setting(Path("runs/grpo"), "Output folder for the adapter, logs, reward curve and manifest.",
+                        short="-o", path={"file_okay": False, "dir_okay": True})
+    init_adapter: str | None = setting(
+        None, "Continue training this SFT adapter (the 'prep SFT, then GRPO' recipe) instead of a fresh "
+        "LoRA.",
+        cli_type=Path | None, parse=str, show_default=False, path={"exists": True, "file_okay": False})
+    load_in_4bit: bool = override(ModelSpec, "load_in_4bit", help="QLoRA: nf4 base with double quantization.")
+    data: str = setting("openai/gsm8k", "GSM8K Hub id or local file/folder, or a JSONL of {question, answer} "
+                        "rows (traces too).")
+    split: str = setting("train", "Split of a GSM8K source.")
+    train_samples: int | None = setting(None, "Sample budget: train on N problems drawn with --seed "
+                                        "(default: all).", min=1, show_default=False)
+    reward_weights: tuple[tuple[str, float], ...] = setting(
+        (), "name=weight pairs, comma-separated; names: correctness, strict_format, soft_format, integer; "
+        "0 drops one.", cli_type=str | None, parse=reward_weight_pairs,
+        show_default=",".join(f"{n}={w:g}" for n, w in DEFAULT_WEIGHTS.items()))
+    num_generations: int = setting(4, "Completions sampled per prompt (the group).", min=2)
+    prompts_per_step: int = setting(2, "Prompts per device per optimizer step (times --num-generations "
+                                    "completions).", min=1)
+    max_completion_length: int = setting(256, "Tokens per completion.", min=1)
+    temperature: float = override(SamplingOptions, "temperature", 1.0, min_open=True,
+                                  help="Sampling temperature of the rollouts (> 0: GRPO learns from "
+                                  "differences between samples).")
+    top_p: float = override(SamplingOptions, "top_p", 1.0, help="Nucleus sampling mass of the rollouts.")
+    beta: float = setting(0.0, "KL coefficient (0: no reference model).", min=0.0)
+    time_limit: float | None = setting(None, "Stop after the step that uses up this many minutes of "
+                                       "training, and save (at most --max-steps).", min=0.0,
+                                       min_open=True, show_default=False)
+    use_vllm: bool = setting(False, "Generate rollouts with TRL's colocated vLLM (needs vllm and a GPU).")
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ConfigError("--num-generations must be >= 2: GRPO compares completions of one prompt")
-        if self.prompts_per_step < 1 or self.grad_accum < 1:
-            raise ConfigError("--prompts-per-step and --grad-accum must be >= 1")
-        if self.max_steps < 1:
-            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.max_completion_length < 1:
-            raise ConfigError("--max-completion-length must be >= 1")
-        if self.temperature <= 0:
-            raise ConfigError("--temperature must be > 0: GRPO learns from differences between samples")
-        if self.beta < 0 or self.learning_rate <= 0:
-            raise ConfigError("--beta must be >= 0 and --learning-rate > 0")
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ConfigError("--time-limit must be > 0 minutes")
-        if self.train_samples is not None and self.train_samples < 1:
-            raise ConfigError("--train-samples must be >= 1")
-        if self.k < 0:
-            raise ConfigError(f"--k must be >= 0, got {self.k}")
+        check_fields(self)
+        if not any(w != 0 for w in self.weights.values()):
+            raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other")
         if self.init_adapter is not None and self.target_modules:
-            raise ConfigError("--target-modules does not apply with --init-adapter", hint="the adapter's own modules train")
+            raise ConfigError("--target-modules does not apply with --init-adapter",
+                              hint="the adapter's own modules train")
+        self.model_spec()  # --dtype and --device are checked where they are defined, before any model loads
         if self.init_adapter is not None:
             from gsmkit.modeling import check_adapter
 
@@ -99,9 +122,11 @@ class GrpoSettings:
 
     @property
     def weights(self) -> dict[str, float]:
-        from gsmkit.training.rewards import DEFAULT_WEIGHTS
-
         return {**DEFAULT_WEIGHTS, **dict(self.reward_weights)}
+
+    @property
+    def time_limit_s(self) -> float | None:
+        return self.time_limit * 60 if self.time_limit is not None else None
 
 
 @dataclass
@@ -122,21 +147,20 @@ class GrpoResult:
         return d
 
 
-def _problems(settings: GrpoSettings):
-    """Training problems: GSM8K, or a JSONL of {question, answer} rows (traces included), minus the pool."""
+def training_problems(settings: GrpoSettings):
+    """Training problems: GSM8K, or a JSONL of {question, answer} rows (traces included), minus the pool;
+    returns (rows of question and gold, removed hashes, the pool kept out)."""
     from gsmkit.answers import gold_from_solution
     from gsmkit.data.fewshot import pool_hashes
-    from gsmkit.training.data import load_train_examples, remove_fewshot
-    from gsmkit.training.sft import TrainSettings, resolve_pool
+    from gsmkit.training.data import load_train_examples, remove_fewshot, resolve_pool
 
     examples = load_train_examples(settings.data, settings.split)
     if examples and examples[0].kind != "qa":
         raise DataError(f"{examples[0].where}: GRPO needs question/answer rows (the answer ends in '#### n')",
                         hint="use GSM8K rows or generate-traces output")
-    pool_settings = TrainSettings(model=settings.model, out=settings.out, data=settings.data,
-                                  fewshot_pool=settings.fewshot_pool)
-    pool, origin = resolve_pool(pool_settings)
-    kept, removed = remove_fewshot(examples, pool_hashes(pool), [ex.question for ex in pool])
+    pool = resolve_pool(settings.pool, settings.data)
+    kept, removed = remove_fewshot(examples, pool_hashes(pool.examples),
+                                   [ex.question for ex in pool.examples])
     rows = []
     for ex in kept:
         gold = gold_from_solution(ex.answer or "")
@@ -151,7 +175,7 @@ def _problems(settings: GrpoSettings):
         rows = rng.sample(rows, min(settings.train_samples, len(rows)))
     if not rows:
         raise DataError(f"{settings.data}: no training problems left after removing the few-shot pool")
-    return rows, removed, pool, origin
+    return rows, removed, pool
 
 
 def grpo_prompt(style: str, question: str, exemplars, tokenizer, system_prompt: str | None):
@@ -165,50 +189,6 @@ def grpo_prompt(style: str, question: str, exemplars, tokenizer, system_prompt: 
     return render_prompt(style, question, exemplars, tokenizer, system_prompt)
 
 
-def _time_limit(seconds: float | None) -> list:
-    """A callback that ends training after the step during which `seconds` of training time ran out."""
-    if seconds is None:
-        return []
-    from transformers import TrainerCallback
-
-    class TimeLimit(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if time.perf_counter() - self.start >= seconds:
-                control.should_training_stop = True
-
-    return [TimeLimit()]
-
-
-def plot_rewards(log_path: Path, png: Path) -> None:
-    """The total reward and each weighted component's mean per logged step."""
-    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
-    keys = ["reward"] + sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if key == "reward" else None,
-                    linewidth=2 if key == "reward" else 1, label=key.removeprefix("rewards/").removesuffix("/mean"))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward")
-    ax.grid(alpha=0.3)
-    if rows:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-
-
 def train_grpo(
     settings: GrpoSettings,
     on_start: Callable[[int], None] | None = None,
@@ -216,68 +196,45 @@ def train_grpo(
     on_log: Callable[[dict], None] | None = None,
 ) -> GrpoResult:
     """Run GRPO end to end and return its summary."""
-    from gsmkit.training.rewards import make_reward_funcs
-    from gsmkit.training.sft import (
-        _callbacks,
-        _save_final,
-        check_run_folder,
-        checkpointing_arguments,
-        find_lora_targets,
-        prepare_log,
-    )
+    from gsmkit.training.outputs import check_run_folder, finished_marker, start_run
 
     out = settings.out
     checkpoints = out / "checkpoints"
-    resume_from = check_run_folder(out, out / "adapter_config.json", settings.resume, settings.overwrite)
-    if settings.init_adapter is not None:
-        from gsmkit.modeling import read_adapter_config
-
-        read_adapter_config(settings.init_adapter)
+    resume_from = check_run_folder(out, finished_marker(out), settings.resume, settings.overwrite)
     if settings.use_vllm:
         from gsmkit.generation import check_vllm_available
 
         check_vllm_available()
     weights = {n: w for n, w in settings.weights.items() if w != 0}
-    if not weights:
-        raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
 
-    from gsmkit.modeling import ModelSpec, load_model, load_tokenizer
+    from gsmkit.modeling import load_model, load_tokenizer
     from gsmkit.prompts import answer_format, resolve_style
 
     tokenizer = load_tokenizer(settings.model)
     style = resolve_style(settings.style, tokenizer)
     fmt = answer_format(style)
-    rows, removed, pool, pool_origin = _problems(settings)
+    rows, removed, pool = training_problems(settings)
     exemplars = []
     if settings.k:
         from gsmkit.data.fewshot import pool_exemplars
 
-        exemplars = pool_exemplars(pool, settings.k, pool_origin)
-    dataset_rows = [{"prompt": grpo_prompt(style, r["question"], exemplars, tokenizer, settings.system_prompt),
-                     "gold": r["gold"]} for r in rows]
+        exemplars = pool_exemplars(pool.examples, settings.k, pool.origin)
+    dataset_rows = [{"prompt": grpo_prompt(style, r["question"], exemplars, tokenizer,
+                                           settings.system_prompt), "gold": r["gold"]} for r in rows]
 
-    import torch
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
+    from gsmkit.training.lora import find_lora_targets, lora_config, prepare_base
+
     set_seed(settings.seed)
+    loaded = load_model(settings.model_spec(), for_training=True)
     # The adapter is attached after the k-bit preparation, which freezes every parameter it finds.
-    loaded = load_model(ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
-                                  load_in_4bit=settings.load_in_4bit), for_training=True)
-    model = loaded.model
-    gc = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else settings.load_in_4bit
+    model = prepare_base(loaded.model, settings.load_in_4bit, settings.checkpointing)
     peft_config = None
-    if settings.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.init_adapter is None:
-        from peft import LoraConfig
-
         targets = find_lora_targets(model, settings.target_modules)
-        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                                 target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        peft_config = lora_config(settings, targets)
     else:
         from gsmkit.modeling import attach_adapter
 
@@ -286,53 +243,28 @@ def train_grpo(
 
     from datasets import Dataset
 
-    out.mkdir(parents=True, exist_ok=True)
-    if settings.overwrite:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        for name in ("trainer_log.jsonl", "reward_curve.png", "manifest.json"):
-            (out / name).unlink(missing_ok=True)
-    log_path = out / "trainer_log.jsonl"
-    prepare_log(log_path, resume_from)
+    from gsmkit.training.arguments import trainer_arguments
+    from gsmkit.training.callbacks import log_callbacks, read_log, time_limit_callbacks
+    from gsmkit.training.rewards import make_reward_funcs
 
-    on_cuda = loaded.device.type == "cuda"
-    config = GRPOConfig(
-        output_dir=str(checkpoints),
+    log_path = start_run(out, resume_from, settings.overwrite)
+    config = trainer_arguments(
+        GRPOConfig, settings, loaded, checkpoints,
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
-        gradient_accumulation_steps=settings.grad_accum,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_ratio,
-        max_steps=settings.max_steps,
-        logging_steps=settings.logging_steps,
-        save_strategy="steps" if settings.save_steps else "no",
-        save_steps=settings.save_steps or 500,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        report_to=[],
-        reward_weights=list(weights.values()),
-        **checkpointing_arguments(inspect.signature(GRPOConfig.__init__).parameters, gc),
-        bf16=loaded.dtype == torch.bfloat16 and on_cuda,
-        fp16=loaded.dtype == torch.float16,
-        use_cpu=loaded.device.type == "cpu",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        use_vllm=settings.use_vllm,
-        vllm_mode="colocate",
+        num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature, top_p=settings.top_p, beta=settings.beta,
+        reward_weights=list(weights.values()), use_vllm=settings.use_vllm, vllm_mode="colocate",
         log_completions=False,  # completions stay out of the terminal; they are in no log either
     )
     trainer = GRPOTrainer(
         model=model, reward_funcs=make_reward_funcs(fmt, list(weights)), args=config,
         train_dataset=Dataset.from_list(dataset_rows), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=_callbacks(log_path, on_log, on_step) + _time_limit(settings.time_limit_s),
+        callbacks=log_callbacks(log_path, on_log, on_step) + time_limit_callbacks(settings.time_limit_s),
     )
     from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # logs go to trainer_log.jsonl and the progress bar; stdout stays for --json
+    # logs go to trainer_log.jsonl and the progress bar; stdout stays for --json
+    trainer.remove_callback(PrinterCallback)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if trainable == 0:  # a bug, never a silent run that trains nothing
         raise RuntimeError("no trainable parameter: the adapter was frozen")
@@ -343,34 +275,22 @@ def train_grpo(
     train_s = time.perf_counter() - t0
     steps = trainer.state.global_step
 
-    logs = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
+    logs = read_log(log_path)
     rewarded = [r for r in logs if "reward" in r]
     if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, out, full=False)
-        from gsmkit.data.fewshot import write_pool
-        from gsmkit.jsonl import write_json
-        from gsmkit.manifest import build_manifest
-
-        write_pool(out / "fewshot_pool.jsonl", pool)
-        manifest = build_manifest(
-            "train grpo", settings,
-            inputs={"data": _data_file(settings), "fewshot_pool": settings.fewshot_pool,
-                    "init_adapter": Path(settings.init_adapter) / "adapter_config.json" if settings.init_adapter else None},
-            seeds={"seed": settings.seed},
-            extra={"resolved": {"style": style, "answer_format": fmt, "k": settings.k, "reward_weights": weights,
-                                "lora_targets": list(targets), "gradient_checkpointing": gc,
-                                "dtype": str(loaded.dtype), "device": str(loaded.device), "fewshot_pool": pool_origin,
-                                "removed_fewshot": len(removed), "removed_fewshot_hashes": sorted(removed),
-                                "train_problems": len(rows), "trainable_params": trainable, "steps": steps,
-                                "completions_per_step": settings.prompts_per_step * settings.num_generations
-                                * settings.grad_accum,
-                                "resumed_from": str(resume_from) if resume_from else None}},
-        )
-        write_json(out / "manifest.json", manifest)
-        plot_rewards(log_path, out / "reward_curve.png")
+        resolved = {"style": style, "answer_format": fmt, "k": settings.k, "reward_weights": weights,
+                    "lora_targets": list(targets), "gradient_checkpointing": settings.checkpointing,
+                    "dtype": str(loaded.dtype), "device": str(loaded.device), "fewshot_pool": pool.origin,
+                    "removed_fewshot": len(removed), "removed_fewshot_hashes": sorted(removed),
+                    "train_problems": len(rows), "trainable_params": trainable, "steps": steps,
+                    "completions_per_step": settings.prompts_per_step * settings.num_generations
+                    * settings.grad_accum,
+                    "resumed_from": str(resume_from) if resume_from else None}
+        _publish(settings, trainer, tokenizer, pool, logs, resolved)
     last = rewarded[-1] if rewarded else {}
     return GrpoResult(
-        out=out, steps=steps, train_problems=len(rows), removed_fewshot=len(removed), train_s=round(train_s, 2),
+        out=out, steps=steps, train_problems=len(rows), removed_fewshot=len(removed),
+        train_s=round(train_s, 2),
         trainable_params=trainable, reward_first=rewarded[0]["reward"] if rewarded else None,
         reward_last=last.get("reward"),
         rewards_last={k.removeprefix("rewards/").removesuffix("/mean"): v for k, v in last.items()
@@ -378,8 +298,30 @@ def train_grpo(
     )
 
 
-def _data_file(settings: GrpoSettings):
-    from gsmkit.training.sft import _data_file as data_file
+def _publish(settings: GrpoSettings, trainer: Any, tokenizer: Any, pool: Any, logs: list[dict],
+             resolved: dict) -> None:
+    """The finished run, swapped into --out whole: adapter, tokenizer, pool, manifest, reward curve."""
+    from gsmkit.data.fewshot import write_pool
+    from gsmkit.data.gsm8k import source_file
+    from gsmkit.jsonl import write_json
+    from gsmkit.manifest import build_manifest
+    from gsmkit.training.outputs import POOL, publish_run
+    from gsmkit.training.plots import plot_rewards
 
-    return data_file(settings.data, settings.split)
+    init = Path(settings.init_adapter) / "adapter_config.json" if settings.init_adapter else None
+    manifest = build_manifest(
+        "train grpo", settings,
+        inputs={"data": source_file(settings.data, settings.split), "fewshot_pool": pool.path,
+                "init_adapter": init},
+        seeds={"seed": settings.seed}, extra={"resolved": resolved},
+    )
 
+    def save(folder: Path) -> None:
+        trainer.model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    publish_run(settings.out, save, {
+        POOL: lambda p: write_pool(p, pool.examples),
+        "manifest.json": lambda p: write_json(p, manifest),
+        "reward_curve.png": lambda p: plot_rewards(logs, p),
+    })

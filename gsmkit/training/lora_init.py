@@ -52,7 +52,8 @@ InitProgress = Callable[[str, int, int], None]
 
 
 def checkpoint_files(model: str) -> list[Path]:
-    """The full-precision .safetensors files of a local folder or (from the local cache, else the Hub) a Hub id."""
+    """The full-precision .safetensors files of a local folder, or of a Hub id (from the local cache, else
+    the Hub)."""
     from gsmkit.modeling import locate_weights
 
     where, _, source = locate_weights(model)
@@ -163,7 +164,7 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
     and the number of calibration tokens."""
     import torch
 
-    from gsmkit.training.sft import PadCollator
+    from gsmkit.training.collate import PadCollator
 
     collate = PadCollator(pad_id)
     device = next(model.parameters()).device
@@ -175,7 +176,7 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
     last: list[Any] = [None, None]  # q/k/v (gate/up) get the same input tensor: its X^T X is computed once
 
     def hook(name: str):
-        def record(module, inputs):
+        def record(_module, inputs):
             x = inputs[0]
             if last[0] is not x:
                 flat = x.detach().reshape(-1, x.shape[-1])
@@ -194,7 +195,8 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
     try:
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
-                batch = collate([{"input_ids": r.input_ids, "labels": r.labels} for r in rows[start:start + batch_size]])
+                chunk = rows[start:start + batch_size]
+                batch = collate([{"input_ids": r.input_ids, "labels": r.labels} for r in chunk])
                 ids, attn = batch["input_ids"], batch["attention_mask"]
                 mask[0] = attn.reshape(-1).bool().to(device)
                 tokens += int(attn.sum())
@@ -212,8 +214,8 @@ def collect_grams(model: Any, layers: list[tuple[str, Any]], rows: Sequence[Any]
     return grams, tokens
 
 
-def initialise_adapter(peft_model: Any, model: str, method: str, calibration: Sequence[Any] = (), pad_id: int = 0,
-                       adapter: str = "default", gram_budget: int = DEFAULT_GRAM_BUDGET,
+def initialise_adapter(peft_model: Any, model: str, method: str, calibration: Sequence[Any] = (),
+                       pad_id: int = 0, adapter: str = "default", gram_budget: int = DEFAULT_GRAM_BUDGET,
                        on_progress: InitProgress | None = None) -> dict[str, Any]:
     """Set every 4-bit LoRA layer's A and B to the `method` correction of its nf4 error; return statistics.
 
@@ -229,16 +231,19 @@ def initialise_adapter(peft_model: Any, model: str, method: str, calibration: Se
     from safetensors import safe_open
 
     if method not in METHODS:
-        raise ConfigError(f"unknown LoRA initialisation '{method}'", hint=f"choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown LoRA initialisation '{method}'",
+                          hint=f"choose one of {', '.join(METHODS)}")
     layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise ConfigError(f"--init-lora {method} applies to 4-bit LoRA layers and the model has none",
                           hint="use it with `gsmkit train qlora`")
     if method == "cloq" and not calibration:
-        raise ConfigError("--init-lora cloq needs calibration rows", hint="set --calibration-rows to 1 or more")
+        raise ConfigError("--init-lora cloq needs calibration rows",
+                          hint="set --calibration-rows to 1 or more")
     from gsmkit.modeling import keep_4bit_compute_dtype
 
-    keep_4bit_compute_dtype(peft_model)  # calibration runs inference passes: keep the layout dequantize_4bit reads
+    # calibration runs inference passes: keep the layout dequantize_4bit reads
+    keep_4bit_compute_dtype(peft_model)
     where: dict[str, Path] = {}
     for file in checkpoint_files(model):
         with safe_open(str(file), framework="pt") as handle:
@@ -292,13 +297,14 @@ def _initialise_layer(layer: Any, name: str, where: dict[str, Path], gram: Any, 
     with safe_open(str(where[key]), framework="pt", device="cpu") as handle:
         weight = handle.get_tensor(key)
     device = layer.weight.device
-    # float64 on the CPU (cheap there, and the Cholesky solve of a damped Gram matrix likes it); float32 on GPUs
+    # float64 on the CPU (cheap there, and the Cholesky solve of a damped Gram matrix likes it), else float32
     work = torch.float64 if device.type == "cpu" else torch.float32
     weight = weight.to(device=device, dtype=work)
     quantized = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(work)
     if quantized.shape != weight.shape:
         raise ConfigError(f"'{key}' has shape {tuple(weight.shape)} in the checkpoint, the model's layer "
-                          f"{tuple(quantized.shape)}", hint="train from the checkpoint the model was loaded from")
+                          f"{tuple(quantized.shape)}",
+                          hint="train from the checkpoint the model was loaded from")
     residual = weight - quantized
     a_mod, b_mod = layer.lora_A[adapter], layer.lora_B[adapter]
     scaling = float(layer.scaling[adapter])

@@ -1,0 +1,60 @@
+"""Trainer callbacks shared by every training run: the JSONL log written as training goes, and the
+wall-clock budget (`--time-limit`).
+
+In: the log file and the caller's progress functions, or a budget in seconds. Out: `TrainerCallback`s
+for transformers' Trainer and TRL's GRPOTrainer (transformers is imported when they are built).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def log_callbacks(log_path: Path, on_log: Callable[[dict], None] | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> list:
+    """A callback that appends every Trainer log (loss, lr, grad norm, step) to `log_path` as it happens,
+    and reports each log row and each finished step."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ARG002 - the Trainer's signature
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+            with log_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if on_log:
+                on_log(row)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ARG002 - the Trainer's signature
+            if on_step and state.is_world_process_zero:
+                on_step(state.global_step, state.max_steps)
+
+    return [JsonlLog()]
+
+
+def time_limit_callbacks(seconds: float | None) -> list:
+    """A callback that ends training after the step during which `seconds` of training time ran out."""
+    if seconds is None:
+        return []
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ARG002 - the Trainer's signature
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ARG002 - the Trainer's signature
+            if time.perf_counter() - self.start >= seconds:
+                control.should_training_stop = True
+
+    return [TimeLimit()]
+
+
+def read_log(log_path: Path) -> list[dict]:
+    """The rows of a trainer log (none when it does not exist)."""
+    if not log_path.exists():
+        return []
+    return [json.loads(x) for x in log_path.read_text(encoding="utf-8").splitlines() if x.strip()]

@@ -1,0 +1,134 @@
+"""The output folder of a training run (train sft, qlora, grpo): what may be trained into, resuming from a
+checkpoint, the log, the atomic publish of the finished run, and the checkpoint sweep.
+
+In: --out, --resume, --overwrite; at the end, the writers of the final files. Out: while a run trains,
+OUT holds `checkpoints/` (with --save-steps) and `trainer_log.jsonl`. The finished run is built in a
+hidden sibling of OUT (the model or adapter, the tokenizer, the manifest, the curve, the pool and a copy
+of the log), the run's `checkpoints/` is moved in, and `run_folder.publish_folder` swaps it into place:
+OUT is either the interrupted run (resumable) or the finished one, never half of each.
+
+A folder holding the finished marker (`adapter_config.json`, `config.json` with --full) is a finished
+run; one with `checkpoint-N/` folders but no marker is an interrupted one (--resume continues it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gsmkit.errors import ConfigError
+from gsmkit.run_folder import publish_folder, staging_folder, write_text
+
+CHECKPOINTS = "checkpoints"
+LOG = "trainer_log.jsonl"
+POOL = "fewshot_pool.jsonl"  # the pool the run kept out of training, beside the adapter
+SWEEP = "sweep.json"
+
+
+def finished_marker(out: Path, full: bool = False) -> Path:
+    return out / ("config.json" if full else "adapter_config.json")
+
+
+def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to train into a finished or interrupted run unless told what to do, or into a folder that
+    holds something else (the finished run replaces the folder whole); returns the checkpoint to resume
+    from (with `resume`)."""
+    checkpoints = out / CHECKPOINTS
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    here = Path.cwd().resolve()
+    if out.exists() and (out.resolve() == here or out.resolve() in here.parents):
+        raise ConfigError(f"{out}: --out would replace the current folder",
+                          hint="choose a new folder for --out")
+    if finished.exists() and not overwrite:
+        raise ConfigError(f"{out}: already holds a finished run",
+                          hint="pass --overwrite, or choose another --out")
+    if resume:
+        resume_from = latest_checkpoint(checkpoints)
+        if resume_from is None:
+            raise ConfigError(f"--resume: no checkpoint in {checkpoints}",
+                              hint="checkpoints are written only with --save-steps N")
+        return resume_from
+    if checkpoints.exists() and any(checkpoints.glob("checkpoint-*")) and not overwrite:
+        raise ConfigError(f"{out}: holds checkpoints of an interrupted run",
+                          hint="pass --resume to continue it, or --overwrite to start again")
+    if out.is_dir() and not overwrite and not _is_run_folder(out):
+        raise ConfigError(f"{out}: holds files that are not a training run",
+                          hint="choose a new folder for --out, or pass --overwrite to replace this one")
+    return None
+
+
+def _is_run_folder(out: Path) -> bool:
+    """Empty, or what a run that stopped early leaves (its log, an empty checkpoints folder)."""
+    return all(p.name in (CHECKPOINTS, LOG) for p in out.iterdir())
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    found = []
+    for p in checkpoints.glob("checkpoint-*"):
+        try:
+            found.append((int(p.name.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return max(found)[1] if found else None
+
+
+def start_run(out: Path, resume_from: Path | None, overwrite: bool) -> Path:
+    """Create OUT and return its log. --overwrite drops the old run's checkpoints and log (its finished
+    files stay until the new run replaces the folder); a resumed run keeps the log rows up to its
+    checkpoint (it logs the later steps again); a new run starts an empty log."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    log_path = out / LOG
+    if resume_from is not None and log_path.exists():
+        step = int(resume_from.name.split("-")[1])
+        kept = [x for x in log_path.read_text(encoding="utf-8").splitlines()
+                if x.strip() and json.loads(x).get("step", 0) <= step]
+        write_text(log_path, "".join(k + "\n" for k in kept))
+    else:
+        log_path.unlink(missing_ok=True)
+    return log_path
+
+
+def publish_run(out: Path, save: Callable[[Path], None], files: dict[str, Callable[[Path], None]]) -> None:
+    """Replace OUT with the finished run: `save(folder)` writes the model (or adapter) and tokenizer and each
+    `files[name](path)` one more file into a hidden sibling, with a copy of the log; then the run's
+    checkpoints move in (a rename) and the folder is swapped into place."""
+    with staging_folder(out) as tmp:
+        save(tmp)
+        for name, write in files.items():
+            write(tmp / name)
+        if (out / LOG).exists():
+            shutil.copy2(out / LOG, tmp / LOG)
+    checkpoints = out / CHECKPOINTS
+    try:
+        if checkpoints.exists():
+            os.replace(checkpoints, tmp / CHECKPOINTS)
+        publish_folder(tmp, out)
+    except BaseException:
+        if (tmp / CHECKPOINTS).exists() and not checkpoints.exists():
+            os.replace(tmp / CHECKPOINTS, checkpoints)  # the interrupted run stays resumable
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sweep_checkpoints(out: Path, last: int, evaluate: Callable[[Path, Path], dict[str, Any]]) -> list[dict]:
+    """Evaluate the last `last` checkpoints of the run in OUT, each with `evaluate(adapter, eval_folder)`
+    into `sweep/checkpoint-N/`, and compare them in `sweep.json` (written atomically); returns the rows."""
+    from gsmkit.jsonl import write_json
+
+    ckpts = sorted((out / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-last:]
+    sweep = []
+    for c in ckpts:
+        m = evaluate(c, out / "sweep" / c.name)
+        sweep.append({"checkpoint": c.name, "accuracy_strict": m["accuracy_strict"],
+                      "accuracy_flexible": m["accuracy_flexible"]})
+    if sweep:
+        best = max(sweep, key=lambda r: (r["accuracy_strict"], r["accuracy_flexible"]))
+        write_json(out / SWEEP, {"checkpoints": sweep, "best": best})
+    return sweep
