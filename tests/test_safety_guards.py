@@ -36,7 +36,8 @@ from gsmkit.evaluation.safeguards import SafetyTemplate
 from gsmkit.evaluation.safety import count_labels
 
 REPO = Path(__file__).resolve().parents[1]
-AILUMINATE = REPO.parent / "shared" / "data" / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
+AILUMINATE = (REPO.parent / "shared" / "data" / "ailuminate"
+              / "airr_official_1.0_demo_en_us_prompt_set_release.csv")
 HEADER = "release_prompt_id,prompt_text,hazard,persona,locale,prompt_hash\n"
 
 
@@ -70,7 +71,8 @@ def test_reads_the_released_ailuminate_csv(ailuminate):
 
 def test_hazard_group_folds_only_specialized_advice():
     assert hazard_group("spc_fin") == "spc" and hazard_group("spc_lgl") == "spc"
-    assert hazard_group("sxc_prn") == "sxc_prn" and hazard_group("vcr") == "vcr" and hazard_group(None) is None
+    assert hazard_group("sxc_prn") == "sxc_prn" and hazard_group("vcr") == "vcr"
+    assert hazard_group(None) is None
 
 
 def test_per_hazard_sample_is_seeded_stratified_and_in_file_order(ailuminate):
@@ -222,7 +224,8 @@ def test_wildguard_details_keep_request_and_refusal():
     ("text", "controversial", "label", "categories"),
     [
         ("Safety: Safe\nCategories: None", "unsafe", "safe", ()),
-        ("Safety: Unsafe\nCategories: Violent, Jailbreak\nRefusal: No", "unsafe", "unsafe", ("Violent", "Jailbreak")),
+        ("Safety: Unsafe\nCategories: Violent, Jailbreak\nRefusal: No", "unsafe", "unsafe",
+         ("Violent", "Jailbreak")),
         ("Safety: Controversial\nCategories: Politically Sensitive Topics", "unsafe", "unsafe",
          ("Politically Sensitive Topics",)),
         ("Safety: Controversial\nCategories: None", "safe", "safe", ()),
@@ -274,10 +277,13 @@ def test_classifier_verdict_uses_the_unsafe_labels_probability():
     [
         ({"architectures": ["LlamaForSequenceClassification"]}, "anything", "classifier"),
         ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "Llama-Guard-3-1B", "llama-guard"),
-        ({"architectures": ["LlamaForCausalLM"], "_name_or_path": "meta-llama/LlamaGuard-7b"}, "m", "llama-guard"),
-        ({"architectures": ["Gemma2ForCausalLM"], "_name_or_path": "google/shieldgemma-2b"}, "m", "shieldgemma"),
+        ({"architectures": ["LlamaForCausalLM"], "_name_or_path": "meta-llama/LlamaGuard-7b"}, "m",
+         "llama-guard"),
+        ({"architectures": ["Gemma2ForCausalLM"], "_name_or_path": "google/shieldgemma-2b"}, "m",
+         "shieldgemma"),
         ({"architectures": ["MistralForCausalLM"]}, "wildguard", "wildguard"),
-        ({"architectures": ["Qwen3ForCausalLM"], "_name_or_path": "Qwen/Qwen3Guard-Gen-0.6B"}, "m", "qwen3guard"),
+        ({"architectures": ["Qwen3ForCausalLM"], "_name_or_path": "Qwen/Qwen3Guard-Gen-0.6B"}, "m",
+         "qwen3guard"),
     ],
 )
 def test_detect_guard_format(config, folder, fmt):
@@ -318,10 +324,11 @@ def test_placeholders_are_filled_once_verbatim(tmp_path):
     template = SafetyTemplate.read(path)
     assert template.has_placeholders
     # braces inside the pair are never substituted; the rest of the text is kept byte for byte
-    assert template.fill("a {response} b", "c {prompt} d") == "Rules {x}.\nUser: a {response} b\nAgent: c {prompt} d\nVerdict:"
+    assert template.fill("a {response} b", "c {prompt} d") == \
+        "Rules {x}.\nUser: a {response} b\nAgent: c {prompt} d\nVerdict:"
 
 
-def test_placeholder_text_is_tokenised_as_is_with_the_tokenizers_bos(tmp_path):
+def test_placeholder_text_is_tokenised_as_is_with_the_tokenizers_bos():
     class Tok:
         bos_token = "<s>"
         chat_template = "unused"
@@ -351,7 +358,8 @@ def test_template_that_rejects_a_system_turn_fails_early(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}")
     with pytest.raises(ConfigError) as err:
         SafetyTemplate("GUIDELINES").check(tok, True, "guard-dir")
     assert "System role not supported" in err.value.message and "{prompt}" in err.value.hint

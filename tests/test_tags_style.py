@@ -16,8 +16,9 @@ from gsmkit.prompts import (
     resolve_style,
 )
 from gsmkit.records import Prediction
+from gsmkit.tokenization import IGNORE_INDEX
 from gsmkit.training.data import TrainExample
-from gsmkit.training.masking import IGNORE_INDEX, encode_example
+from gsmkit.training.masking import encode_example
 from tests.test_masking import ANSWER, CORPUS, QUESTION, SYSTEM, build_tokenizer
 
 TAGGED = ("<start_working_out>Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -32,7 +33,8 @@ def chatml(tmp_path_factory):
 
 def test_to_tags_rewrites_a_gsm8k_solution():
     assert to_tags(ANSWER) == TAGGED
-    assert to_tags("so 3 + 4 = 7\n#### 1,000") == "<start_working_out>so 3 + 4 = 7<end_working_out>\n<SOLUTION>1000</SOLUTION>"
+    assert to_tags("so 3 + 4 = 7\n#### 1,000") == \
+        "<start_working_out>so 3 + 4 = 7<end_working_out>\n<SOLUTION>1000</SOLUTION>"
 
 
 @pytest.mark.parametrize("text", [TAGGED, "no final answer here", ""])
@@ -61,7 +63,8 @@ def test_tags_style_needs_a_chat_template(tmp_path):
     tok.chat_template = None
     with pytest.raises(ConfigError, match="tags"):
         resolve_style("tags", tok)
-    assert answer_format("tags") == "tags" and answer_format("chat") == "hash" and answer_format("plain") == "hash"
+    assert answer_format("tags") == "tags"
+    assert answer_format("chat") == "hash" and answer_format("plain") == "hash"
 
 
 def test_tags_prompt_has_the_system_prompt_and_tagged_exemplars(chatml):
@@ -74,7 +77,8 @@ def test_tags_prompt_has_the_system_prompt_and_tagged_exemplars(chatml):
 
 
 def test_tags_training_trains_the_tagged_answer_and_end_of_turn(chatml):
-    enc = encode_example(TrainExample(where="t.jsonl:1", question=QUESTION, answer=ANSWER), chatml, "tags", 2048)
+    enc = encode_example(TrainExample(where="t.jsonl:1", question=QUESTION, answer=ANSWER), chatml, "tags",
+                         2048)
     k = next(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)
     assert chatml.decode(enc.input_ids[k:]) == TAGGED + "<|im_end|>\n"
     # The masked part is exactly what eval sends in this style.
@@ -83,9 +87,9 @@ def test_tags_training_trains_the_tagged_answer_and_end_of_turn(chatml):
 
 def _pred(i: int, completion: str) -> Prediction:
     answers, strict, flexible = score_completion(completion, "72", "tags")
-    return Prediction(id=f"gsm8k-{i:016x}", prompt_sha256="0" * 64, completion=completion, strict=answers.strict,
-                      flexible=answers.flexible, gold="72", correct_strict=strict, correct_flexible=flexible,
-                      num_prompt_tokens=10, num_tokens=5, finish_reason="stop")
+    return Prediction(id=f"gsm8k-{i:016x}", prompt_sha256="0" * 64, completion=completion,
+                      strict=answers.strict, flexible=answers.flexible, gold="72", correct_strict=strict,
+                      correct_flexible=flexible, num_prompt_tokens=10, num_tokens=5, finish_reason="stop")
 
 
 def test_eval_summary_reports_reasoning_and_extractable_shares():

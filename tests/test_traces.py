@@ -29,7 +29,8 @@ runner = CliRunner()
 
 
 def _problems(folder: Path, split: str = "train") -> list[Problem]:
-    return [Problem.from_dict(json.loads(x), "t") for x in (folder / f"{split}.jsonl").read_text().splitlines()]
+    lines = (folder / f"{split}.jsonl").read_text().splitlines()
+    return [Problem.from_dict(json.loads(x), "t") for x in lines]
 
 
 class StubEngine:
@@ -43,7 +44,7 @@ class StubEngine:
         self.stats = {"generated_tokens": 0}
         self.started: list[tuple[str, int]] = []
 
-    def generate(self, requests, settings, on_result=None, cancelled=None):
+    def generate(self, requests, _settings, on_result=None, cancelled=None):
         for r in requests:
             j = self.index[r.key]
             order = [4, 2, 3, 1, 0] if r.num_samples == 5 else list(reversed(range(r.num_samples)))
@@ -53,7 +54,10 @@ class StubEngine:
                 self.started.append((r.key, s))
                 right = s in self.correct_at(j)
                 text = f"attempt {s}: reasoning\n#### {self.gold[r.key] if right else '-1'}\nQuestion: junk"
-                yield GenResult(r.key, s, (1, 2, 3), text, "stop", 10)
+                result = GenResult(r.key, s, (1, 2, 3), text, "stop", 10)
+                if on_result is not None:
+                    on_result(result)
+                yield result
 
     def describe(self):
         return {"backend": "stub", "device": "cpu", "dtype": "torch.float32"}
@@ -79,13 +83,14 @@ def stub(monkeypatch, small_gsm8k):
 
 
 def _settings(model, data, out, **kw) -> TraceSettings:
-    base = {"model": ModelSpec(str(model)), "out": out, "data": str(data), "num_samples": 6, "max_attempts": 5,
-            "max_new_tokens": 8, "batch_size": 4}
+    base = {"model": ModelSpec(str(model)), "out": out, "data": str(data), "num_samples": 6,
+            "max_attempts": 5, "max_new_tokens": 8, "batch_size": 4}
     base.update(kw)
     return TraceSettings(**base)
 
 
-def test_first_correct_attempt_is_kept_and_later_ones_are_cancelled(tmp_path, tiny_model_dir, small_gsm8k, stub):
+def test_first_correct_attempt_is_kept_and_later_ones_are_cancelled(tmp_path, tiny_model_dir, small_gsm8k,
+                                                                     stub):
     # Problems 0-2: right on the third attempt (and the fifth, which arrives first); 3-5: never right.
     holder = stub(lambda j: {2, 4} if j < 3 else set())
     out = tmp_path / "traces.jsonl"
@@ -113,7 +118,8 @@ def test_first_correct_attempt_is_kept_and_later_ones_are_cancelled(tmp_path, ti
     manifest = json.loads(out.with_name("traces.manifest.json").read_text())
     assert manifest["command"] == "generate-traces"
     assert manifest["resolved"]["backend"] == "stub"  # what ran, as the engine describes itself
-    assert not out.with_name("traces.partial.jsonl").exists() and not out.with_name("traces.run.json").exists()
+    assert not out.with_name("traces.partial.jsonl").exists()
+    assert not out.with_name("traces.run.json").exists()
 
 
 def test_all_attempts_counts_every_correct_sample(tmp_path, tiny_model_dir, small_gsm8k, stub):
@@ -147,8 +153,8 @@ def test_pass_at_k_rejects_impossible_counts():
 
 
 def test_summarize_arithmetic():
-    rows = [{"source": "model", "attempts": 1}, {"source": "model", "attempts": 4}, {"source": "fallback", "attempts": 4},
-            {"source": "fallback", "attempts": 4}]
+    rows = [{"source": "model", "attempts": 1}, {"source": "model", "attempts": 4},
+            {"source": "fallback", "attempts": 4}, {"source": "fallback", "attempts": 4}]
     s = summarize(rows, 4, False, {"generation_s": 2.0, "attempts": 13, "problems": 4, "tokens": 100})
     assert (s.total_samples, s.successes, s.fallback_count) == (4, 2, 2)
     assert s.success_rate == 0.5 and s.avg_attempts_for_successes == 2.5 and s.avg_attempts_overall == 13 / 4
@@ -165,21 +171,24 @@ def test_cut_after_answer():
 
 def test_real_model_run_is_seeded_and_batch_independent(tmp_path, tiny_model_dir, small_gsm8k):
     a = tmp_path / "a.jsonl"
-    stats = generate_traces(_settings(tiny_model_dir, small_gsm8k, a, num_samples=4, max_attempts=3, keep_attempts=True))
+    stats = generate_traces(_settings(tiny_model_dir, small_gsm8k, a, num_samples=4, max_attempts=3,
+                                      keep_attempts=True))
     rows = [json.loads(x) for x in a.read_text().splitlines()]
     assert len(rows) == 4 and stats.total_samples == 4
     assert all(set(r) >= {"id", "question", "answer", "source", "attempts", "gold"} for r in rows)
     # A random model never answers right: every row falls back, having spent all 3 attempts.
-    assert all(r["source"] == "fallback" and r["attempts"] == 3 and len(r["attempt_texts"]) == 3 for r in rows)
+    assert all(r["source"] == "fallback" and r["attempts"] == 3 and len(r["attempt_texts"]) == 3
+               for r in rows)
     assert stats.attempts_this_run == 12 and stats.engine["generated_tokens"] > 0
     texts = [t["text"] for r in rows for t in r["attempt_texts"]]
     assert len(set(texts)) > 1
     b = tmp_path / "b.jsonl"
-    generate_traces(_settings(tiny_model_dir, small_gsm8k, b, num_samples=4, max_attempts=3, keep_attempts=True,
-                              batch_size=1, prefix_cache=False))
+    generate_traces(_settings(tiny_model_dir, small_gsm8k, b, num_samples=4, max_attempts=3,
+                              keep_attempts=True, batch_size=1, prefix_cache=False))
     assert a.read_bytes() == b.read_bytes()
     c = tmp_path / "c.jsonl"
-    generate_traces(_settings(tiny_model_dir, small_gsm8k, c, num_samples=4, max_attempts=3, keep_attempts=True, seed=1))
+    generate_traces(_settings(tiny_model_dir, small_gsm8k, c, num_samples=4, max_attempts=3,
+                              keep_attempts=True, seed=1))
     assert a.read_bytes() != c.read_bytes()
 
 
@@ -200,7 +209,8 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_model_dir, sm
         generate_traces(_settings(tiny_model_dir, small_gsm8k, out), on_progress=stop_after_two)
     assert not out.exists() and len(out.with_name("cut.partial.jsonl").read_text().splitlines()) == 2
     seen = {}
-    generate_traces(_settings(tiny_model_dir, small_gsm8k, out), on_start=lambda total, done: seen.update(done=done))
+    generate_traces(_settings(tiny_model_dir, small_gsm8k, out),
+                    on_start=lambda _total, done: seen.update(done=done))
     assert seen["done"] == 2
     assert out.read_bytes() == clean.read_bytes()
 
@@ -236,10 +246,12 @@ def test_train_sft_accepts_traces(tmp_path, tiny_model_dir, small_gsm8k, stub):
     out = tmp_path / "traces.jsonl"
     generate_traces(_settings(tiny_model_dir, small_gsm8k, out, offset=10, num_samples=8))
     pool = tmp_path / "pool.jsonl"
-    assert runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "2", "--out", str(pool)]).exit_code == 0
-    res = runner.invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(out), "--fewshot-pool",
-                              str(pool), "--max-steps", "1", "--batch-size", "2", "--max-length", "128",
-                              "--lora-r", "2", "--out", str(tmp_path / "run"), "--json"])
+    drawn = runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "2", "--out", str(pool)])
+    assert drawn.exit_code == 0
+    res = runner.invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(out),
+                              "--fewshot-pool", str(pool), "--max-steps", "1", "--batch-size", "2",
+                              "--max-length", "128", "--lora-r", "2", "--out", str(tmp_path / "run"),
+                              "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["train_rows"] + summary["removed_fewshot"] == 8 and summary["train_rows"] > 0
@@ -250,15 +262,18 @@ def _cli(*args):
 
 
 def test_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
-    base = ["--model", str(tiny_model_dir), "--data", str(small_gsm8k), "--num-samples", "2", "--max-new-tokens", "4"]
+    base = ["--model", str(tiny_model_dir), "--data", str(small_gsm8k), "--num-samples", "2",
+            "--max-new-tokens", "4"]
     r = _cli(*base, "--out", str(tmp_path / "x.jsonl"), "--k", "2")
     assert r.exit_code == 2 and "few-shot pool" in r.output
     r = _cli(*base, "--out", str(tmp_path / "x.txt"))
     assert r.exit_code == 2 and "JSON Lines" in r.output
-    r = _cli("--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "y.jsonl"))
+    r = _cli("--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.jsonl"),
+             "--out", str(tmp_path / "y.jsonl"))
     assert r.exit_code == 1 and "nope.jsonl" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "y.jsonl").exists()
-    r = _cli("--model", str(tiny_model_dir), "--data", "gsm8k:test", "--split", "train", "--out", str(tmp_path / "z.jsonl"))
+    r = _cli("--model", str(tiny_model_dir), "--data", "gsm8k:test", "--split", "train",
+             "--out", str(tmp_path / "z.jsonl"))
     assert r.exit_code == 2
     # a finished file is not overwritten silently; a partial run with other settings is not mixed in
     done = tmp_path / "done.jsonl"
@@ -274,8 +289,8 @@ def test_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
 
 
 def test_json_summary(tmp_path, tiny_model_dir, small_gsm8k):
-    r = _cli("--model", str(tiny_model_dir), "--data", str(small_gsm8k), "--num-samples", "2", "--max-attempts", "2",
-             "--max-new-tokens", "4", "--out", str(tmp_path / "t.jsonl"), "--json")
+    r = _cli("--model", str(tiny_model_dir), "--data", str(small_gsm8k), "--num-samples", "2",
+             "--max-attempts", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "t.jsonl"), "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["total_samples"] == 2 and summary["stats"].endswith("t.stats.json")

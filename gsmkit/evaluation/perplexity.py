@@ -340,8 +340,7 @@ class PplMetrics:
 
 
 def _summary(rows: Sequence[tuple[float, int]]) -> PplGroup:
-    nll = sum(r[0] for r in rows)
-    tokens = sum(r[1] for r in rows)
+    nll, tokens = sum(r[0] for r in rows), sum(r[1] for r in rows)
     loss = nll / tokens if tokens else float("nan")
     return PplGroup(n=len(rows), tokens=tokens, loss=loss, ppl=perplexity(nll, tokens))
 
@@ -407,8 +406,7 @@ def evaluate_ppl(
         if on_progress is not None:
             on_progress(done, len(rows))
 
-    if on_progress is not None:
-        on_progress(0, len(rows))
+    advance(0)
     t0 = time.perf_counter()
     _, _, per_window = response_nll(loaded.model, rows, settings.batch_size, loaded.tokenizer.pad_token_id,
                                     advance)
@@ -416,9 +414,8 @@ def evaluate_ppl(
 
     per_item = [[0.0, 0, 0] for _ in items]  # nll, tokens, windows
     for w, (nll, tokens) in zip(windows, per_window, strict=True):
-        per_item[w.item][0] += nll
-        per_item[w.item][1] += tokens
-        per_item[w.item][2] += 1
+        acc = per_item[w.item]
+        acc[0], acc[1], acc[2] = acc[0] + nll, acc[1] + tokens, acc[2] + 1
     item_rows = [{"index": item.index, "line": int(item.where.rsplit(":", 1)[1]), "mode": item.mode,
                   **item.groups, "tokens": tokens, "loss": nll / tokens, "ppl": perplexity(nll, tokens),
                   "windows": count} for item, (nll, tokens, count) in zip(items, per_item, strict=True)]
