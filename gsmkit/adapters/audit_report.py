@@ -18,7 +18,7 @@ from gsmkit.jsonl import atomic_open, write_json
 from gsmkit.run_folder import MANIFEST, RunOutput
 
 if TYPE_CHECKING:
-    from gsmkit.adapters.svd import AuditResult, ModuleAudit
+    from gsmkit.adapters.audit_results import AuditResult, ModuleAudit
 
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"

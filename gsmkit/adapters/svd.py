@@ -14,34 +14,26 @@ The spectra come from QR factors of B and A, never from the dense d x k update (
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gsmkit.adapters.audit_report import audit_output, write_audit
+from gsmkit.adapters.audit_results import AuditResult, ModuleAudit, audit_module, summaries
 from gsmkit.adapters.lora_files import (
     AdapterWeights,
-    LoraModule,
     peft_patterns,
     read_adapter,
     write_adapter_dir,
 )
 from gsmkit.adapters.spectra import (
-    effective_rank,
-    lora_singular_values,
-    spectral_entropy,
-    stable_rank,
-    suggest_rank,
     truncate_lora,
 )
 from gsmkit.errors import ConfigError, ModelError
-from gsmkit.fields import check_fields, described, setting
+from gsmkit.fields import check_fields, setting
 from gsmkit.run_folder import check_new_folder
 from gsmkit.settings import RunOptions, override
-
-ZERO_NOTE = "zero update (lora_A or lora_B is all zeros, e.g. an untrained adapter): suggested rank 1"
 
 
 @dataclass(frozen=True)
@@ -90,128 +82,6 @@ class AuditSettings:
         return Path(self.out) if self.out is not None else Path(self.adapter) / "audit"
 
 
-@dataclass
-class ModuleAudit:
-    module: str = described(
-        "the module path in the base model, as PEFT's `rank_pattern` keys match it: the saved key without "
-        "`base_model.model.` and `.lora_A.weight`")
-    type: str = described("the last path component: `q_proj`, `v_proj`, ...")
-    layer: int | None = described(
-        "the first number in the path (`model.layers.3.*` → 3); null for modules outside the layers, "
-        "such as `lm_head`")
-    shape: list[int] = described(
-        "`[d, k]` of `B @ A` (`[out_features, in_features]` for a Linear layer; a Conv kernel is folded "
-        "into `k`)")
-    r: int = described("the module's rank (from `rank_pattern` when a key there matches the module)")
-    lora_alpha: float = described("the module's alpha (from `alpha_pattern` when a key there matches)")
-    scale: float = described(
-        "the scale PEFT applies: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`")
-    singular_values: list[float] = described(
-        "singular values of `scale * B @ A`, in descending order. There are `min(d, k, r)` of them")
-    frobenius_norm: float = described("`sqrt(sum sigma_i^2)`")
-    effective_rank: int = described(
-        "the smallest `n` whose `n` largest `sigma_i^2` add up to at least `energy` of their total "
-        "(0 for a zero update)")
-    stable_rank: float = described("`sum sigma_i^2 / sigma_1^2` (0 for a zero update)")
-    spectral_entropy: float = described(
-        "`-sum p_i ln p_i` in nats, with `p_i = sigma_i^2 / sum sigma_j^2` (0 for a zero update)")
-    suggested_rank: int = described("`effective_rank`, at least 1 and at most `r`")
-    lora_parameters: int = described("elements of `lora_A` plus `lora_B`")
-    note: str | None = described(
-        "set for a zero update (`lora_A` or `lora_B` all zeros, as in an untrained adapter): its spectrum "
-        "is all zeros, its effective rank 0 and its suggested rank 1", default=None)
-
-
-@dataclass
-class AuditResult:
-    adapter: str = described("the adapter folder")
-    out: str = described("the output folder")
-    energy: float = described("`--energy`, in (0, 1]")
-    modules: list[ModuleAudit] = described(
-        "one per LoRA module, in path order (layer 2 before layer 10). The fields are listed in the next "
-        "table")
-    by_type: dict[str, dict[str, Any]] = described(
-        "module type (the last path component: `q_proj`, `v_proj`, ...) → `modules`, `r` (the distinct "
-        "ranks), `effective_rank_mean`, `effective_rank_max`, `stable_rank_mean`, `spectral_entropy_mean`, "
-        "`frobenius_norm_mean`, `lora_parameters`, `lora_parameters_suggested`")
-    by_layer: list[dict[str, Any]] = described(
-        "one per layer (the first number in the module path; `null` for modules outside the layers, such "
-        "as `lm_head`): `layer`, `modules`, `frobenius_norm` (of all the layer's updates together), "
-        "`effective_rank` and `r` (module type → value), `stable_rank_mean`")
-    rank_pattern: dict[str, int] = described(
-        "module path → suggested rank, ready for `peft.LoraConfig(rank_pattern=...)`. Longer paths come "
-        "first, because PEFT uses the first key that matches")
-    lora_parameters: int = described("parameters in all `lora_A` and `lora_B` matrices")
-    lora_parameters_suggested: int = described(
-        "the same at the suggested ranks: the sum of `suggested_rank * (d + k)`")
-    notes: list[str] = described(
-        "for example how many modules have a zero update, or that a DoRA adapter's magnitude vectors are "
-        "ignored", default_factory=list)
-    compression: dict[str, Any] | None = described(
-        "`--compress` only: the summary written into the compressed adapter's `manifest.json` as "
-        "`compression` (see [Compressed adapter](#compressed-adapter-audit-svd---compress)); never in "
-        "`audit.json`", default=None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---- the audit ---------------------------------------------------------------------------------------
-
-
-def _layer_of(path: str) -> int | None:
-    return next((int(part) for part in path.split(".") if part.isdigit()), None)
-
-
-def audit_module(module: LoraModule, energy: float) -> ModuleAudit:
-    a, b = module.matrices()
-    values = [float(s) for s in lora_singular_values(a, b, module.scale)]
-    eff = effective_rank(values, energy)
-    return ModuleAudit(
-        module=module.path, type=module.path.rsplit(".", 1)[-1], layer=_layer_of(module.path),
-        shape=[int(b.shape[0]), int(a.shape[1])], r=module.r, lora_alpha=module.alpha, scale=module.scale,
-        singular_values=values, frobenius_norm=math.sqrt(sum(s * s for s in values)), effective_rank=eff,
-        stable_rank=stable_rank(values), spectral_entropy=spectral_entropy(values),
-        suggested_rank=suggest_rank(eff, module.r), lora_parameters=int(a.numel() + b.numel()),
-        note=ZERO_NOTE if eff == 0 else None,
-    )
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def _summaries(audits: list[ModuleAudit]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    by_type: dict[str, dict[str, Any]] = {}
-    for kind in sorted({m.type for m in audits}):
-        group = [m for m in audits if m.type == kind]
-        by_type[kind] = {
-            "modules": len(group),
-            "r": sorted({m.r for m in group}),
-            "effective_rank_mean": _mean([m.effective_rank for m in group]),
-            "effective_rank_max": max(m.effective_rank for m in group),
-            "stable_rank_mean": _mean([m.stable_rank for m in group]),
-            "spectral_entropy_mean": _mean([m.spectral_entropy for m in group]),
-            "frobenius_norm_mean": _mean([m.frobenius_norm for m in group]),
-            "lora_parameters": sum(m.lora_parameters for m in group),
-            "lora_parameters_suggested": sum(m.suggested_rank * sum(m.shape) for m in group),
-        }
-    by_layer: list[dict[str, Any]] = []
-    layers = sorted({m.layer for m in audits}, key=lambda v: (v is None, v or 0))
-    for layer in layers:
-        group = [m for m in audits if m.layer == layer]
-        by_layer.append({
-            "layer": layer,
-            "modules": len(group),
-            # The norm of all the layer's updates taken together, as if stacked into one vector.
-            "frobenius_norm": math.sqrt(sum(m.frobenius_norm**2 for m in group)),
-            "effective_rank": {m.type: m.effective_rank for m in group},
-            "r": {m.type: m.r for m in group},
-            "stable_rank_mean": _mean([m.stable_rank for m in group]),
-        })
-    return by_type, by_layer
-
-
 def audit_adapter(
     settings: AuditSettings,
     on_start: Callable[[int], None] | None = None,
@@ -233,7 +103,7 @@ def audit_adapter(
         audits.append(audit_module(module, settings.energy))
         if on_progress:
             on_progress(1)
-    by_type, by_layer = _summaries(audits)
+    by_type, by_layer = summaries(audits)
     notes: list[str] = []
     zeros = [m.module for m in audits if m.effective_rank == 0]
     if zeros:

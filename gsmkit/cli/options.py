@@ -59,10 +59,12 @@ def _own_fields_first(cls: type) -> list[dataclasses.Field]:
     """The command's own fields first (model, out, ...), then those of its option groups in base order."""
     mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
 
-    def declared_in(f: dataclasses.Field) -> int:
-        return next(i for i, c in enumerate(mro) if f.name in inspect.get_annotations(c))
+    def declared_in(f: dataclasses.Field) -> tuple[int, int]:
+        # the most derived class that declares the field (an override counts as the command's own)
+        i, c = next((i, c) for i, c in enumerate(mro) if f.name in inspect.get_annotations(c))
+        return i, list(inspect.get_annotations(c)).index(f.name)
 
-    return sorted(dataclasses.fields(cls), key=declared_in)  # stable: declaration order within a class
+    return sorted(dataclasses.fields(cls), key=declared_in)
 
 
 def _options(cls: type, exclude: tuple[str, ...], owner: str | None = None) -> list[_Option]:
