@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gsmkit.errors import ConfigError
 from gsmkit.fields import setting
 from gsmkit.prompts import STYLES
 
@@ -55,6 +56,12 @@ class PromptOptions:
                          "tags (reasoning tags, <SOLUTION>n</SOLUTION>).", choices=STYLES)
     system_prompt: str | None = setting(None, "System prompt (chat) or preamble (plain).",
                                         show_default=False)
+
+    def check_pool(self) -> None:
+        """Exemplars come from a pool: --k without --pool is a contradiction (train draws a default pool)."""
+        if self.k > 0 and self.pool is None:
+            raise ConfigError(f"--k {self.k} needs a few-shot pool", hint="make one with `gsmkit fewshot "
+                              "--out pool.jsonl` and pass --pool pool.jsonl")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -98,9 +98,7 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "split", split)
         check_fields(self)
-        if self.k > 0 and self.pool is None:
-            raise ConfigError(f"--k {self.k} needs a few-shot pool", hint="make one with `gsmkit fewshot "
-                              "--out pool.jsonl` and pass --pool pool.jsonl")
+        self.check_pool()
         if self.out.suffix != ".jsonl":
             raise ConfigError(f"--out {self.out}: traces are written as JSON Lines",
                               hint="name it like traces.jsonl")

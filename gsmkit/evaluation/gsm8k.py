@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.answers import score_completion
-from gsmkit.errors import ConfigError
 from gsmkit.evaluation.stats import wilson_interval
 from gsmkit.fields import check_fields, described, setting
 from gsmkit.generation import SamplingSettings
@@ -45,9 +44,7 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.k > 0 and self.pool is None:
-            raise ConfigError(f"--k {self.k} needs a few-shot pool", hint="make one with `gsmkit fewshot "
-                              "--out pool.jsonl` and pass --pool pool.jsonl")
+        self.check_pool()
         self.sampling()  # decoding options are checked where they are defined, before any model loads
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
