@@ -14,7 +14,8 @@ marked table rewritten from the dataclass, one row per field in declaration orde
   meaning, plus a `required` column when the class lists the fields an input row must have in a
   `REQUIRED` class variable (`gsmkit.records.Problem`);
 - a settings class (fields declared with `gsmkit.fields.setting(default, help)`): key | type |
-  default | meaning.
+  default | meaning, the type with the field's bounds (`int, >= 1`) and the default with what an unset
+  value means where the field says (`show_default="--data"`).
 
 The type comes from the annotation, in the words of the docs (`str | None` -> "string or null",
 `tuple[float, float]` -> "[float, float]", `dict[...]` -> "object"), the meaning from the field's
@@ -89,6 +90,13 @@ def default_label(field: dataclasses.Field) -> str:
         value = field.default_factory()
     else:
         return "required"
+    label = _value_label(value)
+    shown = field.metadata.get("show_default")
+    # `setting(..., show_default="on with a 4-bit base")`: what an unset value means, as --help says it
+    return f"{label} ({shown})" if isinstance(shown, str) and shown else label
+
+
+def _value_label(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -102,6 +110,16 @@ def default_label(field: dataclasses.Field) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
+
+
+def bounds_label(field: dataclasses.Field) -> str:
+    """`setting(min=..., max=...)` as the type column adds it: ", >= 1", ", > 0", ", 0 to 0.999"."""
+    lo, hi, open_ = field.metadata.get("min"), field.metadata.get("max"), field.metadata.get("min_open")
+    if lo is not None and hi is not None and not open_:
+        return f", {lo:g} to {hi:g}"
+    parts = [f"{'>' if open_ else '>='} {lo:g}"] if lo is not None else []
+    parts += [f"<= {hi:g}"] if hi is not None else []
+    return ", " + " and ".join(parts) if parts else ""
 
 
 # ---- one table -----------------------------------------------------------------------------------
@@ -149,7 +167,7 @@ def field_table(cls: type, omit: Sequence[str] = ()) -> list[str]:
     else:
         lines = ["| field | type | meaning |", "|---|---|---|"]
     for f in chosen:
-        row = [f"`{f.name}`", cell(type_label(kinds[f.name]))]
+        row = [f"`{f.name}`", cell(type_label(kinds[f.name]) + (bounds_label(f) if settings else ""))]
         if settings:
             row.append(cell(default_label(f)))
         elif required is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,8 +55,9 @@ class InputRow:
 @dataclass(frozen=True)
 class Knobs:
     out: Path = setting(Path("runs/x"), "Output folder.")
-    rate: float = setting(2e-4, "Learning rate.", min=0)
-    name: str | None = setting(None, "A name.")
+    rate: float = setting(2e-4, "Learning rate.", min=0, min_open=True)
+    share: float = setting(0.03, "A share.", min=0, max=0.999)
+    name: str | None = setting(None, "A name.", show_default="--out's name")
     quiet: bool = setting(False, "Print less.")
 
 
@@ -69,7 +71,11 @@ def test_formats_md_is_current(capsys):
 def test_formats_md_marks_the_record_and_metrics_tables():
     marked = gen.marked_classes((ROOT / "docs" / "formats.md").read_text(encoding="utf-8"))
     for target in ("gsmkit.records.Problem", "gsmkit.records.FewshotExample", "gsmkit.records.Prediction",
-                   "gsmkit.evaluation.gsm8k.EvalMetrics"):
+                   "gsmkit.evaluation.gsm8k.EvalMetrics", "gsmkit.evaluation.perplexity.PplMetrics",
+                   "gsmkit.evaluation.safety.SafetyMetrics", "gsmkit.evaluation.safety.GroupCounts",
+                   "gsmkit.traces.TraceStats", "gsmkit.adapters.merge.MergeReport",
+                   "gsmkit.adapters.svd.AuditResult", "gsmkit.adapters.svd.ModuleAudit",
+                   "gsmkit.training.config.TrainSettings"):
         assert target in marked
 
 
@@ -101,12 +107,13 @@ def test_settings_table_has_defaults():
         "| key | type | default | meaning |",
         "|---|---|---|---|",
         "| `out` | string (a path) | `runs/x` | Output folder. |",
-        "| `rate` | float | 0.0002 | Learning rate. |",
-        "| `name` | string or null | null | A name. |",
+        "| `rate` | float, > 0 | 0.0002 | Learning rate. |",
+        "| `share` | float, 0 to 0.999 | 0.03 | A share. |",
+        "| `name` | string or null | null (--out's name) | A name. |",
         "| `quiet` | bool | false | Print less. |",
     ]
     assert [line.split(" | ")[0] for line in gen.field_table(Knobs, omit=("out",))[2:]] == [
-        "| `rate`", "| `name`", "| `quiet`"]
+        "| `rate`", "| `share`", "| `name`", "| `quiet`"]
 
 
 @pytest.mark.parametrize(("annotation", "label"), [
@@ -155,3 +162,15 @@ def test_a_field_without_help_is_an_error():
 
     with pytest.raises(gen.FormatDocsError, match="no help for x"):
         gen.field_table(Bare)
+
+
+def test_preset_table_matches_presets():
+    # hand-written (PRESETS is not a dataclass), so checked here: each row lists exactly its preset's values
+    from gsmkit.training.config import PRESETS
+
+    text = (ROOT / "docs" / "formats.md").read_text(encoding="utf-8")
+    section = text[text.index("The presets (`--preset`) set:"):]
+    for name, values in PRESETS.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        listed = set(re.findall(r"`(\w+): ([^`]+)`", row))
+        assert listed == {(k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}, row
