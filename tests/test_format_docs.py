@@ -74,7 +74,7 @@ def test_formats_md_marks_the_record_and_metrics_tables():
                    "gsmkit.evaluation.gsm8k.EvalMetrics", "gsmkit.evaluation.perplexity.PplMetrics",
                    "gsmkit.evaluation.safety.SafetyMetrics", "gsmkit.evaluation.safety.GroupCounts",
                    "gsmkit.traces.TraceStats", "gsmkit.adapters.merge.MergeReport",
-                   "gsmkit.adapters.svd.AuditResult", "gsmkit.adapters.svd.ModuleAudit",
+                   "gsmkit.adapters.audit_results.AuditResult", "gsmkit.adapters.audit_results.ModuleAudit",
                    "gsmkit.training.config.TrainSettings"):
         assert target in marked
 
