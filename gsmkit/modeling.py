@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, ModelError
+from gsmkit.fields import check_fields, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -23,16 +24,21 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model: str
-    adapter: str | None = None
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    device: str = "auto"
+    """The model a command loads: the option group shared by every command that takes --model."""
+
+    model: str = setting(help="Hugging Face model id, local model folder, or .gguf file.", short="-m",
+                         show_default=False)
+    adapter: str | None = setting(None, "PEFT adapter folder (adapter_config.json + weights) applied on top "
+                                  "of --model.", cli_type=Path | None, parse=str, show_default=False,
+                                  path={"exists": True, "file_okay": False, "dir_okay": True})
+    dtype: str = setting("auto", "Weights dtype: auto | float32 | bfloat16 | float16.", choices=DTYPES)
+    load_in_4bit: bool = setting(False, "Load the base model in 4-bit nf4 with double quantization "
+                                 "(bitsandbytes).")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps.")
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown --dtype '{self.dtype}'", hint=f"choose one of {', '.join(DTYPES)}")
+        check_fields(self)
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown --device '{self.device}'", hint=f"choose one of {', '.join(DEVICES)}")
         if self.adapter is not None:
