@@ -172,7 +172,12 @@ def gold_from_solution(solution: str) -> str | None:
         return None
     # Only the marker's own line: anything after it is not part of the answer.
     lines = tail.strip().splitlines()
-    value = normalize_number(lines[0]) if lines else None
+    return normalize_gold(lines[0]) if lines else None
+
+
+def normalize_gold(text: str) -> str | None:
+    """The canonical form of a gold answer, or None when it is not a plain number."""
+    value = normalize_number(text)
     return value if value is not None and _PLAIN_NUMBER.fullmatch(value) else None
 
 

@@ -19,6 +19,9 @@ from gsmkit.errors import ConfigError, ModelError
 from gsmkit.fields import check_fields, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# PEFT saves a LoRA module's weights under the PeftModel's attribute path: base_model (the LoraModel),
+# .model (the transformers model), then the module path that `rank_pattern` keys are matched against.
+PEFT_PREFIX = "base_model.model."
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -9,11 +9,11 @@ whether it came from the Hub, a local jsonl or a parquet export.
 from __future__ import annotations
 
 import hashlib
-import re
 import types
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, get_args
 
+from gsmkit.answers import gold_from_solution, normalize_gold
 from gsmkit.errors import DataError
 from gsmkit.fields import described, field_types
 
@@ -50,17 +50,6 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
     return value
 
 
-_PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-
-
-def _normalize_gold(text: str) -> str | None:
-    """The canonical form of a given gold answer, or None when it is not a plain number."""
-    from gsmkit.answers import normalize_number
-
-    value = normalize_number(text)
-    return value if value is not None and _PLAIN_NUMBER.fullmatch(value) else None
-
-
 @dataclass(frozen=True)
 class Problem:
     """A GSM8K problem: `answer` is the worked solution ending in `#### n`, `gold` its normalised n.
@@ -85,8 +74,6 @@ class Problem:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], where: str) -> Problem:
-        from gsmkit.answers import gold_from_solution
-
         hint = "a GSM8K row needs 'question' and 'answer' (the solution ending in '#### <number>')"
         question, answer = (_require(obj, key, str, where, hint) for key in cls.REQUIRED)
         gold = obj.get("gold")
@@ -101,7 +88,7 @@ class Problem:
             raise DataError(f"{where}: field 'gold' must be a string or number, got {type(gold).__name__}")
         else:
             given = gold
-            gold = _normalize_gold(str(given))
+            gold = normalize_gold(str(given))
             if gold is None:
                 # An empty or non-numeric gold can never be matched: every answer would score wrong.
                 raise DataError(f"{where}: field 'gold' must be a number, got {given!r}",

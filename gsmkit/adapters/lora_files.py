@@ -18,15 +18,12 @@ from typing import Any
 
 from gsmkit.errors import ModelError
 from gsmkit.jsonl import write_json
-from gsmkit.modeling import read_adapter_config
+from gsmkit.modeling import PEFT_PREFIX, read_adapter_config
 from gsmkit.run_folder import MANIFEST, publish_folder, staging_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS_SAFETENSORS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
-# PEFT saves a LoRA module's weights under the PeftModel's attribute path: base_model (the LoraModel),
-# .model (the transformers model), then the module path that `rank_pattern` keys are matched against.
-PEFT_PREFIX = "base_model.model."
 _LINEAR_KEY = re.compile(r"^(.+)\.lora_(A|B)\.weight$")  # Linear and Conv layers
 _EMBEDDING_KEY = re.compile(r"^(.+)\.lora_embedding_(A|B)$")  # Embedding layers: A [r, vocab], B [dim, r]
 # PEFT's defaults when adapter_config.json leaves `r` or `lora_alpha` out (peft.LoraConfig).

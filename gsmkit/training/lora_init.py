@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.modeling import PEFT_PREFIX
 
-PEFT_PREFIX = "base_model.model."
 METHODS = ("loftq", "cloq")
 # GPTQ's damping: a share of the mean diagonal added to H, so directions no calibration token excites stay
 # solvable (H is singular when a layer sees fewer distinct inputs than it has input features).
