@@ -10,7 +10,8 @@ On SmolLM2-135M-Instruct with a LoRA adapter from `gsmkit train sft` (pass its f
    compressed adapter next to the original, with parameter counts before and after.
 
 Run from the project root:
-    python benchmarks/adapter_pipeline.py --adapter bench-out/train_speed/gsmkit --out bench-out/adapter_pipeline
+    python benchmarks/adapter_pipeline.py --adapter bench-out/train_speed/gsmkit \\
+        --out bench-out/adapter_pipeline
 Writes `<out>/results.json` and prints it.
 """
 
@@ -50,7 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", type=Path, default=None, help="HF folder of the base (default: converted demo)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="HF folder of the base (default: converted demo)")
     parser.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--energy", type=float, default=0.90)
@@ -65,7 +67,8 @@ def main() -> None:
 
     data = out / "ppl_data.jsonl"
     problems = load_gsm8k(args.gsm8k_dir, "test")[: args.rows]
-    data.write_text("".join(json.dumps({"prompt": f"Question: {p.question}\nAnswer:", "response": f" {p.answer}",
+    data.write_text("".join(json.dumps({"prompt": f"Question: {p.question}\nAnswer:",
+                                        "response": f" {p.answer}",
                                         "metadata": {"source": "gsm8k"}}) + "\n" for p in problems))
     logs = out / "logs"
     results: dict = {}
@@ -75,11 +78,14 @@ def main() -> None:
          "--out", str(merged), "--overwrite"], logs / "merge.log")
 
     probe = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(sys.argv[1]); "
+             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+             "AutoTokenizer.from_pretrained(sys.argv[1]); "
              "print(sum(p.numel() for p in m.parameters()))")
-    loaded = subprocess.run([sys.executable, "-c", probe, str(merged)], check=False, capture_output=True, text=True)
+    loaded = subprocess.run([sys.executable, "-c", probe, str(merged)], check=False, capture_output=True,
+                            text=True)
     results["merged_loads_with_transformers"] = loaded.returncode == 0
-    results["merged_parameters"] = int(loaded.stdout.strip().splitlines()[-1]) if loaded.returncode == 0 else None
+    results["merged_parameters"] = (int(loaded.stdout.strip().splitlines()[-1]) if loaded.returncode == 0
+                                    else None)
 
     def ppl(name: str, *extra: str) -> dict:
         summary, wall = gsmkit_json(["eval", "ppl", "--data", str(data), "--out", str(out / f"ppl_{name}"),
@@ -98,7 +104,8 @@ def main() -> None:
     audit_dir, compressed = out / "audit", out / "compressed"
     results["audit"], _ = gsmkit_json(["audit-svd", "--adapter", str(adapter), "--energy", str(args.energy),
                                        "--out", str(audit_dir)], logs / "audit.log")
-    results["compress"], _ = gsmkit_json(["audit-svd", "--adapter", str(adapter), "--energy", str(args.energy),
+    results["compress"], _ = gsmkit_json(["audit-svd", "--adapter", str(adapter),
+                                          "--energy", str(args.energy),
                                           "--compress", "--out", str(compressed)], logs / "compress.log")
     results["ppl_compressed"] = ppl("compressed", "--model", str(model), "--adapter", str(compressed))
     record = {"benchmark": "adapter_pipeline", "adapter": str(adapter), "model": str(model),

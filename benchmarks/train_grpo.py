@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, default=ROOT / "bench-out" / "smollm2-hf")
     p.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
-    p.add_argument("--init-adapter", type=Path, default=None, help="starting adapter (default: the base model)")
+    p.add_argument("--init-adapter", type=Path, default=None,
+                   help="starting adapter (default: the base model)")
     p.add_argument("--style", default="chat")
     p.add_argument("--minutes", type=float, default=15.0)
     p.add_argument("--train-samples", type=int, default=256)
@@ -85,12 +86,14 @@ def main(argv=None) -> int:
     ensure_hf_model(model_dir)
     gsmkit = gsmkit_command()
     logs = out / "logs"
-    results: dict[str, Any] = {"benchmark": "train_grpo", "settings": {k: str(v) for k, v in vars(args).items()},
+    results: dict[str, Any] = {"benchmark": "train_grpo",
+                               "settings": {k: str(v) for k, v in vars(args).items()},
                                "machine": machine_info(), "commands": {}}
 
     def evaluate(name: str, adapter: Path | None) -> dict[str, Any]:
-        cmd = [*gsmkit, "eval", "gsm8k", "--model", str(model_dir), "--data", str(args.gsm8k_dir), "--limit",
-               str(args.eval_problems), "--style", args.style, "--max-new-tokens", str(args.max_completion_length),
+        cmd = [*gsmkit, "eval", "gsm8k", "--model", str(model_dir), "--data", str(args.gsm8k_dir),
+               "--limit", str(args.eval_problems), "--style", args.style,
+               "--max-new-tokens", str(args.max_completion_length),
                "--out", str(out / name), "--overwrite", "--json"]
         if adapter is not None:
             cmd += ["--adapter", str(adapter)]
@@ -101,17 +104,21 @@ def main(argv=None) -> int:
             raise SystemExit(tail(logs / f"{name}.log"))
         metrics = json.loads((out / name / "metrics.json").read_text())
         return {"rewards": reward_means(out / name / "predictions.jsonl", args.style),
-                "accuracy_strict": metrics["accuracy_strict"], "accuracy_flexible": metrics["accuracy_flexible"],
+                "accuracy_strict": metrics["accuracy_strict"],
+                "accuracy_flexible": metrics["accuracy_flexible"],
                 "wall_s": round(seconds, 1)}
 
     results["before"] = evaluate("eval_before", args.init_adapter.resolve() if args.init_adapter else None)
 
     grpo_dir = out / "grpo"
-    cmd = [*gsmkit, "train", "grpo", "--model", str(model_dir), "--data", str(args.gsm8k_dir), "--style", args.style,
+    cmd = [*gsmkit, "train", "grpo", "--model", str(model_dir), "--data", str(args.gsm8k_dir),
+           "--style", args.style,
            "--train-samples", str(args.train_samples), "--num-generations", str(args.num_generations),
-           "--prompts-per-step", str(args.prompts_per_step), "--max-completion-length",
-           str(args.max_completion_length), "--learning-rate", str(args.learning_rate), "--max-steps", "10000",
-           "--time-limit", str(args.minutes), "--seed", str(args.seed), "--out", str(grpo_dir), "--overwrite", "--json"]
+           "--prompts-per-step", str(args.prompts_per_step),
+           "--max-completion-length", str(args.max_completion_length),
+           "--learning-rate", str(args.learning_rate), "--max-steps", "10000",
+           "--time-limit", str(args.minutes), "--seed", str(args.seed),
+           "--out", str(grpo_dir), "--overwrite", "--json"]
     if args.init_adapter:
         cmd += ["--init-adapter", str(args.init_adapter.resolve())]
     results["commands"]["grpo"] = cmd
@@ -123,7 +130,8 @@ def main(argv=None) -> int:
     curve = [{"step": r["step"], "reward": r["reward"],
               **{k.split("/")[1]: r[k] for k in r if k.startswith("rewards/") and k.endswith("/mean")}}
              for r in log if "reward" in r]
-    results["grpo"] = {"wall_s": round(seconds, 1), "steps": curve[-1]["step"] if curve else 0, "curve": curve,
+    results["grpo"] = {"wall_s": round(seconds, 1), "steps": curve[-1]["step"] if curve else 0,
+                       "curve": curve,
                        "step_time_s": [r.get("step_time") for r in log if "reward" in r]}
 
     results["after"] = evaluate("eval_after", grpo_dir)
@@ -131,7 +139,8 @@ def main(argv=None) -> int:
     b, a = results["before"]["rewards"], results["after"]["rewards"]
     for key in ("correctness", "strict_format", "soft_format", "integer", "weighted_total"):
         console.print(f"{key:>15}: {b[key]:.3f} -> {a[key]:.3f}")
-    console.print(f"{results['grpo']['steps']} GRPO steps in {seconds:.0f}s; reward curve in {grpo_dir / 'reward_curve.png'}")
+    console.print(f"{results['grpo']['steps']} GRPO steps in {seconds:.0f}s; "
+                  f"reward curve in {grpo_dir / 'reward_curve.png'}")
     return 0
 
 

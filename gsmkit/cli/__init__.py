@@ -30,7 +30,8 @@ class _ErrorBoundaryGroup(TyperGroup):
 
             console = _err_console()
             # Text objects, not markup: messages quote user input and hints like 'gsmkit[vllm]'.
-            console.print(Text.assemble(("error: ", "bold red"), err.message), highlight=False, soft_wrap=True)
+            console.print(Text.assemble(("error: ", "bold red"), err.message), highlight=False,
+                          soft_wrap=True)
             if err.hint:
                 console.print(Text.assemble(("hint: ", "yellow"), err.hint), highlight=False, soft_wrap=True)
             ctx.exit(err.exit_code)

@@ -43,11 +43,12 @@ def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None, style: str = "chat") -> tuple[str, str]:
+def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None,
+                style: str = "chat") -> tuple[str, str]:
     """(prompt text, whole text) through the chat template (`chat` or `tags` style)."""
     if not _has_template(tokenizer):
-        raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
-                          hint="use --style plain")
+        raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, "
+                          "and this one has none", hint="use --style plain")
     if ex.kind == "messages":
         context = list(ex.messages[:-1])  # type: ignore[index]
         reply = ex.messages[-1]  # type: ignore[index]
@@ -56,13 +57,15 @@ def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None, sty
         if system_prompt:
             if context and context[0]["role"] == "system":
                 # Replacing or keeping the row's own system message silently would both surprise someone.
-                raise ConfigError(f"{ex.where}: the row has its own system message, and a system prompt was also given",
+                raise ConfigError(f"{ex.where}: the row has its own system message, "
+                                  "and a system prompt was also given",
                                   hint="drop --system-prompt, or the rows' system messages")
             context.insert(0, {"role": "system", "content": system_prompt})
         prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         whole = tokenizer.apply_chat_template([*context, reply], tokenize=False)
         hint = ("this chat template renders earlier turns differently once a reply follows (some drop "
-                "reasoning from past turns); use a template that does not, or question/answer rows with --style plain")
+                "reasoning from past turns); use a template that does not, "
+                "or question/answer rows with --style plain")
     else:
         # A prompt/response row in chat style is one user turn and one assistant turn.
         system_prompt = style_system_prompt(style, system_prompt)
@@ -71,11 +74,12 @@ def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None, sty
         # render_prompt is what `eval gsm8k` sends, so training and evaluation prompts cannot drift.
         prompt = render_prompt(style, question, (), tokenizer, system_prompt)
         reply = {"role": "assistant", "content": render_target(style, answer)}
-        whole = tokenizer.apply_chat_template([*build_messages(question, (), system_prompt), reply], tokenize=False)
+        whole = tokenizer.apply_chat_template([*build_messages(question, (), system_prompt), reply],
+                                              tokenize=False)
         hint = "use --style plain"
     if not whole.startswith(prompt):
-        raise ConfigError(f"{ex.where}: the chat template's generation prompt is not a prefix of the rendered "
-                          "conversation, so the reply cannot be located", hint=hint)
+        raise ConfigError(f"{ex.where}: the chat template's generation prompt is not a prefix of the "
+                          "rendered conversation, so the reply cannot be located", hint=hint)
     return prompt, whole
 
 
@@ -86,8 +90,8 @@ def _plain_texts(ex: TrainExample, system_prompt: str | None) -> tuple[str, str]
     if ex.kind == "pr":
         if system_prompt:
             # The prompt is used exactly as given; quietly dropping the system prompt would mislead.
-            raise ConfigError(f"{ex.where}: a system prompt cannot be added to prompt/response rows in plain style",
-                              hint="put it into the rows' prompts, or use --style chat")
+            raise ConfigError(f"{ex.where}: a system prompt cannot be added to prompt/response rows "
+                              "in plain style", hint="put it into the rows' prompts, or use --style chat")
         return ex.prompt, ex.prompt + ex.response  # type: ignore[operator]
     prompt = render_prompt("plain", ex.question, (), None, system_prompt)  # type: ignore[arg-type]
     return prompt, prompt + render_target("plain", ex.answer)  # type: ignore[arg-type]
@@ -117,7 +121,8 @@ def encode_example(
         if add_special_tokens_for("plain"):
             prompt_ids = special_prefix(tokenizer) + prompt_ids
         if tokenizer.eos_token_id is None:
-            raise ModelError("the tokenizer has no EOS token, so plain-style training cannot teach the model to stop",
+            raise ModelError("the tokenizer has no EOS token, so plain-style training cannot teach "
+                             "the model to stop",
                              hint="use --style chat, or a tokenizer that defines eos_token")
         response_ids.append(int(tokenizer.eos_token_id))
     else:
@@ -150,5 +155,6 @@ def masking_preview(encoded: Encoded, tokenizer: Any) -> Text:
     pairs = zip(encoded.input_ids, encoded.labels, strict=True)
     for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
         ids = [token for token, _ in run]
-        text.append(tokenizer.decode(ids, skip_special_tokens=False), style=TRAINED_STYLE if trained else MASKED_STYLE)
+        text.append(tokenizer.decode(ids, skip_special_tokens=False),
+                    style=TRAINED_STYLE if trained else MASKED_STYLE)
     return text

@@ -8,7 +8,8 @@ weights (`--reward-weights`) scale them. Completions may be strings or chat mess
 
 - `correctness`: the format's answer (`#### n`, or `<SOLUTION>n</SOLUTION>` in the tags style) equals gold;
 - `strict_format`: the whole completion has the format's shape and ends with its answer
-  (`...\\n#### n`; or `<start_working_out>...<end_working_out>` then `<SOLUTION>n</SOLUTION>` and nothing else);
+  (`...\\n#### n`; or `<start_working_out>...<end_working_out>` then `<SOLUTION>n</SOLUTION>`
+  and nothing else);
 - `soft_format`: the format's answer marker is somewhere (tags: a non-empty reasoning section, then a
   solution tag);
 - `integer`: the format's answer is a whole number (GSM8K answers are).
@@ -38,8 +39,9 @@ _HASH_STRICT = re.compile(r"\S.*\n#### -?[0-9][0-9,]*(?:\.[0-9]+)?\s*", re.DOTAL
 _TAGS_STRICT = re.compile(
     r"\s*" + re.escape(REASONING_START) + r"(?P<r>.+?)" + re.escape(REASONING_END) + r"\s*"
     + re.escape(SOLUTION_START) + r"[^<]+?" + re.escape(SOLUTION_END) + r"\s*", re.DOTALL)
-_TAGS_SOFT = re.compile(re.escape(REASONING_END) + r".*?" + re.escape(SOLUTION_START) + r".+?" + re.escape(SOLUTION_END),
-                        re.DOTALL)
+_TAGS_SOFT = re.compile(
+    re.escape(REASONING_END) + r".*?" + re.escape(SOLUTION_START) + r".+?" + re.escape(SOLUTION_END),
+    re.DOTALL)
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
@@ -80,7 +82,8 @@ def make_reward_funcs(answer_format: str, names: Sequence[str]) -> list[Callable
     so TRL logs `rewards/<name>/mean`."""
 
     def per_text(score: Callable[[str, dict[str, Any]], float], name: str):
-        def reward(prompts=None, completions=(), **columns) -> list[float]:
+        def reward(prompts=None, completions=(),  # noqa: ARG001 - TRL passes it by keyword
+                   **columns) -> list[float]:
             golds = columns.get("gold") or [None] * len(completions)
             return [score(completion_text(c), {"gold": g}) for c, g in zip(completions, golds, strict=True)]
 
@@ -89,9 +92,9 @@ def make_reward_funcs(answer_format: str, names: Sequence[str]) -> list[Callable
 
     table = {
         "correctness": lambda t, row: correctness(t, row["gold"], answer_format),
-        "strict_format": lambda t, row: strict_format(t, answer_format),
-        "soft_format": lambda t, row: soft_format(t, answer_format),
-        "integer": lambda t, row: integer_answer(t, answer_format),
+        "strict_format": lambda t, _row: strict_format(t, answer_format),
+        "soft_format": lambda t, _row: soft_format(t, answer_format),
+        "integer": lambda t, _row: integer_answer(t, answer_format),
     }
     unknown = [n for n in names if n not in table]
     if unknown:
