@@ -27,11 +27,11 @@ gsmkit fewshot --data "$DATA" --out "$WORK/pool.jsonl"
 python -m json.tool "$WORK/traces.stats.json"
 
 # 3. SFT on the traces (the pool is removed again, by content hash).
-[ -f "$WORK/sft/adapter_config.json" ] || gsmkit train sft --overwrite --model "$MODEL" --data "$WORK/traces.jsonl" --fewshot-pool "$WORK/pool.jsonl" \
+[ -f "$WORK/sft/adapter_config.json" ] || gsmkit train sft --overwrite --model "$MODEL" --data "$WORK/traces.jsonl" --pool "$WORK/pool.jsonl" \
     --max-steps "$STEPS" --batch-size 4 --out "$WORK/sft"
 
 # 4. GRPO from the SFT adapter, rewarded by the same answer extractor the metric uses.
-[ -f "$WORK/grpo/adapter_config.json" ] || gsmkit train grpo --overwrite --model "$MODEL" --init-adapter "$WORK/sft" --data "$DATA" --fewshot-pool "$WORK/pool.jsonl" \
+[ -f "$WORK/grpo/adapter_config.json" ] || gsmkit train grpo --overwrite --model "$MODEL" --init-adapter "$WORK/sft" --data "$DATA" --pool "$WORK/pool.jsonl" \
     --train-samples 200 --max-steps "$STEPS" --max-completion-length 192 --out "$WORK/grpo"
 
 # 5. Both adapters on the same held-out problems.

@@ -120,7 +120,11 @@ def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
         param_default = inspect.Parameter.empty
         kwargs["show_default"] = False
     else:
-        kwargs["show_default"] = show
+        # A described default ("./fewshot_pool.jsonl, else ...") reads as the help's own words, as above;
+        # click would print it in parentheses, and docs/cli.md would not show it at all.
+        if isinstance(show, str):
+            kwargs["help"] += f" \\[default: {show}]"
+        kwargs["show_default"] = show if not isinstance(show, str) else False
         param_default = (list(default) or None) if isinstance(default, tuple) else default
     for bound in ("min", "max"):
         if meta.get(bound) is not None and not (bound == "min" and meta.get("min_open")):
