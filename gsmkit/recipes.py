@@ -12,7 +12,6 @@ metrics, written to OUT/eval/) and `sweep` (the last M checkpoints, OUT/sweep/ a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,10 @@ from gsmkit.training.config import TrainSettings
 from gsmkit.training.sft import TrainResult, train
 
 
-def train_and_evaluate(
-    settings: TrainSettings,
-    on_start: Callable[[int], None] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-    on_log: Callable[[dict], None] | None = None,
-    on_init: Callable[[str, int, int], None] | None = None,
-) -> TrainResult:
-    """`training.sft.train`, then (with --eval-limit, on the main process) `evaluate_run`."""
-    result = train(settings, on_start=on_start, on_step=on_step, on_log=on_log, on_init=on_init)
+def train_and_evaluate(settings: TrainSettings, **callbacks: Any) -> TrainResult:
+    """`training.sft.train` (its progress callbacks passed through), then (with --eval-limit, on the main
+    process) `evaluate_run`."""
+    result = train(settings, **callbacks)
     if settings.eval_limit and _main_process():
         result.eval, result.sweep = evaluate_run(settings)
     return result

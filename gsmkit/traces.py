@@ -255,33 +255,16 @@ def generate_traces(
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.answers import answers_equal, primary_answer, to_tags
-    from gsmkit.data.fewshot import problems_for_run
-    from gsmkit.data.gsm8k import source_file
-    from gsmkit.manifest import build_manifest
+    from gsmkit.generation import GenRequest
+    from gsmkit.generation.run import ProblemRun
 
-    problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
-                                                     settings.num_samples, settings.pool, settings.k)
-    output = run_output(settings)
-    output.prepare(settings.fingerprint())
-    journal = output.journal(PARTIAL)
-    done = {row["id"]: row for row in journal.load()}
-
-    from gsmkit.generation import GenRequest, build_engine
-    from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
-
-    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
-                                       settings.prefix_cache, settings.seed)
-    style = resolve_style(settings.style, tok)
-    fmt = answer_format(style)
-    sampling = settings.sampling(stop_strings(style))
-    by_id = {p.id: p for p in problems}
-    todo = [p for p in problems if p.id not in done]
-    requests = [GenRequest(p.id, encode_prompt(style, p.question, exemplars, tok, settings.system_prompt)[1],
-                           num_samples=settings.max_attempts) for p in todo]
+    run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.num_samples)
+    fmt = run.answer_format
+    by_id = {p.id: p for p in run.problems}
+    todo = run.todo
+    requests = [GenRequest(p.id, run.encode(p.question)[1], num_samples=settings.max_attempts) for p in todo]
     # Only now, with data, model and engine ready, does anything appear beside --out.
-    output.begin(settings.fingerprint())
-    if on_start is not None:
-        on_start(len(problems), len(done))
+    run.begin(on_start)
 
     state = {p.id: _Problem(settings.max_attempts, settings.all_attempts) for p in todo}
     finished: set[str] = set()
@@ -310,48 +293,33 @@ def generate_traces(
         counts["attempts"] += settings.max_attempts if settings.all_attempts else attempts
         return row
 
-    import contextlib
-
-    import torch
-
     t_gen = time.perf_counter()
-    try:
-        with torch.inference_mode() if loaded else contextlib.nullcontext():
-            for res in engine.generate(requests, sampling, cancelled=cancelled):
-                counts["completions"] += 1
-                counts["tokens"] += len(res.token_ids)
-                if res.key in finished or not state[res.key].needed(res.sample_index):
-                    continue  # finished in the same step as the attempt that made it unnecessary
-                p = by_id[res.key]
-                correct = answers_equal(primary_answer(res.text, fmt), p.gold)
-                state[res.key].add(res.sample_index, correct, res)
-                if state[res.key].decided():
-                    row = decide(res.key)
-                    journal.append(row)
-                    done[res.key] = row
-                    finished.add(res.key)
-                    counts["problems"] += 1
-                    if on_progress is not None:
-                        on_progress(1)
-    finally:
-        journal.close()
+    with run.generating():
+        for res in run.engine.generate(requests, run.sampling, cancelled=cancelled):
+            counts["completions"] += 1
+            counts["tokens"] += len(res.token_ids)
+            if res.key in finished or not state[res.key].needed(res.sample_index):
+                continue  # finished in the same step as the attempt that made it unnecessary
+            p = by_id[res.key]
+            correct = answers_equal(primary_answer(res.text, fmt), p.gold)
+            state[res.key].add(res.sample_index, correct, res)
+            if state[res.key].decided():
+                run.record(res.key, decide(res.key))
+                finished.add(res.key)
+                counts["problems"] += 1
+                if on_progress is not None:
+                    on_progress(1)
     gen_s = time.perf_counter() - t_gen
-    missing = [p.id for p in problems if p.id not in done]
+    missing = [p.id for p in run.problems if p.id not in run.done]
     if missing:  # the engine returned fewer attempts than asked: a bug, never a silently short file
         raise RuntimeError(f"{len(missing)} problems were not decided (first: {missing[0]})")
 
-    rows = [done[p.id] for p in problems]
+    rows = [run.done[p.id] for p in run.problems]
     timing = {**counts, "generation_s": gen_s, "wall_s": time.perf_counter() - t_wall,
-              "engine": dict(engine.stats)}
-    stats = summarize(rows, settings.max_attempts, settings.all_attempts, timing, excluded)
-    manifest = build_manifest(
-        "generate-traces", settings,
-        inputs={"data": source_file(settings.data, settings.split), "pool": settings.pool},
-        seeds={"seed": settings.seed},
-        extra={"resolved": {"style": style, "answer_format": fmt, "stop": list(sampling.stop),
-                            **engine.describe(), "excluded_pool_problems": excluded}},
-    )
-    output.publish({"main": jsonl_writer(rows),
-                    STATS: json_writer({**stats.to_dict(), "traces": str(settings.out)}),
-                    MANIFEST: json_writer(manifest)})
+              "engine": dict(run.engine.stats)}
+    stats = summarize(rows, settings.max_attempts, settings.all_attempts, timing, run.excluded)
+    manifest = run.manifest("generate-traces", answer_format=fmt)
+    run.output.publish({"main": jsonl_writer(rows),
+                        STATS: json_writer({**stats.to_dict(), "traces": str(settings.out)}),
+                        MANIFEST: json_writer(manifest)})
     return stats

@@ -146,79 +146,45 @@ def evaluate_gsm8k(
 ) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
-    from gsmkit.data.fewshot import problems_for_run
-    from gsmkit.data.gsm8k import source_file
-    from gsmkit.manifest import build_manifest
+    from gsmkit.generation import GenRequest
+    from gsmkit.generation.run import ProblemRun
 
-    # Everything that can fail on input is checked before the model loads.
-    problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
-                                                     settings.limit, settings.pool, settings.k)
-    output = run_output(settings)
-    output.prepare(settings.fingerprint())
-    journal = output.journal(PARTIAL)
-    done = {row["id"]: row for row in journal.load()}
-
-    from gsmkit.generation import GenRequest, build_engine
-    from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
-
-    loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
-                                       settings.prefix_cache, settings.seed)
-    style = resolve_style(settings.style, tok)
-    fmt = answer_format(style)
-    sampling = settings.sampling(stop_strings(style))
+    run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.limit)
     # Only the problems still to generate are rendered and tokenized (a resumed run has the rest).
-    encoded = {p.id: encode_prompt(style, p.question, exemplars, tok, settings.system_prompt)
-               for p in problems if p.id not in done}
+    encoded = {p.id: run.encode(p.question) for p in run.todo}
     prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, (text, _) in encoded.items()}
-    by_id = {p.id: p for p in problems}
+    by_id = {p.id: p for p in run.problems}
     requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
-    # Only now, with data, model and engine ready, does the output folder come into being.
-    output.begin(settings.fingerprint())
-    if on_start is not None:
-        on_start(len(problems), len(done))
-
-    import contextlib
-
-    import torch
+    run.begin(on_start)
 
     t_gen = time.perf_counter()
     tokens_this_run = 0
-    try:
-        with torch.inference_mode() if loaded else contextlib.nullcontext():
-            for res in engine.generate(requests, sampling):
-                p = by_id[res.key]
-                extracted, ok_strict, ok_flex = score_completion(res.text, p.gold, fmt)
-                pred = Prediction(
-                    id=p.id, prompt_sha256=prompt_sha[p.id], completion=res.text,
-                    strict=extracted.strict, flexible=extracted.flexible, gold=p.gold,
-                    correct_strict=ok_strict, correct_flexible=ok_flex,
-                    num_prompt_tokens=res.num_prompt_tokens, num_tokens=len(res.token_ids),
-                    finish_reason=res.finish_reason,
-                )
-                journal.append(pred.to_dict())
-                done[p.id] = pred.to_dict()
-                tokens_this_run += len(res.token_ids)
-                if on_progress is not None:
-                    on_progress(1)
-    finally:
-        journal.close()
+    with run.generating():
+        for res in run.engine.generate(requests, run.sampling):
+            p = by_id[res.key]
+            extracted, ok_strict, ok_flex = score_completion(res.text, p.gold, run.answer_format)
+            pred = Prediction(
+                id=p.id, prompt_sha256=prompt_sha[p.id], completion=res.text,
+                strict=extracted.strict, flexible=extracted.flexible, gold=p.gold,
+                correct_strict=ok_strict, correct_flexible=ok_flex,
+                num_prompt_tokens=res.num_prompt_tokens, num_tokens=len(res.token_ids),
+                finish_reason=res.finish_reason,
+            )
+            run.record(p.id, pred.to_dict())
+            tokens_this_run += len(res.token_ids)
+            if on_progress is not None:
+                on_progress(1)
     gen_s = time.perf_counter() - t_gen
 
-    preds = [Prediction.from_dict(done[p.id], f"{journal.path}") for p in problems]
+    preds = [Prediction.from_dict(run.done[p.id], f"{run.journal.path}") for p in run.problems]
     timing = {
         "generation_s": gen_s, "generated_this_run": len(requests), "tokens_this_run": tokens_this_run,
-        "wall_s": time.perf_counter() - t_wall, "engine": dict(engine.stats),
+        "wall_s": time.perf_counter() - t_wall, "engine": dict(run.engine.stats),
     }
-    metrics = summarize(preds, settings.k, style, timing)
-    manifest = build_manifest(
-        "eval gsm8k", settings,
-        inputs={"data": source_file(settings.data, settings.split), "pool": settings.pool},
-        seeds={"seed": settings.seed},
-        extra={"resolved": {"style": style, "stop": list(sampling.stop), **engine.describe(),
-                            "excluded_pool_problems": excluded}},
-    )
-    output.publish({PREDICTIONS: jsonl_writer(pr.to_dict() for pr in preds),
-                    METRICS: json_writer({**metrics.to_dict(), "manifest": manifest}),
-                    MANIFEST: json_writer(manifest)})
+    metrics = summarize(preds, settings.k, run.style, timing)
+    manifest = run.manifest("eval gsm8k")
+    run.output.publish({PREDICTIONS: jsonl_writer(pr.to_dict() for pr in preds),
+                        METRICS: json_writer({**metrics.to_dict(), "manifest": manifest}),
+                        MANIFEST: json_writer(manifest)})
     return metrics
 

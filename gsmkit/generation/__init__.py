@@ -19,7 +19,6 @@ from gsmkit.generation.engine import (
     GenRequest,
     GenResult,
     SamplingSettings,
-    checked_requests,
     common_prefix_length,
     cut_at_stop,
     describe_device,
@@ -30,8 +29,8 @@ from gsmkit.generation.vllm import VLLMEngine, check_vllm_available
 
 __all__ = [
     "BACKENDS", "Engine", "GenRequest", "GenResult", "HFEngine", "SamplingSettings", "VLLMEngine",
-    "build_engine", "check_vllm_available", "checked_requests", "common_prefix_length", "cut_at_stop",
-    "describe_device", "row_seed",
+    "build_engine", "check_vllm_available", "common_prefix_length", "cut_at_stop", "describe_device",
+    "row_seed",
 ]
 
 

@@ -56,6 +56,11 @@ class GenResult:
     num_prompt_tokens: int
 
 
+# The callbacks of `Engine.generate`: each result as it is yielded; is (key, sample_index) still wanted?
+OnResult = Callable[[GenResult], None] | None
+Cancelled = Callable[[str, int], bool] | None
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What `eval gsm8k`, `eval safety` and `generate-traces` may rely on, whatever the backend.
@@ -76,13 +81,8 @@ class Engine(Protocol):
 
     stats: dict[str, int]
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        settings: SamplingSettings,
-        on_result: Callable[[GenResult], None] | None = None,
-        cancelled: Callable[[str, int], bool] | None = None,
-    ) -> Iterator[GenResult]: ...
+    def generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult = None,
+                 cancelled: Cancelled = None) -> Iterator[GenResult]: ...
 
     def describe(self) -> dict[str, str]: ...
 

@@ -32,8 +32,10 @@ from typing import Any
 
 from gsmkit.errors import ConfigError
 from gsmkit.generation.engine import (
+    Cancelled,
     GenRequest,
     GenResult,
+    OnResult,
     SamplingSettings,
     checked_requests,
     common_prefix_length,
@@ -202,13 +204,8 @@ class HFEngine:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        settings: SamplingSettings,
-        on_result: Callable[[GenResult], None] | None = None,
-        cancelled: Callable[[str, int], bool] | None = None,
-    ) -> Iterator[GenResult]:
+    def generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult = None,
+                 cancelled: Cancelled = None) -> Iterator[GenResult]:
         """Yield results as rows finish. `cancelled(key, sample_index)` lets a caller drop samples it no
         longer needs (queued ones are never started, running ones leave the batch at the next step)."""
         import torch

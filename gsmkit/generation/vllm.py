@@ -16,13 +16,15 @@ Of the `stats` counters only `generated_tokens` is filled: the others are vLLM's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from gsmkit.errors import ConfigError, ModelError
 from gsmkit.generation.engine import (
+    Cancelled,
     GenRequest,
     GenResult,
+    OnResult,
     SamplingSettings,
     checked_requests,
     cut_at_stop,
@@ -93,13 +95,8 @@ class VLLMEngine:
             seed=row_seed(settings.seed, key, sample_index) if settings.do_sample else None,
         )
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        settings: SamplingSettings,
-        on_result: Callable[[GenResult], None] | None = None,
-        cancelled: Callable[[str, int], bool] | None = None,
-    ) -> Iterator[GenResult]:
+    def generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult = None,
+                 cancelled: Cancelled = None) -> Iterator[GenResult]:
         """Yield one result per sample not cancelled; see the class docstring for what cancelling saves."""
         jobs = [(r, s) for r in checked_requests(requests) for s in range(r.num_samples)
                 if cancelled is None or not cancelled(r.key, s)]

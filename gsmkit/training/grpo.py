@@ -301,11 +301,9 @@ def train_grpo(
 def _publish(settings: GrpoSettings, trainer: Any, tokenizer: Any, pool: Any, logs: list[dict],
              resolved: dict) -> None:
     """The finished run, swapped into --out whole: adapter, tokenizer, pool, manifest, reward curve."""
-    from gsmkit.data.fewshot import write_pool
     from gsmkit.data.gsm8k import source_file
-    from gsmkit.jsonl import write_json
     from gsmkit.manifest import build_manifest
-    from gsmkit.training.outputs import POOL, publish_run
+    from gsmkit.training.outputs import publish_trained
     from gsmkit.training.plots import plot_rewards
 
     init = Path(settings.init_adapter) / "adapter_config.json" if settings.init_adapter else None
@@ -316,12 +314,5 @@ def _publish(settings: GrpoSettings, trainer: Any, tokenizer: Any, pool: Any, lo
         seeds={"seed": settings.seed}, extra={"resolved": resolved},
     )
 
-    def save(folder: Path) -> None:
-        trainer.model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    publish_run(settings.out, save, {
-        POOL: lambda p: write_pool(p, pool.examples),
-        "manifest.json": lambda p: write_json(p, manifest),
-        "reward_curve.png": lambda p: plot_rewards(logs, p),
-    })
+    publish_trained(settings.out, trainer, tokenizer, pool.examples, manifest, "reward_curve.png",
+                    lambda p: plot_rewards(logs, p))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.run_folder import publish_folder, staging_folder, write_text
+from gsmkit.run_folder import MANIFEST, publish_folder, staging_folder, write_text
 
 CHECKPOINTS = "checkpoints"
 LOG = "trainer_log.jsonl"
@@ -115,6 +115,21 @@ def publish_run(out: Path, save: Callable[[Path], None], files: dict[str, Callab
             os.replace(tmp / CHECKPOINTS, checkpoints)  # the interrupted run stays resumable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_trained(out: Path, trainer: Any, tokenizer: Any, pool: list, manifest: dict[str, Any],
+                    curve: str, draw_curve: Callable[[Path], None]) -> None:
+    """`publish_run` for a finished Trainer: the adapter (or model) and tokenizer it holds, the pool it kept
+    out of training (evaluation takes its exemplars from it), the manifest and its curve (`draw_curve`)."""
+    from gsmkit.data.fewshot import write_pool
+    from gsmkit.jsonl import write_json
+
+    def save(folder: Path) -> None:
+        trainer.model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    publish_run(out, save, {POOL: lambda p: write_pool(p, pool), MANIFEST: lambda p: write_json(p, manifest),
+                            curve: draw_curve})
 
 
 def sweep_checkpoints(out: Path, last: int, evaluate: Callable[[Path, Path], dict[str, Any]]) -> list[dict]:

@@ -186,12 +186,10 @@ def train(
 def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Path, resolved: dict) -> None:
     """The finished run, swapped into --out whole: the adapter (or model), the tokenizer, the pool kept out
     of training (evaluation takes its exemplars from it), the manifest and the loss curve."""
-    from gsmkit.data.fewshot import write_pool
     from gsmkit.data.gsm8k import source_file
-    from gsmkit.jsonl import write_json
     from gsmkit.manifest import build_manifest
     from gsmkit.training.callbacks import read_log
-    from gsmkit.training.outputs import POOL, publish_run
+    from gsmkit.training.outputs import publish_trained
     from gsmkit.training.plots import plot_loss
 
     pool = kept_out_pool(settings)
@@ -201,12 +199,5 @@ def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Pa
         seeds={"seed": settings.seed}, extra={"resolved": resolved},
     )
 
-    def save(folder: Path) -> None:
-        trainer.model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    publish_run(settings.out, save, {
-        POOL: lambda p: write_pool(p, pool.examples),
-        "manifest.json": lambda p: write_json(p, manifest),
-        "loss_curve.png": lambda p: plot_loss(read_log(log_path), p),
-    })
+    publish_trained(settings.out, trainer, tokenizer, pool.examples, manifest, "loss_curve.png",
+                    lambda p: plot_loss(read_log(log_path), p))

@@ -1,0 +1,100 @@
+"""A resumable generation run over GSM8K problems, as `eval gsm8k` and `generate-traces` both make it.
+
+In: the command's settings (the problem, prompt and decoding option groups, `model`, `fingerprint()` and
+`sampling(stop)`), its `RunOutput` and journal, and how many problems it takes. Out: a `ProblemRun`
+that holds the problems (the few-shot pool's excluded), the rows an interrupted attempt with the same
+settings finished, the engine and the resolved prompt style; the command then encodes what is left,
+`begin`s, generates inside `generating()`, `record`s each finished row and publishes with `manifest`.
+
+Order, as every command keeps it: data, pool and output folder are checked before the model loads, and
+the output folder comes into being (`begin`) only once data, model and engine are ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gsmkit.jsonl import Journal
+from gsmkit.run_folder import RunOutput
+
+
+@dataclass
+class ProblemRun:
+    settings: Any
+    output: RunOutput
+    journal: Journal
+    problems: list  # records.Problem, in dataset order
+    exemplars: list  # the first k of the pool
+    excluded: int  # problems dropped because they are pool exemplars
+    done: dict[str, dict[str, Any]]  # id -> finished row (journalled by this or an interrupted attempt)
+    loaded: Any  # modeling.LoadedModel, or None for vLLM
+    tokenizer: Any
+    engine: Any  # generation.Engine
+    style: str  # resolved (never "auto")
+    answer_format: str  # "hash" or "tags"
+    sampling: Any  # generation.SamplingSettings, with the style's stop strings
+
+    @classmethod
+    def start(cls, settings: Any, output: RunOutput, journal: str, limit: int | None) -> ProblemRun:
+        from gsmkit.data.fewshot import problems_for_run
+        from gsmkit.generation import build_engine
+        from gsmkit.prompts import answer_format, resolve_style, stop_strings
+
+        problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
+                                                         limit, settings.pool, settings.k)
+        output.prepare(settings.fingerprint())
+        log = output.journal(journal)
+        done = {row["id"]: row for row in log.load()}
+        loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
+                                           settings.prefix_cache, settings.seed)
+        style = resolve_style(settings.style, tok)
+        return cls(settings, output, log, problems, exemplars, excluded, done, loaded, tok, engine, style,
+                   answer_format(style), settings.sampling(stop_strings(style)))
+
+    @property
+    def todo(self) -> list:
+        """The problems still to generate (a resumed run has the rest)."""
+        return [p for p in self.problems if p.id not in self.done]
+
+    def encode(self, question: str) -> tuple[str, list[int]]:
+        """(prompt text, token ids) of one problem, rendered as every command renders it."""
+        from gsmkit.prompts import encode_prompt
+
+        return encode_prompt(self.style, question, self.exemplars, self.tokenizer,
+                             self.settings.system_prompt)
+
+    def begin(self, on_start: Callable[[int, int], None] | None) -> None:
+        """The run starts: its output exists and holds the fingerprint; the bar learns total and done."""
+        self.output.begin(self.settings.fingerprint())
+        if on_start is not None:
+            on_start(len(self.problems), len(self.done))
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        """No autograd while the engine runs; the journal is closed however the loop ends."""
+        import torch
+
+        try:
+            with torch.inference_mode() if self.loaded else contextlib.nullcontext():
+                yield
+        finally:
+            self.journal.close()
+
+    def record(self, key: str, row: dict[str, Any]) -> None:
+        """A finished row: journalled (a kill loses at most the row being written) and kept."""
+        self.journal.append(row)
+        self.done[key] = row
+
+    def manifest(self, command: str, **resolved: Any) -> dict[str, Any]:
+        from gsmkit.data.gsm8k import source_file
+        from gsmkit.manifest import build_manifest
+
+        s = self.settings
+        return build_manifest(
+            command, s, inputs={"data": source_file(s.data, s.split), "pool": s.pool}, seeds={"seed": s.seed},
+            extra={"resolved": {"style": self.style, **resolved, "stop": list(self.sampling.stop),
+                                **self.engine.describe(), "excluded_pool_problems": self.excluded}},
+        )
