@@ -1,9 +1,11 @@
 """Field declarations for settings, records and metrics: the one home of each default, bound and help text.
 
-In: `setting(default, help, min=..., choices=..., flag=...)` in a settings dataclass, or
-`described(help)` in a record / metrics dataclass. Out: ordinary `dataclasses.Field`s whose metadata
+In: `setting(default, help, min=..., choices=..., flag=...)` in a settings dataclass. Out: ordinary
+`dataclasses.Field`s whose metadata
 the CLI (`gsmkit.cli.options.command_from`) turns into Typer options, `check_fields` turns into
 `ConfigError`s, and `scripts/gen_format_docs.py` turns into the field tables of docs/formats.md.
+A record or metrics dataclass says what each field holds under `Attributes:` in its docstring
+(`field_help` reads both).
 
 So changing a default or a bound here changes the behaviour, `--help` and the docs together.
 """
@@ -55,11 +57,41 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def described(help: str, default: Any = _MISSING, *, default_factory: Any = _MISSING) -> Any:
-    """A record or metrics field with its meaning, for the generated field tables of docs/formats.md."""
-    if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+def field_help(cls: type) -> dict[str, str]:
+    """The meaning of each field of a dataclass: a settings field's `help`, else the entry under
+    `Attributes:` in the docstring of the class that declares it (Google style: `name: text`, continued on
+    more deeply indented lines). A field with neither is missing from the result."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_attribute_docs(klass.__dict__.get("__doc__") or ""))
+    found = {}
+    for f in dataclasses.fields(cls):
+        text = f.metadata.get("help") or docs.get(f.name)
+        if text:
+            found[f.name] = text
+    return found
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    import inspect
+
+    entries: dict[str, list[str]] = {}
+    lines = inspect.cleandoc(doc).splitlines()
+    try:
+        start = lines.index("Attributes:") + 1
+    except ValueError:
+        return {}
+    current = None
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            break  # the next section
+        stripped = line.strip()
+        if line.startswith("    ") and not line.startswith("     ") and ":" in stripped:
+            current, _, text = stripped.partition(":")
+            entries[current] = [text.strip()]
+        elif current and stripped:
+            entries[current].append(stripped)
+    return {name: " ".join(parts) for name, parts in entries.items()}
 
 
 def flag_of(f: dataclasses.Field) -> str:

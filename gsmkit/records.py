@@ -15,7 +15,7 @@ from typing import Any, ClassVar, get_args
 
 from gsmkit.answers import gold_from_solution, normalize_gold
 from gsmkit.errors import DataError
-from gsmkit.fields import described, field_types
+from gsmkit.fields import field_types
 
 SCHEMA_VERSION = 1
 
@@ -54,19 +54,23 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
 class Problem:
     """A GSM8K problem: `answer` is the worked solution ending in `#### n`, `gold` its normalised n.
 
-    The field help describes a GSM8K input row (docs/formats.md, "GSM8K problems")."""
+    The field help describes a GSM8K input row (docs/formats.md, "GSM8K problems").
+
+    Attributes:
+        id: used as given. If missing, it is derived from the question (see [Conventions](#conventions))
+        question: the problem text, not blank
+        answer: the worked solution, not blank. Unless `gold` is given, it must contain `#### <number>`; the
+            number after the **last** `####` (on its line) is the gold answer
+        gold: the final answer, if the solution doesn't end in `#### n`: a string or a number, normalised (see
+            [Conventions](#conventions))
+    """
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("question", "answer")  # in an input row; id and gold are filled in
 
-    id: str = described(
-        "used as given. If missing, it is derived from the question (see [Conventions](#conventions))")
-    question: str = described("the problem text, not blank")
-    answer: str = described(
-        "the worked solution, not blank. Unless `gold` is given, it must contain `#### <number>`; the number "
-        "after the **last** `####` (on its line) is the gold answer")
-    gold: str = described(
-        "the final answer, if the solution doesn't end in `#### n`: a string or a number, normalised (see "
-        "[Conventions](#conventions))")
+    id: str
+    question: str
+    answer: str
+    gold: str
 
     @property
     def sha256(self) -> str:
@@ -105,13 +109,21 @@ class Problem:
 
 @dataclass(frozen=True)
 class FewshotExample:
-    """A row of a few-shot pool file: a problem plus the content hash used to keep it out of training."""
+    """A row of a few-shot pool file: a problem plus the content hash used to keep it out of training.
 
-    id: str = described("the problem id (see [Conventions](#conventions))")
-    question: str = described("the problem text")
-    answer: str = described("the worked solution, shown to the model as the exemplar's answer")
-    gold: str = described("the normalised final answer")
-    sha256: str = described("SHA-256 (hex) of the whitespace-normalised question")
+    Attributes:
+        id: the problem id (see [Conventions](#conventions))
+        question: the problem text
+        answer: the worked solution, shown to the model as the exemplar's answer
+        gold: the normalised final answer
+        sha256: SHA-256 (hex) of the whitespace-normalised question
+    """
+
+    id: str
+    question: str
+    answer: str
+    gold: str
+    sha256: str
 
     @classmethod
     def from_problem(cls, p: Problem) -> FewshotExample:
@@ -137,27 +149,36 @@ class FewshotExample:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One model answer to one problem, as written to `predictions.jsonl` by `eval gsm8k`."""
+    """One model answer to one problem, as written to `predictions.jsonl` by `eval gsm8k`.
 
-    id: str = described("problem id")
-    prompt_sha256: str = described("SHA-256 (hex) of the exact prompt text given to the model (UTF-8)")
-    completion: str = described(
-        "the generated text, special tokens removed, cut before the first stop string")
-    strict: str | None = described(
-        "the answer found by strict-match, the first `#### <number>`, normalised (for the `tags` style, "
-        "the last `<SOLUTION>n</SOLUTION>`). null if there is none")
-    flexible: str | None = described(
-        "the answer found by flexible-extract, the last number in the text, normalised. "
-        "null if there is none")
-    gold: str = described("the normalised gold answer")
-    correct_strict: bool = described("`strict` equals `gold` numerically")
-    correct_flexible: bool = described("`flexible` equals `gold` numerically")
-    num_prompt_tokens: int = described("tokens in the prompt")
-    num_tokens: int = described(
-        "tokens generated (with the `hf` backend, an end-of-sequence token that ended the completion "
-        "isn't counted)")
-    finish_reason: str = described(
-        "`\"stop\"` (a stop string or end of sequence) or `\"length\"` (hit `--max-new-tokens`)")
+    Attributes:
+        id: problem id
+        prompt_sha256: SHA-256 (hex) of the exact prompt text given to the model (UTF-8)
+        completion: the generated text, special tokens removed, cut before the first stop string
+        strict: the answer found by strict-match, the first `#### <number>`, normalised (for the `tags` style,
+            the last `<SOLUTION>n</SOLUTION>`). null if there is none
+        flexible: the answer found by flexible-extract, the last number in the text, normalised. null if there
+            is none
+        gold: the normalised gold answer
+        correct_strict: `strict` equals `gold` numerically
+        correct_flexible: `flexible` equals `gold` numerically
+        num_prompt_tokens: tokens in the prompt
+        num_tokens: tokens generated (with the `hf` backend, an end-of-sequence token that ended the
+            completion isn't counted)
+        finish_reason: `"stop"` (a stop string or end of sequence) or `"length"` (hit `--max-new-tokens`)
+    """
+
+    id: str
+    prompt_sha256: str
+    completion: str
+    strict: str | None
+    flexible: str | None
+    gold: str
+    correct_strict: bool
+    correct_flexible: bool
+    num_prompt_tokens: int
+    num_tokens: int
+    finish_reason: str
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], where: str) -> Prediction:

@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.fields import check_fields, described, setting
+from gsmkit.fields import check_fields, setting
 from gsmkit.generation import SamplingSettings
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
@@ -134,37 +134,59 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass
 class TraceStats:
-    total_samples: int = described("problems in the traces file")
-    successes: int = described("rows with `source` `model`: the kept trace is the model's own")
-    fallback_count: int = described("rows with `source` `fallback`: the gold solution was kept")
-    success_rate: float = described("`successes / total_samples`")
-    success_rate_ci95: tuple[float, float] = described("95% Wilson score interval of `success_rate`")
-    avg_attempts_for_successes: float | None = described(
-        "mean `attempts` over `model` rows (null when there are none)")
-    avg_attempts_overall: float = described("mean `attempts` over all rows")
-    total_attempts: int = described("sum of `attempts`")
-    max_attempts: int = described("K (`--max-attempts`)")
-    pass_at_k: dict[str, float] = described(
-        "`\"1\"` .. `\"K\"`: the estimated probability that at least one of k attempts is correct")
-    pass_at_k_estimator: str = described(
-        "`first-k (sequential attempts)`: per problem, 1 if its first correct attempt is among the first k "
-        "(attempts are i.i.d., so this is unbiased); with `--all-attempts`, `unbiased (n=K samples per "
-        "problem)`: Chen et al.'s `1 - C(n-c, k) / C(n, k)` with n = K and c = `num_correct`")
-    excluded_pool_problems: int = described("problems left out because they are among the run's k exemplars")
-    generated_this_run: int = described("problems decided by this invocation (fewer after a resume)")
-    attempts_this_run: int = described("attempts counted by this invocation")
-    completions_this_run: int = described(
-        "completions the engine finished, including attempts that ended in the same step as the one that "
-        "made them unnecessary")
-    generated_tokens_this_run: int = described("tokens of those completions")
-    generation_s: float = described("seconds spent generating in this invocation")
-    attempts_per_s: float = described("`attempts_this_run` per second of `generation_s`")
-    problems_per_s: float = described("`generated_this_run` per second of `generation_s`")
-    tokens_per_s: float = described("`generated_tokens_this_run` per second of `generation_s`")
-    wall_s: float = described("seconds for this invocation, model loading included")
-    engine: dict[str, Any] = described(
-        "the engine's counters (`prefix_tokens`, `prefill_tokens`, `decode_steps`, `generated_tokens`)",
-        default_factory=dict)
+    """`<stem>.stats.json` of `generate-traces`: computed from the trace rows themselves, so the two agree.
+
+    Attributes:
+        total_samples: problems in the traces file
+        successes: rows with `source` `model`: the kept trace is the model's own
+        fallback_count: rows with `source` `fallback`: the gold solution was kept
+        success_rate: `successes / total_samples`
+        success_rate_ci95: 95% Wilson score interval of `success_rate`
+        avg_attempts_for_successes: mean `attempts` over `model` rows (null when there are none)
+        avg_attempts_overall: mean `attempts` over all rows
+        total_attempts: sum of `attempts`
+        max_attempts: K (`--max-attempts`)
+        pass_at_k: `"1"` .. `"K"`: the estimated probability that at least one of k attempts is correct
+        pass_at_k_estimator: `first-k (sequential attempts)`: per problem, 1 if its first correct attempt is
+            among the first k (attempts are i.i.d., so this is unbiased); with `--all-attempts`, `unbiased
+            (n=K samples per problem)`: Chen et al.'s `1 - C(n-c, k) / C(n, k)` with n = K and c =
+            `num_correct`
+        excluded_pool_problems: problems left out because they are among the run's k exemplars
+        generated_this_run: problems decided by this invocation (fewer after a resume)
+        attempts_this_run: attempts counted by this invocation
+        completions_this_run: completions the engine finished, including attempts that ended in the same step
+            as the one that made them unnecessary
+        generated_tokens_this_run: tokens of those completions
+        generation_s: seconds spent generating in this invocation
+        attempts_per_s: `attempts_this_run` per second of `generation_s`
+        problems_per_s: `generated_this_run` per second of `generation_s`
+        tokens_per_s: `generated_tokens_this_run` per second of `generation_s`
+        wall_s: seconds for this invocation, model loading included
+        engine: the engine's counters (`prefix_tokens`, `prefill_tokens`, `decode_steps`, `generated_tokens`)
+    """
+
+    total_samples: int
+    successes: int
+    fallback_count: int
+    success_rate: float
+    success_rate_ci95: tuple[float, float]
+    avg_attempts_for_successes: float | None
+    avg_attempts_overall: float
+    total_attempts: int
+    max_attempts: int
+    pass_at_k: dict[str, float]
+    pass_at_k_estimator: str
+    excluded_pool_problems: int
+    generated_this_run: int
+    attempts_this_run: int
+    completions_this_run: int
+    generated_tokens_this_run: int
+    generation_s: float
+    attempts_per_s: float
+    problems_per_s: float
+    tokens_per_s: float
+    wall_s: float
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,7 @@ In: docs/formats.md, where a table to generate sits between two markers that nam
 (`<!-- fields: module.Class omit=a,b -->` leaves fields a and b out). Out: the same file with each
 marked table rewritten from the dataclass, one row per field in declaration order:
 
-- a record or metrics class (fields declared with `gsmkit.fields.described(help)`): field | type |
+- a record or metrics class (each field's meaning under `Attributes:` in its docstring): field | type |
   meaning, plus a `required` column when the class lists the fields an input row must have in a
   `REQUIRED` class variable (`gsmkit.records.Problem`);
 - a settings class (fields declared with `gsmkit.fields.setting(default, help)`): key | type |
@@ -143,7 +143,7 @@ def is_settings(cls: type) -> bool:
 
 def field_table(cls: type, omit: Sequence[str] = ()) -> list[str]:
     """The Markdown table of a dataclass's fields, one row per field, in declaration order."""
-    from gsmkit.fields import field_types
+    from gsmkit.fields import field_help, field_types
 
     if not dataclasses.is_dataclass(cls):
         raise FormatDocsError(f"{cls!r} is not a dataclass")
@@ -153,11 +153,12 @@ def field_table(cls: type, omit: Sequence[str] = ()) -> list[str]:
     if unknown:
         name = f"{cls.__module__}.{cls.__qualname__}"
         raise FormatDocsError(f"{name} has no field {', '.join(unknown)} to omit")
-    missing = [f.name for f in chosen if not f.metadata.get("help")]
+    meanings = field_help(cls)
+    missing = [f.name for f in chosen if f.name not in meanings]
     if missing:
         raise FormatDocsError(
-            f"{cls.__module__}.{cls.__qualname__}: no help for {', '.join(missing)}: declare each field with "
-            "described(help) or setting(default, help) (gsmkit/fields.py)")
+            f"{cls.__module__}.{cls.__qualname__}: no meaning for {', '.join(missing)}: give each field an "
+            "entry under `Attributes:` in the class docstring, or declare it with setting(default, help)")
     settings = is_settings(cls)
     required = getattr(cls, "REQUIRED", None)
     if settings:
@@ -172,7 +173,7 @@ def field_table(cls: type, omit: Sequence[str] = ()) -> list[str]:
             row.append(cell(default_label(f)))
         elif required is not None:
             row.append("yes" if f.name in required else "no")
-        row.append(cell(f.metadata["help"]))
+        row.append(cell(meanings[f.name]))
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

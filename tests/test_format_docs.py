@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from gsmkit.fields import described, setting
+from gsmkit.fields import setting
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,23 +33,46 @@ gen = load_gen_format_docs()
 
 @dataclass(frozen=True)
 class Row:
-    name: str = described("the row's name")
-    score: float | None = described("how good it is; null when | unknown")
+    """A row.
+
+    Attributes:
+        name: the row's name
+        score: how good it is; null when | unknown
+    """
+
+    name: str
+    score: float | None
 
 
 @dataclass(frozen=True)
 class RowChanged:
-    name: str = described("the row's new name")
-    score: float | None = described("how good it is; null when | unknown")
-    tags: list[str] = described("labels", default_factory=list)
+    """A row, changed.
+
+    Attributes:
+        name: the row's new name
+        score: how good it is; null when | unknown
+        tags: labels, described on two lines of the
+            docstring
+    """
+
+    name: str
+    score: float | None
+    tags: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class InputRow:
+    """An input row.
+
+    Attributes:
+        text: the text
+        id: optional id
+    """
+
     REQUIRED: ClassVar[tuple[str, ...]] = ("text",)
 
-    text: str = described("the text")
-    id: str = described("optional id")
+    text: str
+    id: str
 
 
 @dataclass(frozen=True)
@@ -92,7 +115,7 @@ def test_changing_help_or_adding_a_field_changes_the_table():
     before, after = gen.field_table(Row), gen.field_table(RowChanged)
     assert before != after
     assert "| `name` | string | the row's new name |" in after
-    assert "| `tags` | [string] | labels |" in after
+    assert "| `tags` | [string] | labels, described on two lines of the docstring |" in after
     assert before[3] == after[3]  # an unchanged field keeps its row
 
 
@@ -160,7 +183,7 @@ def test_a_field_without_help_is_an_error():
     class Bare:
         x: int = dataclasses.field(default=0)
 
-    with pytest.raises(gen.FormatDocsError, match="no help for x"):
+    with pytest.raises(gen.FormatDocsError, match="no meaning for x"):
         gen.field_table(Bare)
 
 
@@ -174,3 +197,34 @@ def test_preset_table_matches_presets():
         row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
         listed = set(re.findall(r"`(\w+): ([^`]+)`", row))
         assert listed == {(k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}, row
+
+
+def test_attribute_docs_follow_the_class_hierarchy_and_a_subclass_can_redescribe():
+    from gsmkit.fields import field_help
+
+    @dataclass
+    class Base:
+        """Base.
+
+        Attributes:
+            a: the base's a
+            b: the base's b, on
+                two lines
+        """
+
+        a: int
+        b: int
+
+    @dataclass
+    class Child(Base):
+        """Child.
+
+        Attributes:
+            a: the child's a
+            c: the child's own
+        """
+
+        c: int
+
+    assert field_help(Child) == {"a": "the child's a", "b": "the base's b, on two lines",
+                                 "c": "the child's own"}

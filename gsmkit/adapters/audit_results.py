@@ -9,7 +9,7 @@ docs/formats.md), read by `svd` (which computes them) and `audit_report` (which 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gsmkit.adapters.lora_files import LoraModule
@@ -20,72 +20,94 @@ from gsmkit.adapters.spectra import (
     stable_rank,
     suggest_rank,
 )
-from gsmkit.fields import described
 
 ZERO_NOTE = "zero update (lora_A or lora_B is all zeros, e.g. an untrained adapter): suggested rank 1"
 
 
 @dataclass
 class ModuleAudit:
-    module: str = described(
-        "the module path in the base model, as PEFT's `rank_pattern` keys match it: the saved key without "
-        "`base_model.model.` and `.lora_A.weight`")
-    type: str = described("the last path component: `q_proj`, `v_proj`, ...")
-    layer: int | None = described(
-        "the first number in the path (`model.layers.3.*` → 3); null for modules outside the layers, "
-        "such as `lm_head`")
-    shape: list[int] = described(
-        "`[d, k]` of `B @ A` (`[out_features, in_features]` for a Linear layer; a Conv kernel is folded "
-        "into `k`)")
-    r: int = described("the module's rank (from `rank_pattern` when a key there matches the module)")
-    lora_alpha: float = described("the module's alpha (from `alpha_pattern` when a key there matches)")
-    scale: float = described(
-        "the scale PEFT applies: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`")
-    singular_values: list[float] = described(
-        "singular values of `scale * B @ A`, in descending order. There are `min(d, k, r)` of them")
-    frobenius_norm: float = described("`sqrt(sum sigma_i^2)`")
-    effective_rank: int = described(
-        "the smallest `n` whose `n` largest `sigma_i^2` add up to at least `energy` of their total "
-        "(0 for a zero update)")
-    stable_rank: float = described("`sum sigma_i^2 / sigma_1^2` (0 for a zero update)")
-    spectral_entropy: float = described(
-        "`-sum p_i ln p_i` in nats, with `p_i = sigma_i^2 / sum sigma_j^2` (0 for a zero update)")
-    suggested_rank: int = described("`effective_rank`, at least 1 and at most `r`")
-    lora_parameters: int = described("elements of `lora_A` plus `lora_B`")
-    note: str | None = described(
-        "set for a zero update (`lora_A` or `lora_B` all zeros, as in an untrained adapter): its spectrum "
-        "is all zeros, its effective rank 0 and its suggested rank 1", default=None)
+    """The spectrum of one LoRA module's update `scale * B @ A`, and the rank it suggests.
+
+    Attributes:
+        module: the module path in the base model, as PEFT's `rank_pattern` keys match it: the saved key
+            without `base_model.model.` and `.lora_A.weight`
+        type: the last path component: `q_proj`, `v_proj`, ...
+        layer: the first number in the path (`model.layers.3.*` → 3); null for modules outside the layers,
+            such as `lm_head`
+        shape: `[d, k]` of `B @ A` (`[out_features, in_features]` for a Linear layer; a Conv kernel is folded
+            into `k`)
+        r: the module's rank (from `rank_pattern` when a key there matches the module)
+        lora_alpha: the module's alpha (from `alpha_pattern` when a key there matches)
+        scale: the scale PEFT applies: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`
+        singular_values: singular values of `scale * B @ A`, in descending order. There are `min(d, k, r)` of
+            them
+        frobenius_norm: `sqrt(sum sigma_i^2)`
+        effective_rank: the smallest `n` whose `n` largest `sigma_i^2` add up to at least `energy` of their
+            total (0 for a zero update)
+        stable_rank: `sum sigma_i^2 / sigma_1^2` (0 for a zero update)
+        spectral_entropy: `-sum p_i ln p_i` in nats, with `p_i = sigma_i^2 / sum sigma_j^2` (0 for a zero
+            update)
+        suggested_rank: `effective_rank`, at least 1 and at most `r`
+        lora_parameters: elements of `lora_A` plus `lora_B`
+        note: set for a zero update (`lora_A` or `lora_B` all zeros, as in an untrained adapter): its spectrum
+            is all zeros, its effective rank 0 and its suggested rank 1
+    """
+
+    module: str
+    type: str
+    layer: int | None
+    shape: list[int]
+    r: int
+    lora_alpha: float
+    scale: float
+    singular_values: list[float]
+    frobenius_norm: float
+    effective_rank: int
+    stable_rank: float
+    spectral_entropy: float
+    suggested_rank: int
+    lora_parameters: int
+    note: str | None = None
 
 
 @dataclass
 class AuditResult:
-    adapter: str = described("the adapter folder")
-    out: str = described("the output folder")
-    energy: float = described("`--energy`, in (0, 1]")
-    modules: list[ModuleAudit] = described(
-        "one per LoRA module, in path order (layer 2 before layer 10). The fields are listed in the next "
-        "table")
-    by_type: dict[str, dict[str, Any]] = described(
-        "module type (the last path component: `q_proj`, `v_proj`, ...) → `modules`, `r` (the distinct "
-        "ranks), `effective_rank_mean`, `effective_rank_max`, `stable_rank_mean`, `spectral_entropy_mean`, "
-        "`frobenius_norm_mean`, `lora_parameters`, `lora_parameters_suggested`")
-    by_layer: list[dict[str, Any]] = described(
-        "one per layer (the first number in the module path; `null` for modules outside the layers, such "
-        "as `lm_head`): `layer`, `modules`, `frobenius_norm` (of all the layer's updates together), "
-        "`effective_rank` and `r` (module type → value), `stable_rank_mean`")
-    rank_pattern: dict[str, int] = described(
-        "module path → suggested rank, ready for `peft.LoraConfig(rank_pattern=...)`. Longer paths come "
-        "first, because PEFT uses the first key that matches")
-    lora_parameters: int = described("parameters in all `lora_A` and `lora_B` matrices")
-    lora_parameters_suggested: int = described(
-        "the same at the suggested ranks: the sum of `suggested_rank * (d + k)`")
-    notes: list[str] = described(
-        "for example how many modules have a zero update, or that a DoRA adapter's magnitude vectors are "
-        "ignored", default_factory=list)
-    compression: dict[str, Any] | None = described(
-        "`--compress` only: the summary written into the compressed adapter's `manifest.json` as "
-        "`compression` (see [Compressed adapter](#compressed-adapter-audit-svd---compress)); never in "
-        "`audit.json`", default=None)
+    """`audit.json` of `audit-svd`: every module's audit, summaries per type and per layer, a rank pattern.
+
+    Attributes:
+        adapter: the adapter folder
+        out: the output folder
+        energy: `--energy`, in (0, 1]
+        modules: one per LoRA module, in path order (layer 2 before layer 10). The fields are listed in the
+            next table
+        by_type: module type (the last path component: `q_proj`, `v_proj`, ...) → `modules`, `r` (the distinct
+            ranks), `effective_rank_mean`, `effective_rank_max`, `stable_rank_mean`, `spectral_entropy_mean`,
+            `frobenius_norm_mean`, `lora_parameters`, `lora_parameters_suggested`
+        by_layer: one per layer (the first number in the module path; `null` for modules outside the layers,
+            such as `lm_head`): `layer`, `modules`, `frobenius_norm` (of all the layer's updates together),
+            `effective_rank` and `r` (module type → value), `stable_rank_mean`
+        rank_pattern: module path → suggested rank, ready for `peft.LoraConfig(rank_pattern=...)`. Longer
+            paths come first, because PEFT uses the first key that matches
+        lora_parameters: parameters in all `lora_A` and `lora_B` matrices
+        lora_parameters_suggested: the same at the suggested ranks: the sum of `suggested_rank * (d + k)`
+        notes: for example how many modules have a zero update, or that a DoRA adapter's magnitude vectors are
+            ignored
+        compression: `--compress` only: the summary written into the compressed adapter's `manifest.json` as
+            `compression` (see [Compressed adapter](#compressed-adapter-audit-svd---compress)); never in
+            `audit.json`
+    """
+
+    adapter: str
+    out: str
+    energy: float
+    modules: list[ModuleAudit]
+    by_type: dict[str, dict[str, Any]]
+    by_layer: list[dict[str, Any]]
+    rank_pattern: dict[str, int]
+    lora_parameters: int
+    lora_parameters_suggested: int
+    notes: list[str] = field(default_factory=list)
+    compression: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import GsmkitError, ModelError
-from gsmkit.fields import check_fields, described, setting
+from gsmkit.fields import check_fields, setting
 from gsmkit.modeling import ModelSpec, check_adapter
 from gsmkit.run_folder import MANIFEST, check_new_folder, publish_folder, staging_folder
 from gsmkit.settings import ProblemOptions, RunOptions, override
@@ -81,31 +81,46 @@ class MergeSettings:
 
 @dataclass
 class MergeReport:
-    model: str = described("`--model` as given")
-    adapter: str = described("`--adapter` as given")
-    adapter_base: str | None = described("`base_model_name_or_path` from the adapter's `adapter_config.json`")
-    peft_type: str | None = described("the adapter's `peft_type` (`\"LORA\"`, ...)")
-    trained_in_4bit: bool = described(
-        "the adapter was trained on a 4-bit base (QLoRA), so it was merged into the dequantised nf4 weights")
-    trained_in_4bit_from: str | None = described(
-        'how that is known: `"manifest"` (the adapter\'s `manifest.json` says `"command": "train qlora"`) '
-        'or `"--from-4bit"`; null when it wasn\'t')
-    dtype: str = described("dtype of the saved weights")
-    tolerance: float = described("`--tolerance`")
-    verify: dict[str, Any] = described(
-        "`source` (the `--verify-data` file, the GSM8K split file, or the Hub id), `items`, scored `tokens`, "
-        "`windows`")
-    float32: dict[str, Any] = described(
-        "`ppl_unmerged`, `ppl_merged`, `rel_ppl_diff`, `max_abs_logit_diff` (largest |merged − unmerged| "
-        "over all logits at scored positions), `argmax_agreement` (share of scored positions whose most "
-        "likely token is the same), `passed`")
-    cast: dict[str, Any] | None = described(
-        "for `bfloat16`/`float16` outputs: `dtype`, `ppl`, `rel_ppl_diff` and `max_abs_logit_diff` (both "
-        "against the unmerged float32 model) and `argmax_agreement` (the same comparison). null for "
-        "`float32`")
-    out: str = described("the output folder")
-    files: list[str] = described("the files in OUT")
-    wall_s: float = described("seconds for the whole command")
+    """`merge_report.json`: what was merged, and how closely the merged model reproduces base + adapter.
+
+    Attributes:
+        model: `--model` as given
+        adapter: `--adapter` as given
+        adapter_base: `base_model_name_or_path` from the adapter's `adapter_config.json`
+        peft_type: the adapter's `peft_type` (`"LORA"`, ...)
+        trained_in_4bit: the adapter was trained on a 4-bit base (QLoRA), so it was merged into the
+            dequantised nf4 weights
+        trained_in_4bit_from: how that is known: `"manifest"` (the adapter's `manifest.json` says `"command":
+            "train qlora"`) or `"--from-4bit"`; null when it wasn't
+        dtype: dtype of the saved weights
+        tolerance: `--tolerance`
+        verify: `source` (the `--verify-data` file, the GSM8K split file, or the Hub id), `items`, scored
+            `tokens`, `windows`
+        float32: `ppl_unmerged`, `ppl_merged`, `rel_ppl_diff`, `max_abs_logit_diff` (largest |merged −
+            unmerged| over all logits at scored positions), `argmax_agreement` (share of scored positions
+            whose most likely token is the same), `passed`
+        cast: for `bfloat16`/`float16` outputs: `dtype`, `ppl`, `rel_ppl_diff` and `max_abs_logit_diff` (both
+            against the unmerged float32 model) and `argmax_agreement` (the same comparison). null for
+            `float32`
+        out: the output folder
+        files: the files in OUT
+        wall_s: seconds for the whole command
+    """
+
+    model: str
+    adapter: str
+    adapter_base: str | None
+    peft_type: str | None
+    trained_in_4bit: bool
+    trained_in_4bit_from: str | None
+    dtype: str
+    tolerance: float
+    verify: dict[str, Any]
+    float32: dict[str, Any]
+    cast: dict[str, Any] | None
+    out: str
+    files: list[str]
+    wall_s: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
-from gsmkit.fields import check_fields, described, setting
+from gsmkit.fields import check_fields, setting
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import RunOptions
@@ -320,20 +320,36 @@ class PplGroup:
 
 @dataclass
 class PplMetrics:
-    n: int = described("rows scored")
-    tokens: int = described("scored tokens")
-    loss: float = described("mean negative log-likelihood per scored token (natural log)")
-    ppl: float = described("`exp(loss)`")
-    groups: dict[str, dict[str, PplGroup]] = described(
-        '`{"source" | "difficulty" | "domain": {value: {n, tokens, loss, ppl}}}`, only for fields that some '
-        "row has; a row without the field is left out of that field's groups")
-    max_length: int = described("the window in tokens, as resolved")
-    stride: int = described("tokens between window starts, as resolved")
-    windows: int = described("forward passes (sequences) in total")
-    items_over_window: int = described("rows longer than the window")
-    scoring_s: float = described("seconds spent in forward passes")
-    tokens_per_s: float = described("scored tokens per second of `scoring_s`")
-    wall_s: float = described("seconds for the whole command, model loading included")
+    """`metrics.json` of `eval ppl`: token-weighted loss and perplexity, overall and per metadata group.
+
+    Attributes:
+        n: rows scored
+        tokens: scored tokens
+        loss: mean negative log-likelihood per scored token (natural log)
+        ppl: `exp(loss)`
+        groups: `{"source" | "difficulty" | "domain": {value: {n, tokens, loss, ppl}}}`, only for fields that
+            some row has; a row without the field is left out of that field's groups
+        max_length: the window in tokens, as resolved
+        stride: tokens between window starts, as resolved
+        windows: forward passes (sequences) in total
+        items_over_window: rows longer than the window
+        scoring_s: seconds spent in forward passes
+        tokens_per_s: scored tokens per second of `scoring_s`
+        wall_s: seconds for the whole command, model loading included
+    """
+
+    n: int
+    tokens: int
+    loss: float
+    ppl: float
+    groups: dict[str, dict[str, PplGroup]]
+    max_length: int
+    stride: int
+    windows: int
+    items_over_window: int
+    scoring_s: float
+    tokens_per_s: float
+    wall_s: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
