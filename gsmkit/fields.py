@@ -57,6 +57,13 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+class Record:
+    """A dataclass written as one JSON object: `to_dict()` is its fields, nested dataclasses included."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 def field_help(cls: type) -> dict[str, str]:
     """The meaning of each field of a dataclass: a settings field's `help`, else the entry under
     `Attributes:` in the docstring of the class that declares it (Google style: `name: text`, continued on

@@ -38,14 +38,22 @@ def parse_line(line: str, where: str) -> dict[str, Any]:
     return obj
 
 
-def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, object)` for each non-blank line; raise DataError naming path:line."""
+PATH_HINT = "check the path (relative paths are from the current folder)"
+
+
+def input_file(path: str | Path, expected: str, hint: str = PATH_HINT) -> Path:
+    """`path` when it names an existing file; else a DataError saying what it is instead of `expected`."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found",
-                        hint="check the path (relative paths are from the current folder)")
+        raise DataError(f"{path}: file not found", hint=hint)
     if path.is_dir():
-        raise DataError(f"{path}: is a folder, expected a .jsonl file")
+        raise DataError(f"{path}: is a folder, expected {expected}")
+    return path
+
+
+def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line_number, object)` for each non-blank line; raise DataError naming path:line."""
+    path = input_file(path, "a .jsonl file")
     seen = 0
     # Bytes, split on b"\n" only: JSON Lines separates records by "\n", while text-mode iteration
     # would also split on a lone "\r", and decoding per line lets a bad byte name its line.

@@ -143,25 +143,32 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     return tok
 
 
+def read_folder_json(folder: str | Path, name: str, what: str, hint: str) -> dict[str, Any]:
+    """The JSON object in `folder/name`, `folder` being a `what` ("PEFT adapter folder", "model folder");
+    a ModelError naming what is wrong, with `hint`, before anything loads."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: {what} not found", hint=hint)
+    if not path.is_dir():
+        raise ModelError(f"{path}: a {what} must be a folder", hint=hint)
+    file = path / name
+    if not file.exists():
+        raise ModelError(f"{path}: not a {what} (no {name})", hint=hint)
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{file}:{err.lineno}: not valid JSON ({err.msg})", hint=_RESAVE) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{file}: cannot read it ({type(err).__name__}: {err})", hint=_RESAVE) from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{file}: expected a JSON object, found {type(obj).__name__}", hint=_RESAVE)
+    return obj
+
+
 def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
     path = Path(adapter).expanduser()
-    if not path.exists():
-        raise ModelError(f"{path}: adapter folder not found")
-    if not path.is_dir():
-        raise ModelError(f"{path}: an adapter must be a folder",
-                         hint="pass the folder holding adapter_config.json")
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.exists():
-        raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)",
-                         hint="pass the output folder of `gsmkit train` or a PEFT save_pretrained folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})", hint=_RESAVE) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ModelError(f"{cfg_path}: cannot read it ({type(err).__name__}: {err})", hint=_RESAVE) from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}", hint=_RESAVE)
+    cfg = read_folder_json(path, "adapter_config.json", "PEFT adapter folder",
+                           hint="pass the output folder of `gsmkit train` or a PEFT save_pretrained folder")
     if not any((path / n).exists() for n in ADAPTER_WEIGHTS):
         raise ModelError(f"{path}: adapter_config.json has no weights beside it (adapter_model.safetensors)")
     return cfg

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import types
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, get_args
 
 from gsmkit.answers import gold_from_solution, normalize_gold
 from gsmkit.errors import DataError
-from gsmkit.fields import field_types
+from gsmkit.fields import Record, field_types
 
 SCHEMA_VERSION = 1
 
@@ -51,7 +51,7 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
 
 
 @dataclass(frozen=True)
-class Problem:
+class Problem(Record):
     """A GSM8K problem: `answer` is the worked solution ending in `#### n`, `gold` its normalised n.
 
     The field help describes a GSM8K input row (docs/formats.md, "GSM8K problems").
@@ -103,12 +103,9 @@ class Problem:
 
         return cls(id=pid or problem_id(question), question=question, answer=answer, gold=gold)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class FewshotExample:
+class FewshotExample(Record):
     """A row of a few-shot pool file: a problem plus the content hash used to keep it out of training.
 
     Attributes:
@@ -143,12 +140,9 @@ class FewshotExample:
     def to_problem(self) -> Problem:
         return Problem(id=self.id, question=self.question, answer=self.answer, gold=self.gold)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class Prediction:
+class Prediction(Record):
     """One model answer to one problem, as written to `predictions.jsonl` by `eval gsm8k`.
 
     Attributes:
@@ -194,9 +188,6 @@ class Prediction:
                 expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
                 raise DataError(f"{where}: field '{name}' must be {expected}, got {type(value).__name__}")
         return cls(**{n: obj[n] for n in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _json_kinds(annotation: Any) -> tuple[type, ...]:

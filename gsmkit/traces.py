@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.fields import check_fields, setting
+from gsmkit.fields import Record, check_fields, setting
 from gsmkit.generation import SamplingSettings
+from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import (
@@ -133,7 +133,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @dataclass
-class TraceStats:
+class TraceStats(Record):
     """`<stem>.stats.json` of `generate-traces`: computed from the trace rows themselves, so the two agree.
 
     Attributes:
@@ -187,9 +187,6 @@ class TraceStats:
     tokens_per_s: float
     wall_s: float
     engine: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def summarize(rows: list[dict[str, Any]], max_attempts: int, all_attempts: bool, timing: dict[str, Any],
@@ -269,11 +266,8 @@ class _Problem:
         return len(self.results) == self.max_attempts
 
 
-def generate_traces(
-    settings: TraceSettings,
-    on_start: Callable[[int, int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> TraceStats:
+def generate_traces(settings: TraceSettings, on_start: OnStart = None,
+                    on_progress: OnProgress = None) -> TraceStats:
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.answers import answers_equal, primary_answer, to_tags

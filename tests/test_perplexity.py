@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
-from gsmkit.evaluation.perplexity import EvalPplSettings, evaluate_ppl, sliding_windows
+from gsmkit.evaluation.perplexity import EvalPplSettings, evaluate_ppl
+from gsmkit.evaluation.ppl_items import sliding_windows
 from gsmkit.modeling import ModelSpec
 from gsmkit.tokenization import IGNORE_INDEX as IGNORE
 

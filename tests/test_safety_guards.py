@@ -154,7 +154,7 @@ def test_non_utf8_prompt_file_names_the_line(tmp_path):
 
 
 def test_missing_prompt_file_and_folder(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="file not found"):
         load_safety_prompts(tmp_path / "none.csv")
     with pytest.raises(DataError, match="is a folder"):
         load_safety_prompts(tmp_path)

@@ -9,7 +9,7 @@ docs/formats.md), read by `svd` (which computes them) and `audit_report` (which 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from gsmkit.adapters.lora_files import LoraModule
@@ -20,6 +20,7 @@ from gsmkit.adapters.spectra import (
     stable_rank,
     suggest_rank,
 )
+from gsmkit.fields import Record
 
 ZERO_NOTE = "zero update (lora_A or lora_B is all zeros, e.g. an untrained adapter): suggested rank 1"
 
@@ -71,7 +72,7 @@ class ModuleAudit:
 
 
 @dataclass
-class AuditResult:
+class AuditResult(Record):
     """`audit.json` of `audit-svd`: every module's audit, summaries per type and per layer, a rank pattern.
 
     Attributes:
@@ -108,9 +109,6 @@ class AuditResult:
     lora_parameters_suggested: int
     notes: list[str] = field(default_factory=list)
     compression: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def layer_of(path: str) -> int | None:

@@ -28,12 +28,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import GsmkitError, ModelError
-from gsmkit.fields import check_fields, setting
+from gsmkit.fields import Record, check_fields, setting
 from gsmkit.modeling import ModelSpec, check_adapter
 from gsmkit.run_folder import MANIFEST, check_new_folder, publish_folder, staging_folder
 from gsmkit.settings import ProblemOptions, RunOptions, override
@@ -80,7 +80,7 @@ class MergeSettings:
 
 
 @dataclass
-class MergeReport:
+class MergeReport(Record):
     """`merge_report.json`: what was merged, and how closely the merged model reproduces base + adapter.
 
     Attributes:
@@ -122,9 +122,6 @@ class MergeReport:
     files: list[str]
     wall_s: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def merge_weights(peft_model: Any) -> Any:
     """Fold the adapter into the base weights; the base model comes back without PEFT layers."""
@@ -153,7 +150,7 @@ def _check_out(settings: MergeSettings) -> None:
 
 def _verification_items(settings: MergeSettings) -> tuple[list[Any], str | Path]:
     """(items, the input recorded in the manifest)."""
-    from gsmkit.evaluation.perplexity import PplItem, read_ppl_items
+    from gsmkit.evaluation.ppl_items import PplItem, read_ppl_items
 
     if settings.verify_data is not None:
         items = read_ppl_items(settings.verify_data, settings.verify_limit, question_answer=True)
@@ -203,7 +200,8 @@ def merge_adapter(
 ) -> MergeReport:
     """Merge, verify, save; `on_progress(done, total, stage)` reports the stages."""
     t_wall = time.perf_counter()
-    from gsmkit.evaluation.perplexity import encode_item, model_window, sliding_windows
+    from gsmkit.evaluation.perplexity import model_window
+    from gsmkit.evaluation.ppl_items import encode_item, sliding_windows
     from gsmkit.jsonl import write_json
     from gsmkit.manifest import build_manifest, to_jsonable
     from gsmkit.modeling import attach_adapter, load_model, load_tokenizer

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.jsonl import input_file
 
 CSV_REQUIRED = ("release_prompt_id", "prompt_text", "hazard")
 CSV_OPTIONAL = ("persona", "locale", "prompt_hash")
@@ -167,12 +168,7 @@ def _read_jsonl(path: Path) -> list[SafetyPrompt]:
 
 def load_safety_prompts(path: str | Path) -> list[SafetyPrompt]:
     """Every prompt of a `.csv` (AILuminate) or `.jsonl` file, in file order; ids must be unique."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file",
-                        hint="check the path (relative paths are from the current folder)")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, expected a .csv or .jsonl file")
+    path = input_file(path, "a .csv or .jsonl file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         prompts = _read_csv(path)

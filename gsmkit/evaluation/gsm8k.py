@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gsmkit.answers import score_completion
 from gsmkit.evaluation.stats import wilson_interval
-from gsmkit.fields import check_fields, setting
+from gsmkit.fields import Record, check_fields, setting
 from gsmkit.generation import SamplingSettings
+from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
 from gsmkit.records import Prediction
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
@@ -62,7 +62,7 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
 
 
 @dataclass
-class EvalMetrics:
+class EvalMetrics(Record):
     """`metrics.json` of `eval gsm8k`: accuracy by both extractors with intervals, and what this run did.
 
     Attributes:
@@ -114,9 +114,6 @@ class EvalMetrics:
     wall_s: float
     engine: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any]) -> EvalMetrics:
     from gsmkit.answers import has_reasoning_section
@@ -161,11 +158,8 @@ def run_output(settings: EvalSettings) -> RunOutput:
                             overwrite=settings.overwrite, what="evaluation")
 
 
-def evaluate_gsm8k(
-    settings: EvalSettings,
-    on_start: Callable[[int, int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> EvalMetrics:
+def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
+                   on_progress: OnProgress = None) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.generation import GenRequest

@@ -20,7 +20,6 @@ Anything else a generative guard writes is `unparsed`: counted and reported, nev
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError, ModelError
+from gsmkit.modeling import read_folder_json
 
 GUARD_FORMATS = ("auto", "classifier", "llama-guard", "shieldgemma", "wildguard", "qwen3guard")
 TEXT_FORMATS = ("llama-guard", "wildguard", "qwen3guard")  # generated text, parsed
@@ -174,24 +174,8 @@ def parse_guard_output(fmt: str, text: str, controversial: str = UNSAFE) -> Verd
 
 def read_guard_config(folder: str | Path) -> dict[str, Any]:
     """The guard's config.json; errors before any model loads."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise ModelError(f"{folder}: safeguard folder not found",
-                         hint="--safeguard-model names a model folder")
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: the safeguard must be a model folder",
-                         hint="pass the folder written by save_pretrained (config.json, weights, tokenizer)")
-    path = folder / "config.json"
-    if not path.exists():
-        raise ModelError(f"{folder}: not a model folder (no config.json)",
-                         hint="pass the folder written by save_pretrained (config.json, weights, tokenizer)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return config
+    return read_folder_json(folder, "config.json", "model folder", hint="--safeguard-model names the folder "
+                            "written by save_pretrained (config.json, weights, tokenizer)")
 
 
 def _architectures(config: dict[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ from gsmkit.evaluation.guard_formats import (
     shieldgemma_verdict,
     unparsed,
 )
+from gsmkit.jsonl import input_file
 
 # ---- the guard's input ------------------------------------------------------------------------------
 
@@ -55,12 +56,8 @@ class SafetyTemplate:
 
     @classmethod
     def read(cls, path: str | Path) -> SafetyTemplate:
-        path = Path(path)
-        if not path.exists():
-            raise DataError(f"{path}: no such file",
-                            hint="--safety-prompt names the Safety Guidelines text file")
-        if path.is_dir():
-            raise DataError(f"{path}: is a folder, expected the Safety Guidelines text file")
+        path = input_file(path, "the Safety Guidelines text file",
+                          hint="--safety-prompt names the Safety Guidelines text file")
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8-sig")

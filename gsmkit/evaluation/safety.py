@@ -31,7 +31,7 @@ from gsmkit.data.safety_prompts import parse_hazards
 from gsmkit.errors import ConfigError, ResumeError
 from gsmkit.evaluation.guard_formats import GUARD_FORMATS, SAFE, UNPARSED, UNSAFE, Verdict
 from gsmkit.evaluation.stats import wilson_interval
-from gsmkit.fields import check_fields, setting
+from gsmkit.fields import Record, check_fields, setting
 from gsmkit.jsonl import write_jsonl
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
@@ -107,7 +107,7 @@ class SafetySettings(RunOptions):
 
 
 @dataclass
-class GroupCounts:
+class GroupCounts(Record):
     """Verdict counts of one group of responses (overall, one hazard, one persona) and its safety rate.
 
     Attributes:
@@ -187,9 +187,6 @@ class SafetyMetrics(GroupCounts):
     scoring_s: float
     wall_s: float
     engine: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _grouped(rows: list[dict[str, Any]], key: str) -> dict[str, GroupCounts]:

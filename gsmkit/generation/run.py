@@ -20,6 +20,10 @@ from typing import Any
 from gsmkit.jsonl import Journal
 from gsmkit.run_folder import RunOutput
 
+# A command's progress callbacks: `on_start(total, already_done)` once, `on_progress(n)` per finished row.
+OnStart = Callable[[int, int], None] | None
+OnProgress = Callable[[int], None] | None
+
 
 @dataclass
 class ProblemRun:
@@ -66,7 +70,7 @@ class ProblemRun:
         return encode_prompt(self.style, question, self.exemplars, self.tokenizer,
                              self.settings.system_prompt)
 
-    def begin(self, on_start: Callable[[int, int], None] | None) -> None:
+    def begin(self, on_start: OnStart) -> None:
         """The run starts: its output exists and holds the fingerprint; the bar learns total and done."""
         self.output.begin(self.settings.fingerprint())
         if on_start is not None:
