@@ -13,6 +13,7 @@ So changing a default or a bound here changes the behaviour, `--help` and the do
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -126,8 +127,10 @@ def default_of(cls: type, name: str) -> Any:
     return _MISSING
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a dataclass (modules use `from __future__ import annotations`)."""
+    """The resolved annotations of a dataclass (modules use `from __future__ import annotations`); a
+    class's annotations never change, and the CLI asks for them on every command it builds."""
     import sys
 
     module = sys.modules[cls.__module__]

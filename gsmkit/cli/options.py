@@ -155,6 +155,7 @@ class SettingsCommand:
         self.fn, self.cls, self.exclude, self.as_flags, self.fixed = fn, cls, exclude, as_flags, fixed
         self.__name__, self.__qualname__ = fn.__name__, fn.__qualname__
         self.__module__, self.__doc__ = fn.__module__, fn.__doc__
+        self._signature: tuple[tuple, inspect.Signature] | None = None
 
     def _own(self) -> list[inspect.Parameter]:
         own = inspect.signature(self.fn, eval_str=True).parameters.values()
@@ -166,8 +167,13 @@ class SettingsCommand:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        params = [p for opt in self.options() for p in _parameters(opt, self.as_flags)]
-        return inspect.Signature(params + self._own())
+        # Typer reads the signature several times per command each time it builds the CLI: build it once
+        # per state of the fields (a changed default or help is a new object, so it is seen at once).
+        key = tuple((id(f), id(f.default), id(f.metadata)) for f in dataclasses.fields(self.cls))
+        if self._signature is None or self._signature[0] != key:
+            params = [p for opt in self.options() for p in _parameters(opt, self.as_flags)]
+            self._signature = (key, inspect.Signature(params + self._own()))
+        return self._signature[1]
 
     @property
     def __annotations__(self) -> dict[str, Any]:  # typing.get_type_hints reads this
