@@ -110,8 +110,10 @@ def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int
         f"removed), loss {loss:.4f}, {result.tokens_per_s:.1f} tokens/s; adapter in {result.out}"
     )
     if result.eval:
-        console.print(f"eval: strict {result.eval['accuracy_strict']:.1%}, flexible "
-                      f"{result.eval['accuracy_flexible']:.1%} on {result.eval['n']} problems")
+        ev = result.eval
+        console.print("eval: strict {:.1%} (95% CI {:.1%}-{:.1%}), flexible {:.1%} ({:.1%}-{:.1%}) on {} "
+                      "problems".format(ev["accuracy_strict"], *ev["ci95_strict"], ev["accuracy_flexible"],
+                                        *ev["ci95_flexible"], ev["n"]), highlight=False)
 
 
 def _show_masking(settings: TrainSettings, n: int, console) -> None:
