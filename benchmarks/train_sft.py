@@ -114,7 +114,7 @@ def run_speed(args, model_dir: Path, rows: Path, pool: Path) -> dict:
     common = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--learning-rate", str(args.lr), "--seed", "42"]
     gsm_cmd = gsmkit_command() + [
-        "train", "sft", "--model", str(model_dir), "--data", str(rows), "--fewshot-pool", str(pool),
+        "train", "sft", "--model", str(model_dir), "--data", str(rows), "--pool", str(pool),
         "--max-steps", str(args.steps), "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
         "--lora-dropout", str(LORA["dropout"]), "--out", str(out / "gsmkit"), "--overwrite", "--json",
         "--gradient-checkpointing" if args.gc else "--no-gradient-checkpointing", *common]
@@ -199,7 +199,7 @@ def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
             else:
                 cmd = gsmkit_command() + [
                     "train", mode.split("-")[0], "--model", str(model_dir), "--data", str(rows),
-                    "--fewshot-pool", str(pool),
+                    "--pool", str(pool),
                     "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
                     str(args.max_length), "--learning-rate", str(args.lr), "--lora-r", str(LORA["r"]),
                     "--lora-alpha", str(LORA["alpha"]), "--seed", str(seed), "--out", str(run_dir),
