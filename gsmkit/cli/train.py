@@ -61,6 +61,11 @@ def qlora(flags: dict, out: OutOpt = Path("runs/qlora"), preset: PresetOpt = Non
     _run({**flags, "out": out}, config, preset, show_masking, json_out)
 
 
+def _logged(last: dict, key: str) -> str:
+    """The latest logged value for the bar; "-" until the trainer has logged one (not "nan")."""
+    return f"{last[key]:.3f}" if isinstance(last.get(key), int | float) else "-"
+
+
 def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int, json_out: bool) -> None:
     from gsmkit.progress import ProgressTask, stderr_console
     from gsmkit.training.config import resolve_settings
@@ -93,7 +98,7 @@ def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int
             bar.start(total)
 
         def on_step(step: int, total: int) -> None:
-            bar.update(step, total, f"train {mode} loss {last.get('loss', float('nan')):.3f}")
+            bar.update(step, total, f"train {mode} loss {_logged(last, 'loss')}")
 
         try:
             result = train_and_evaluate(settings, on_start=on_start, on_step=on_step, on_log=last.update,
@@ -151,7 +156,7 @@ def grpo(settings: GrpoSettings, json_out: JsonOpt = False) -> None:
     with ProgressTask("train grpo", "steps", console) as bar:
 
         def on_step(step: int, total: int) -> None:
-            bar.update(step, total, f"train grpo reward {last.get('reward', float('nan')):.3f}")
+            bar.update(step, total, f"train grpo reward {_logged(last, 'reward')}")
 
         result = train_grpo(settings, on_start=bar.start, on_step=on_step, on_log=last.update)
     if json_out:
