@@ -210,10 +210,10 @@ def train_grpo(
     from gsmkit.modeling import load_model, load_tokenizer
     from gsmkit.prompts import answer_format, resolve_style
 
+    rows, removed, pool = training_problems(settings)  # the data is checked before anything loads
     tokenizer = load_tokenizer(settings.model)
     style = resolve_style(settings.style, tokenizer)
     fmt = answer_format(style)
-    rows, removed, pool = training_problems(settings)
     exemplars = []
     if settings.k:
         from gsmkit.data.fewshot import pool_exemplars

@@ -58,12 +58,11 @@ def kept_out_pool(settings: TrainSettings) -> KeptOutPool:
     return resolve_pool(settings.pool, settings.data, settings.traces)
 
 
-def prepare_examples(settings: TrainSettings, tokenizer) -> tuple[list, list[str], str, str]:
-    """Load, de-leak and encode the training rows: (encoded, removed hashes, pool origin, style)."""
+def training_rows(settings: TrainSettings) -> tuple[list, list[str], Any]:
+    """The training rows with the few-shot pool removed: (rows, removed hashes, the kept-out pool). Read
+    before any tokenizer or model loads, so a bad data or pool file fails first."""
     from gsmkit.data.fewshot import pool_hashes
-    from gsmkit.prompts import resolve_style
     from gsmkit.training.data import load_train_examples, remove_fewshot
-    from gsmkit.training.masking import encode_example
 
     examples = load_train_examples(settings.train_source, settings.split)
     pool = kept_out_pool(settings)
@@ -73,6 +72,18 @@ def prepare_examples(settings: TrainSettings, tokenizer) -> tuple[list, list[str
         examples = examples[: settings.max_samples]
     if not examples:
         raise DataError(f"{settings.train_source}: no training rows left after removing the few-shot pool")
+    return examples, removed, pool
+
+
+def prepare_examples(
+    settings: TrainSettings, tokenizer: Any, rows: tuple | None = None,
+) -> tuple[list, list[str], str, str]:
+    """Load (unless `rows` from `training_rows` are given), de-leak and encode the training rows:
+    (encoded, removed hashes, pool origin, style)."""
+    from gsmkit.prompts import resolve_style
+    from gsmkit.training.masking import encode_example
+
+    examples, removed, pool = rows if rows is not None else training_rows(settings)
     style = resolve_style(settings.style, tokenizer)
     encoded = [encode_example(ex, tokenizer, style, settings.max_length, settings.system_prompt)
                for ex in examples]
@@ -99,8 +110,9 @@ def train(
 
     from gsmkit.modeling import load_model, load_tokenizer
 
+    rows = training_rows(settings)  # the data and pool are checked before anything loads
     tokenizer = load_tokenizer(settings.model)
-    encoded, removed, pool_origin, style = prepare_examples(settings, tokenizer)
+    encoded, removed, pool_origin, style = prepare_examples(settings, tokenizer, rows)
     if settings.init_lora != "default":
         from gsmkit.training.lora_init import checkpoint_files
 
