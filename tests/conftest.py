@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +10,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+
+def load_script(name: str):
+    """A script of scripts/ (gen_cli_docs, gen_format_docs) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model, tokenizer or GSM8K load fails the test: input checks must come before all of them."""
+    def refuse(what):
+        def fail(*_args, **_kwargs):
+            raise AssertionError(f"{what} loaded before the inputs were checked")
+        return fail
+
+    monkeypatch.setattr("gsmkit.modeling.load_model", refuse("model"))
+    monkeypatch.setattr("gsmkit.modeling.load_tokenizer", refuse("tokenizer"))
+    monkeypatch.setattr("gsmkit.data.gsm8k.load_gsm8k", refuse("GSM8K data"))
+
 
 CHATML = (
     "{% for message in messages %}"

@@ -43,19 +43,6 @@ def damaged(tmp_path) -> Path:
     return _adapter(tmp_path / "damaged", HUGE_HEADER)
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model, tokenizer or GSM8K load fails the test: the check must come before all of them."""
-    def refuse(what):
-        def fail(*_args, **_kwargs):
-            raise AssertionError(f"{what} loaded before the adapter was checked")
-        return fail
-
-    monkeypatch.setattr("gsmkit.modeling.load_model", refuse("model"))
-    monkeypatch.setattr("gsmkit.modeling.load_tokenizer", refuse("tokenizer"))
-    monkeypatch.setattr("gsmkit.data.gsm8k.load_gsm8k", refuse("GSM8K data"))
-
-
 def _assert_rejected(args: list[str], out: Path, *also_absent: Path) -> None:
     t0 = time.perf_counter()
     res = runner.invoke(app, args)

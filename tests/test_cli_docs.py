@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import typer
+from conftest import load_script
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -48,10 +48,7 @@ def leaf_commands() -> list[tuple[tuple[str, ...], object]]:
 
 
 def load_gen_cli_docs():
-    spec = importlib.util.spec_from_file_location("gen_cli_docs", ROOT / "scripts" / "gen_cli_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_cli_docs")
 
 
 def test_ci_runs_readme_commands():

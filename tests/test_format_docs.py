@@ -8,27 +8,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import load_script
 
 from gsmkit.fields import setting
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_gen_format_docs():
-    spec = importlib.util.spec_from_file_location("gen_format_docs", ROOT / "scripts" / "gen_format_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = load_gen_format_docs()
+gen = load_script("gen_format_docs")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ together; bounds declared once are enforced by the CLI (exit 2) and by the libra
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -25,11 +25,6 @@ from gsmkit.modeling import ModelSpec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _gen_cli_docs():
-    spec = importlib.util.spec_from_file_location("gen_cli_docs", ROOT / "scripts" / "gen_cli_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -53,7 +48,7 @@ def test_one_changed_default_and_help_move_behaviour_help_and_docs(monkeypatch, 
     runner = CliRunner()
     shown = runner.invoke(app, ["eval", "gsm8k", "--help"], env={"COLUMNS": "200"}).output
     assert "Tokens per answer, changed." in shown and "[default: 77]" in shown
-    docs = _gen_cli_docs().render()
+    docs = load_script("gen_cli_docs").render()
     assert "Tokens per answer, changed." in docs
     row = next(line for line in docs.splitlines() if "Tokens per answer, changed." in line)
     assert "77" in row

@@ -546,18 +546,18 @@ def test_qlora_cloq_starts_closest_to_the_full_precision_model(tmp_path, tiny_mo
                   calibration_rows=0)
 
 
-def test_a_bad_data_file_fails_before_the_tokenizer_loads(tmp_path, monkeypatch):
-    # inputs are checked before anything loads (a Hub model would otherwise be reached for first)
+@pytest.mark.usefixtures("no_loading")
+@pytest.mark.parametrize("recipe", ["sft", "grpo"])
+def test_a_bad_data_file_fails_before_the_tokenizer_loads(tmp_path, recipe):
+    # the data is checked before anything loads (a Hub model would otherwise be reached for first)
     from gsmkit.errors import DataError
     from gsmkit.training.config import TrainSettings
+    from gsmkit.training.grpo import GrpoSettings, train_grpo
     from gsmkit.training.sft import train
 
-    def no_load(*_a, **_k):
-        raise AssertionError("the tokenizer was loaded before the data was checked")
-
-    monkeypatch.setattr("gsmkit.modeling.load_tokenizer", no_load)
     bad = tmp_path / "rows.jsonl"
     bad.write_text('{"question": "q"}\n')
+    run, settings = (train, TrainSettings) if recipe == "sft" else (train_grpo, GrpoSettings)
     with pytest.raises(DataError, match="rows.jsonl:1"):
-        train(TrainSettings(model="some/hub-model", out=tmp_path / "out", data=str(bad)))
+        run(settings(model="some/hub-model", out=tmp_path / "out", data=str(bad)))
     assert not (tmp_path / "out").exists()
