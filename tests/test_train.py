@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
-from gsmkit.errors import ConfigError
+from gsmkit.errors import ConfigError, ResumeError
 from gsmkit.training.collate import PadCollator
 from gsmkit.training.config import TrainSettings, resolve_settings
 from gsmkit.training.sft import train
@@ -139,7 +139,11 @@ def test_resume_reaches_the_same_step_count(tmp_path, tiny_model_dir, small_gsm8
     res = runner.invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
                               "--fewshot-pool", str(pool), "--out", str(out), "--max-steps", "6"])
     assert res.exit_code == 1 and "--resume" in res.output  # an interrupted run is never silently restarted
+    with pytest.raises(ResumeError, match="different settings"):  # a resume repeats what shapes the model
+        train(_settings(tiny_model_dir, small_gsm8k, pool, out, max_steps=6, save_steps=2, resume=True,
+                        learning_rate=1e-3))
     resumed = train(_settings(tiny_model_dir, small_gsm8k, pool, out, max_steps=6, save_steps=2, resume=True))
+    assert not (out / "run.json").exists()  # the settings record goes with the finished run's publish
     assert resumed.steps == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resolved"]["resumed_from"].endswith("checkpoint-2")

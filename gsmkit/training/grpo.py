@@ -196,11 +196,13 @@ def train_grpo(
     on_log: Callable[[dict], None] | None = None,
 ) -> GrpoResult:
     """Run GRPO end to end and return its summary."""
-    from gsmkit.training.outputs import check_run_folder, finished_marker, start_run
+    from gsmkit.training.outputs import check_run_folder, finished_marker, start_run, training_fingerprint
 
     out = settings.out
     checkpoints = out / "checkpoints"
-    resume_from = check_run_folder(out, finished_marker(out), settings.resume, settings.overwrite)
+    fingerprint = training_fingerprint(settings)
+    resume_from = check_run_folder(out, finished_marker(out), settings.resume, settings.overwrite,
+                                   fingerprint)
     if settings.use_vllm:
         from gsmkit.generation import check_vllm_available
 
@@ -247,7 +249,7 @@ def train_grpo(
     from gsmkit.training.callbacks import log_callbacks, read_log, time_limit_callbacks
     from gsmkit.training.rewards import make_reward_funcs
 
-    log_path = start_run(out, resume_from, settings.overwrite)
+    log_path = start_run(out, resume_from, settings.overwrite, fingerprint)
     config = trainer_arguments(
         GRPOConfig, settings, loaded, checkpoints,
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,

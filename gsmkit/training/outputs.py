@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.run_folder import MANIFEST, publish_folder, staging_folder, write_text
+from gsmkit.run_folder import FINGERPRINT, MANIFEST, RunOutput, publish_folder, staging_folder, write_text
 
 CHECKPOINTS = "checkpoints"
 LOG = "trainer_log.jsonl"
@@ -33,10 +33,24 @@ def finished_marker(out: Path, full: bool = False) -> Path:
     return out / ("config.json" if full else "adapter_config.json")
 
 
-def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool) -> Path | None:
+# What a resumed run may change: how long it trains, what it saves and logs, and what runs after it.
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "max_steps", "epochs", "time_limit", "save_steps",
+                     "save_total_limit", "logging_steps", "eval_limit", "eval_data", "eval_max_new_tokens",
+                     "sweep_last", "preset")
+
+
+def training_fingerprint(settings: Any) -> dict[str, Any]:
+    """The settings a --resume must repeat: everything that changes the model being trained."""
+    from gsmkit.manifest import run_fingerprint
+
+    return run_fingerprint(settings, RESUME_MAY_CHANGE)
+
+
+def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool,
+                     fingerprint: dict[str, Any] | None = None) -> Path | None:
     """Refuse to train into a finished or interrupted run unless told what to do, or into a folder that
     holds something else (the finished run replaces the folder whole); returns the checkpoint to resume
-    from (with `resume`)."""
+    from (with `resume`), after checking that the interrupted run's recorded settings are these."""
     checkpoints = out / CHECKPOINTS
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
@@ -52,6 +66,8 @@ def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool) -
         if resume_from is None:
             raise ConfigError(f"--resume: no checkpoint in {checkpoints}",
                               hint="checkpoints are written only with --save-steps N")
+        if fingerprint is not None and (out / FINGERPRINT).exists():  # runs from before gsmkit wrote one
+            RunOutput.folder(out, finals=()).prepare(fingerprint)  # ResumeError for other settings
         return resume_from
     if checkpoints.exists() and any(checkpoints.glob("checkpoint-*")) and not overwrite:
         raise ConfigError(f"{out}: holds checkpoints of an interrupted run",
@@ -64,7 +80,7 @@ def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool) -
 
 def _is_run_folder(out: Path) -> bool:
     """Empty, or what a run that stopped early leaves (its log, an empty checkpoints folder)."""
-    return all(p.name in (CHECKPOINTS, LOG) for p in out.iterdir())
+    return all(p.name in (CHECKPOINTS, LOG, FINGERPRINT) for p in out.iterdir())
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -77,11 +93,15 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def start_run(out: Path, resume_from: Path | None, overwrite: bool) -> Path:
-    """Create OUT and return its log. --overwrite drops the old run's checkpoints and log (its finished
-    files stay until the new run replaces the folder); a resumed run keeps the log rows up to its
-    checkpoint (it logs the later steps again); a new run starts an empty log."""
+def start_run(out: Path, resume_from: Path | None, overwrite: bool,
+              fingerprint: dict[str, Any] | None = None) -> Path:
+    """Create OUT, record the settings a --resume must repeat (`run.json`, gone once the run is published)
+    and return its log. --overwrite drops the old run's checkpoints and log (its finished files stay until
+    the new run replaces the folder); a resumed run keeps the log rows up to its checkpoint (it logs the
+    later steps again); a new run starts an empty log."""
     out.mkdir(parents=True, exist_ok=True)
+    if fingerprint is not None:
+        RunOutput.folder(out, finals=()).begin(fingerprint)
     if overwrite:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     log_path = out / LOG

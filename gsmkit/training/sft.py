@@ -101,12 +101,13 @@ def train(
 
     Callbacks: `on_start(total_steps)`, `on_step(step, total)`, `on_log(trainer log row)`, and
     `on_init(stage, done, total)` while `--init-lora` calibrates and initialises the adapter."""
-    from gsmkit.training.outputs import check_run_folder, finished_marker, start_run
+    from gsmkit.training.outputs import check_run_folder, finished_marker, start_run, training_fingerprint
 
     out = settings.out
     checkpoints = out / "checkpoints"
+    fingerprint = training_fingerprint(settings)
     resume_from = check_run_folder(out, finished_marker(out, settings.full), settings.resume,
-                                   settings.overwrite)
+                                   settings.overwrite, fingerprint)
 
     from gsmkit.modeling import load_model, load_tokenizer
 
@@ -147,7 +148,7 @@ def train(
 
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids)} for e in encoded]
     dataset = Dataset.from_list(rows)
-    log_path = start_run(out, resume_from, settings.overwrite)
+    log_path = start_run(out, resume_from, settings.overwrite, fingerprint)
     from transformers import TrainingArguments
 
     args = trainer_arguments(
