@@ -143,9 +143,14 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     return tok
 
 
-def read_folder_json(folder: str | Path, name: str, what: str, hint: str) -> dict[str, Any]:
+_RESAVE = "the adapter is damaged or incomplete: save it again (save_pretrained) or download it again"
+
+
+def read_folder_json(folder: str | Path, name: str, what: str, hint: str,
+                     broken_hint: str = _RESAVE) -> dict[str, Any]:
     """The JSON object in `folder/name`, `folder` being a `what` ("PEFT adapter folder", "model folder");
-    a ModelError naming what is wrong, with `hint`, before anything loads."""
+    a ModelError naming what is wrong, with `hint` (a missing file) or `broken_hint` (an unreadable one),
+    before anything loads."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise ModelError(f"{path}: {what} not found", hint=hint)
@@ -157,11 +162,11 @@ def read_folder_json(folder: str | Path, name: str, what: str, hint: str) -> dic
     try:
         obj = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ModelError(f"{file}:{err.lineno}: not valid JSON ({err.msg})", hint=_RESAVE) from None
+        raise ModelError(f"{file}:{err.lineno}: not valid JSON ({err.msg})", hint=broken_hint) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ModelError(f"{file}: cannot read it ({type(err).__name__}: {err})", hint=_RESAVE) from None
+        raise ModelError(f"{file}: cannot read it ({type(err).__name__}: {err})", hint=broken_hint) from None
     if not isinstance(obj, dict):
-        raise ModelError(f"{file}: expected a JSON object, found {type(obj).__name__}", hint=_RESAVE)
+        raise ModelError(f"{file}: expected a JSON object, found {type(obj).__name__}", hint=broken_hint)
     return obj
 
 
@@ -195,7 +200,6 @@ def check_adapter(adapter: str | Path) -> dict[str, Any]:
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_RESAVE = "the adapter is damaged or incomplete: save it again (save_pretrained) or download it again"
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors reader refuses larger headers
 
 

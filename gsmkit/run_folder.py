@@ -109,6 +109,9 @@ class RunOutput:
         except (OSError, ValueError):
             recorded = None
         if recorded != json.loads(json.dumps(fingerprint)):
+            if not any(self.journal(role).load() for role in self.journals) and self.journals:
+                self.clear()  # it began but journalled nothing (stopped before its first row): start afresh
+                return False
             raise ResumeError(f"{self.out}: holds a partial run made with different settings",
                               hint=RESUME_HINT)
         self.resumed = True
@@ -177,9 +180,21 @@ def check_new_folder(out: Path, overwrite: bool, protected: tuple[Path, ...] = (
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: already exists",
                           hint="pass --overwrite to replace it, or choose another --out")
-    resolved = out.resolve()
+    check_not_an_input(out, protected)
+
+
+def check_not_an_input(out: Path, protected: tuple[str | Path | None, ...] = ()) -> None:
+    """An output that replaces the folder `out` whole must not hold the current folder or any of the run's
+    own inputs (`protected`: paths, or Hub ids and None, which are skipped)."""
+    out = out.expanduser()
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise ConfigError(f"{out}: --out would replace the current folder",
+                          hint="choose a new folder for --out")
     for p in protected:
-        p = p.expanduser().resolve()
+        if p is None or not Path(p).expanduser().exists():
+            continue
+        p = Path(p).expanduser().resolve()
         if resolved == p or resolved in p.parents:
             raise ConfigError(f"{out}: --out would replace the input {p}",
                               hint="choose a new folder for --out")

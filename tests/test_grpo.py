@@ -240,3 +240,22 @@ def test_grpo_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
     assert r.exit_code == 1 and "question/answer" in r.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
+
+
+def test_unset_reward_weights_are_recorded_as_the_defaults_they_mean(monkeypatch):
+    from typer.testing import CliRunner
+
+    from gsmkit.cli import app
+    from gsmkit.training.rewards import DEFAULT_WEIGHTS
+
+    seen = {}
+
+    def capture(settings, **_):
+        seen["settings"] = settings
+        raise SystemExit(0)
+
+    monkeypatch.setattr("gsmkit.training.grpo.train_grpo", capture)
+    CliRunner().invoke(app, ["train", "grpo", "--model", "m"])
+    assert dict(seen["settings"].reward_weights) == DEFAULT_WEIGHTS  # the manifest says what ran
+    CliRunner().invoke(app, ["train", "grpo", "--model", "m", "--reward-weights", "correctness=1"])
+    assert dict(seen["settings"].reward_weights) == {**DEFAULT_WEIGHTS, "correctness": 1.0}

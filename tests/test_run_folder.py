@@ -119,3 +119,26 @@ def test_whole_folders_are_swapped_in_complete_or_not_at_all(tmp_path):
     assert (out / "weights").read_text() == "v2" and [p.name for p in tmp_path.iterdir()] == ["model"]
     with pytest.raises(ConfigError, match="would replace the input"):
         check_new_folder(tmp_path, overwrite=True, protected=(out,))
+
+
+def test_a_run_stopped_before_its_first_row_does_not_block_other_settings(tmp_path):
+    out = tmp_path / "run"
+    first = _folder(out)
+    first.prepare({"k": 1})
+    first.begin({"k": 1})  # then stopped before any row was journalled
+    assert _folder(out).prepare({"k": 2}) is False
+    assert not (out / FINGERPRINT).exists()
+
+
+def test_a_folder_output_never_replaces_an_input_or_the_current_folder(tmp_path, monkeypatch):
+    from gsmkit.run_folder import check_not_an_input
+
+    data = tmp_path / "runs" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    with pytest.raises(ConfigError, match="would replace the input"):
+        check_not_an_input(tmp_path / "runs", (data, None, "openai/gsm8k"))
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(ConfigError, match="current folder"):
+        check_not_an_input(tmp_path)
+    check_not_an_input(tmp_path / "elsewhere", (data,))

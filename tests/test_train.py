@@ -565,3 +565,13 @@ def test_a_bad_data_file_fails_before_the_tokenizer_loads(tmp_path, recipe):
     with pytest.raises(DataError, match="rows.jsonl:1"):
         run(settings(model="some/hub-model", out=tmp_path / "out", data=str(bad)))
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_the_runs_inputs(tmp_path, small_gsm8k, pool):
+    out = tmp_path / "runs"
+    out.mkdir()
+    data = out / "train.jsonl"
+    data.write_text((small_gsm8k / "train.jsonl").read_text())
+    with pytest.raises(ConfigError, match="would replace the input"):
+        train(_settings("some/hub-model", data, pool, out, overwrite=True))
+    assert data.exists()

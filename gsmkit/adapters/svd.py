@@ -92,7 +92,7 @@ def audit_adapter(
 
     # --out first: a new folder for the compressed adapter, or the audit files' folder (always replaced).
     if settings.compress:
-        check_new_folder(settings.out_dir, settings.overwrite)
+        check_new_folder(settings.out_dir, settings.overwrite, protected=(settings.adapter,))
     else:
         audit_output(settings.out_dir).check_kind()
     weights = read_adapter(settings.adapter)

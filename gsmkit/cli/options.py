@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gsmkit.fields import default_of, field_types, flag_of
+
 # --json: the one option every command takes that is not a settings field (it shapes the output only)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 
@@ -68,8 +70,6 @@ def _own_fields_first(cls: type) -> list[dataclasses.Field]:
 
 
 def _options(cls: type, exclude: tuple[str, ...], owner: str | None = None) -> list[_Option]:
-    from gsmkit.fields import field_types
-
     types = field_types(cls)
     found: list[_Option] = []
     for f in _own_fields_first(cls):
@@ -97,8 +97,6 @@ def _optional(t: Any) -> Any:
 
 
 def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
-    from gsmkit.fields import default_of, flag_of
-
     f, meta = opt.field, opt.field.metadata
     default = default_of(opt.cls, opt.name)
     missing = default is dataclasses.MISSING
@@ -126,6 +124,8 @@ def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
             kwargs["help"] += f" \\[default: {show}]"
         kwargs["show_default"] = show if not isinstance(show, str) else False
         param_default = (list(default) or None) if isinstance(default, tuple) else default
+        if meta.get("cli_type") is not None:
+            param_default = None  # the option's own form (a comma list): unset means the field's default
     for bound in ("min", "max"):
         if meta.get(bound) is not None and not (bound == "min" and meta.get("min_open")):
             kwargs[bound] = meta[bound]
@@ -198,8 +198,8 @@ class SettingsCommand:
                 continue
             if self.as_flags and isinstance(value, bool) and value == opt.field.default and value is False:
                 continue  # an unset switch is "not given"
-            if value is None and opt.field.default == () and not self.as_flags:
-                value = ()
+            if value is None and default_of(opt.cls, opt.name) not in (None, dataclasses.MISSING):
+                continue  # not given: the field's own default applies (a tuple, or a value in another form)
             (nested.setdefault(opt.owner, {}) if opt.owner else values)[opt.name] = value
         if self.as_flags:
             return self.fn(flags={**values, **self.fixed}, **kwargs)
@@ -209,8 +209,6 @@ class SettingsCommand:
 
 
 def build_settings(cls: type, values: dict[str, Any], nested: dict[str, dict[str, Any]]) -> Any:
-    from gsmkit.fields import field_types
-
     types = field_types(cls)
     for owner, group in nested.items():
         values[owner] = types[owner](**group)

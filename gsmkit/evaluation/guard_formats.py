@@ -174,8 +174,9 @@ def parse_guard_output(fmt: str, text: str, controversial: str = UNSAFE) -> Verd
 
 def read_guard_config(folder: str | Path) -> dict[str, Any]:
     """The guard's config.json; errors before any model loads."""
-    return read_folder_json(folder, "config.json", "model folder", hint="--safeguard-model names the folder "
-                            "written by save_pretrained (config.json, weights, tokenizer)")
+    saved = "the folder written by save_pretrained (config.json, weights, tokenizer)"
+    return read_folder_json(folder, "config.json", "model folder", hint=f"--safeguard-model names {saved}",
+                            broken_hint=f"the safeguard's config.json is damaged: pass {saved}")
 
 
 def _architectures(config: dict[str, Any]) -> list[str]:

@@ -88,8 +88,8 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, GrpoLoraOptions, GrpoTra
     train_samples: int | None = setting(None, "Sample budget: train on N problems drawn with --seed "
                                         "(default: all).", min=1, show_default=False)
     reward_weights: tuple[tuple[str, float], ...] = setting(
-        (), "name=weight pairs, comma-separated; names: correctness, strict_format, soft_format, integer; "
-        "0 drops one.", cli_type=str | None, parse=reward_weight_pairs,
+        tuple(DEFAULT_WEIGHTS.items()), "name=weight pairs, comma-separated; names: correctness, "
+        "strict_format, soft_format, integer; 0 drops one.", cli_type=str | None, parse=reward_weight_pairs,
         show_default=",".join(f"{n}={w:g}" for n, w in DEFAULT_WEIGHTS.items()))
     num_generations: int = setting(4, "Completions sampled per prompt (the group).", min=2)
     prompts_per_step: int = setting(2, "Prompts per device per optimizer step (times --num-generations "
@@ -202,7 +202,8 @@ def train_grpo(
     checkpoints = out / "checkpoints"
     fingerprint = training_fingerprint(settings)
     resume_from = check_run_folder(out, finished_marker(out), settings.resume, settings.overwrite,
-                                   fingerprint)
+                                   fingerprint, inputs=(settings.model, settings.data, settings.pool,
+                                                        settings.init_adapter))
     if settings.use_vllm:
         from gsmkit.generation import check_vllm_available
 

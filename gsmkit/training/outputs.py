@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.run_folder import FINGERPRINT, MANIFEST, RunOutput, publish_folder, staging_folder, write_text
+from gsmkit.run_folder import (
+    FINGERPRINT,
+    MANIFEST,
+    RunOutput,
+    check_not_an_input,
+    publish_folder,
+    staging_folder,
+    write_text,
+)
 
 CHECKPOINTS = "checkpoints"
 LOG = "trainer_log.jsonl"
@@ -47,17 +55,14 @@ def training_fingerprint(settings: Any) -> dict[str, Any]:
 
 
 def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool,
-                     fingerprint: dict[str, Any] | None = None) -> Path | None:
+                     fingerprint: dict[str, Any] | None = None, inputs: tuple = ()) -> Path | None:
     """Refuse to train into a finished or interrupted run unless told what to do, or into a folder that
     holds something else (the finished run replaces the folder whole); returns the checkpoint to resume
     from (with `resume`), after checking that the interrupted run's recorded settings are these."""
     checkpoints = out / CHECKPOINTS
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
-    here = Path.cwd().resolve()
-    if out.exists() and (out.resolve() == here or out.resolve() in here.parents):
-        raise ConfigError(f"{out}: --out would replace the current folder",
-                          hint="choose a new folder for --out")
+    check_not_an_input(out, inputs)  # the finished run replaces OUT whole
     if finished.exists() and not overwrite:
         raise ConfigError(f"{out}: already holds a finished run",
                           hint="pass --overwrite, or choose another --out")

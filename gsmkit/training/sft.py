@@ -107,7 +107,8 @@ def train(
     checkpoints = out / "checkpoints"
     fingerprint = training_fingerprint(settings)
     resume_from = check_run_folder(out, finished_marker(out, settings.full), settings.resume,
-                                   settings.overwrite, fingerprint)
+                                   settings.overwrite, fingerprint,
+                                   inputs=(settings.model, settings.train_source, settings.pool))
 
     from gsmkit.modeling import load_model, load_tokenizer
 
