@@ -106,10 +106,6 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def help_of(cls: type, name: str) -> str:
-    return field_of(cls, name).metadata.get("help", "")
-
-
 def field_of(cls: type, name: str) -> dataclasses.Field:
     for f in dataclasses.fields(cls):
         if f.name == name:

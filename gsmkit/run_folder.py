@@ -27,7 +27,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ class RunOutput:
     extra: tuple[str, ...] = ()
     overwrite: bool = False
     what: str = "run"  # "evaluation", "traces", ...: for messages
-    resumed: bool = field(default=False, init=False)
 
     @classmethod
     def folder(cls, out: Path, finals: tuple[str, ...], journals: tuple[str, ...] = (),
@@ -114,7 +113,6 @@ class RunOutput:
                 return False
             raise ResumeError(f"{self.out}: holds a partial run made with different settings",
                               hint=RESUME_HINT)
-        self.resumed = True
         return True
 
     def clear(self) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from gsmkit.errors import GsmkitError, ModelError
 from gsmkit.fields import Record, check_fields, setting
-from gsmkit.modeling import ModelSpec, check_adapter
+from gsmkit.modeling import ModelSpec, check_adapter, read_adapter_config
 from gsmkit.run_folder import MANIFEST, check_new_folder, publish_folder, staging_folder
 from gsmkit.settings import ProblemOptions, RunOptions, override
 
@@ -208,7 +208,7 @@ def merge_adapter(
     from gsmkit.tokenization import Encoded
 
     # Everything that can fail on input is checked before the model loads.
-    adapter_cfg = check_adapter(settings.adapter)  # first: the verification data may come from the Hub
+    adapter_cfg = read_adapter_config(settings.adapter)  # checked whole by MergeSettings, before any data
     peft_type = adapter_cfg.get("peft_type")
     if peft_type in _PROMPT_LEARNING:
         raise ModelError(f"{settings.adapter}: a {peft_type} adapter adds virtual tokens, it has no weights "
