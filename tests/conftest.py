@@ -32,6 +32,23 @@ def no_loading(monkeypatch):
     monkeypatch.setattr("gsmkit.data.gsm8k.load_gsm8k", refuse("GSM8K data"))
 
 
+@pytest.fixture
+def record_settings(monkeypatch):
+    """`record_settings("gsmkit.x.run")` replaces that library call by a recorder: the command builds its
+    settings and stops; the returned dict holds them under "settings"."""
+    seen: dict = {}
+
+    def install(target: str) -> dict:
+        def fake(settings, **_):
+            seen["settings"] = settings
+            raise SystemExit(0)
+
+        monkeypatch.setattr(target, fake)
+        return seen
+
+    return install
+
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -242,19 +242,13 @@ def test_grpo_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
 
 
 
-def test_unset_reward_weights_are_recorded_as_the_defaults_they_mean(monkeypatch):
+def test_unset_reward_weights_are_recorded_as_the_defaults_they_mean(record_settings):
     from typer.testing import CliRunner
 
     from gsmkit.cli import app
     from gsmkit.training.rewards import DEFAULT_WEIGHTS
 
-    seen = {}
-
-    def capture(settings, **_):
-        seen["settings"] = settings
-        raise SystemExit(0)
-
-    monkeypatch.setattr("gsmkit.training.grpo.train_grpo", capture)
+    seen = record_settings("gsmkit.training.grpo.train_grpo")
     CliRunner().invoke(app, ["train", "grpo", "--model", "m"])
     assert dict(seen["settings"].reward_weights) == DEFAULT_WEIGHTS  # the manifest says what ran
     CliRunner().invoke(app, ["train", "grpo", "--model", "m", "--reward-weights", "correctness=1"])

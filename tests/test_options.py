@@ -28,16 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def captured(monkeypatch):
+def captured(record_settings):
     """`evaluate_gsm8k` replaced by a recorder: the settings the command built, and nothing run."""
-    seen = {}
-
-    def fake(settings, **_):
-        seen["settings"] = settings
-        raise SystemExit(0)
-
-    monkeypatch.setattr("gsmkit.evaluation.gsm8k.evaluate_gsm8k", fake)
-    return seen
+    return record_settings("gsmkit.evaluation.gsm8k.evaluate_gsm8k")
 
 
 def test_one_changed_default_and_help_move_behaviour_help_and_docs(monkeypatch, captured):
