@@ -35,3 +35,7 @@ class ConfigError(GsmkitError):
 
 class ResumeError(GsmkitError):
     """An output folder holds a partial run made with different settings."""
+
+
+class SteeringCheckError(GsmkitError):
+    """Steering hooks at alpha = 0 changed what the model generates (the zero-steering check failed)."""

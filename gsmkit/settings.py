@@ -122,3 +122,71 @@ class TrainingOptions:
         None, "Trade compute for memory.", flag="--gradient-checkpointing/--no-gradient-checkpointing",
         show_default="on with a 4-bit base")
     resume: bool = setting(False, "Continue an interrupted run from its last checkpoint.")
+
+
+STEER_POSITIONS = ("generated", "all")
+BEST_FORMAT = "gsmkit-steer-best"  # best.json, as `gsmkit steer search` writes it
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerOptions:
+    """Activation steering of generation (`gsmkit steer`): which vectors, where, how strong."""
+
+    steer: Path | None = setting(
+        None, "Steer generation with the vectors in this folder (`gsmkit steer vectors`), or with the "
+        "setting in a `gsmkit steer search` best.json (explicit --steer-* flags override its values).",
+        show_default=False, path={"exists": True})
+    steer_layer: str | None = setting(None, "Layers to steer: L, L,L or L-L. [default: every layer in the "
+                                      "vectors]", show_default=False)
+    steer_alpha: float | None = setting(None, "Steering strength: CAA's multiplier of the vector; DAC's cap "
+                                        "on its per-step alpha. [default: 1.0]", show_default=False)
+    steer_positions: str | None = setting(
+        None, "CAA: steer the positions that produce tokens (generated) or every position, the prompt "
+        "included (all). [default: generated]", choices=STEER_POSITIONS, show_default=False)
+    check_zero: bool = setting(False, "Before a steered run, check that the hooks at alpha = 0 reproduce the "
+                               "unsteered greedy outputs token for token on the first problems.")
+
+    def check_steer(self) -> None:
+        """--steer-* flags need --steer; a best.json is read here, so the settings (manifest, resume
+        fingerprint) hold the vectors folder, layer, alpha and positions it chose."""
+        if self.steer is None:
+            given = [f for f in ("steer_layer", "steer_alpha", "steer_positions")
+                     if getattr(self, f) is not None]
+            if given or self.check_zero:
+                flag = "--" + (given[0] if given else "check_zero").replace("_", "-")
+                raise ConfigError(f"{flag} needs --steer", hint="pass --steer with a vector folder or a "
+                                  "best.json from `gsmkit steer search`")
+            return
+        if self.steer.is_file():
+            best = _read_best(self.steer)
+            object.__setattr__(self, "steer", Path(best["steer"]))
+            for name in ("steer_layer", "steer_alpha", "steer_positions"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, best[name])
+        if self.steer_alpha is None:
+            object.__setattr__(self, "steer_alpha", 1.0)
+        if self.steer_positions is None:
+            object.__setattr__(self, "steer_positions", "generated")
+
+
+def _read_best(path: Path) -> dict[str, Any]:
+    import json
+
+    hint = "pass a vector folder, or the best.json that `gsmkit steer search` wrote"
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--steer {path}: not a readable best.json ({err})", hint=hint) from None
+    if not isinstance(best, dict) or best.get("format") != BEST_FORMAT:
+        raise ConfigError(f"--steer {path}: field 'format' is not '{BEST_FORMAT}'", hint=hint)
+    for name, kind, label in (("steer", str, "string"), ("steer_layer", str, "string"),
+                              ("steer_alpha", int | float, "number"), ("steer_positions", str, "string")):
+        if not isinstance(best.get(name), kind) or isinstance(best.get(name), bool):
+            raise ConfigError(f"--steer {path}: field '{name}' is missing or not a {label}", hint=hint)
+    folder = Path(best["steer"])
+    if not folder.is_absolute():
+        folder = path.parent / folder
+    if not folder.is_dir():
+        raise ConfigError(f"--steer {path}: field 'steer' names {folder}, which is not a folder",
+                          hint="the vectors moved: pass the folder with --steer and the layer/alpha flags")
+    return {**best, "steer": str(folder), "steer_alpha": float(best["steer_alpha"])}

@@ -47,6 +47,7 @@ from gsmkit.settings import (
     PromptOptions,
     RunOptions,
     SamplingOptions,
+    SteerOptions,
     override,
 )
 
@@ -70,7 +71,7 @@ def resolve_data(data: str, split: str | None) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, RunOptions):
+class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, SteerOptions, RunOptions):
     model: ModelSpec
     out: Path = setting(Path("traces.jsonl"), "Traces file to write (JSONL); stats go to <stem>.stats.json.",
                         short="-o", path={"dir_okay": False})
@@ -97,6 +98,7 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
         data, split = resolve_data(self.data, self.split)
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "split", split)
+        self.check_steer()
         check_fields(self)
         self.check_pool()
         if self.out.suffix != ".jsonl":
@@ -111,9 +113,11 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""
+        from gsmkit.generation.steering import steer_fingerprint
         from gsmkit.manifest import run_fingerprint
 
-        return run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend"))
+        return {**run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend",
+                                         "check_zero")), **steer_fingerprint(self)}
 
 
 def run_output(settings: TraceSettings) -> RunOutput:

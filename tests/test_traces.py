@@ -71,8 +71,8 @@ def stub(monkeypatch, small_gsm8k):
     def install(correct_at):
         real = generation.build_engine
 
-        def fake(spec, backend="hf", batch_size=16, prefix_cache=True, seed=0):
-            loaded, tok, _ = real(spec, backend, batch_size, prefix_cache, seed)
+        def fake(spec, backend="hf", batch_size=16, prefix_cache=True, seed=0, steering=None):
+            loaded, tok, _ = real(spec, backend, batch_size, prefix_cache, seed, steering)
             holder["engine"] = StubEngine(gold, correct_at)
             return loaded, tok, holder["engine"]
 

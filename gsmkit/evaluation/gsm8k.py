@@ -26,7 +26,14 @@ from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
 from gsmkit.records import Prediction
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
-from gsmkit.settings import DecodeOptions, ProblemOptions, PromptOptions, RunOptions, SamplingOptions
+from gsmkit.settings import (
+    DecodeOptions,
+    ProblemOptions,
+    PromptOptions,
+    RunOptions,
+    SamplingOptions,
+    SteerOptions,
+)
 
 PREDICTIONS = "predictions.jsonl"
 PARTIAL = "predictions.partial.jsonl"
@@ -34,7 +41,7 @@ METRICS = "metrics.json"
 
 
 @dataclass(frozen=True)
-class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, RunOptions):
+class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, SteerOptions, RunOptions):
     model: ModelSpec
     out: Path = setting(Path("runs/eval-gsm8k"), "Output folder.", short="-o",
                         path={"file_okay": False, "dir_okay": True})
@@ -43,6 +50,7 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
     stop: tuple[str, ...] = setting((), "Extra stop string (repeatable).")
 
     def __post_init__(self) -> None:
+        self.check_steer()
         check_fields(self)
         self.check_pool()
         self.sampling()  # decoding options are checked where they are defined, before any model loads
@@ -56,9 +64,11 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes predictions)."""
+        from gsmkit.generation.steering import steer_fingerprint
         from gsmkit.manifest import run_fingerprint
 
-        return run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend"))
+        return {**run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend",
+                                         "check_zero")), **steer_fingerprint(self)}
 
 
 @dataclass

@@ -35,7 +35,7 @@ from gsmkit.fields import Record, check_fields, setting
 from gsmkit.jsonl import write_jsonl
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
-from gsmkit.settings import DecodeOptions, PromptOptions, RunOptions, override
+from gsmkit.settings import DecodeOptions, PromptOptions, RunOptions, SteerOptions, override
 
 RESPONSES = "responses.jsonl"
 RESPONSES_PARTIAL = "responses.partial.jsonl"
@@ -45,7 +45,7 @@ METRICS = "metrics.json"
 
 
 @dataclass(frozen=True)
-class SafetySettings(RunOptions):
+class SafetySettings(SteerOptions, RunOptions):
     model: ModelSpec
     prompts: Path = setting(
         help="Harmful prompts: the AILuminate CSV as released (release_prompt_id, prompt_text, hazard, "
@@ -91,6 +91,7 @@ class SafetySettings(RunOptions):
                                        min=0.0, max=1.0, show_default=False)
 
     def __post_init__(self) -> None:
+        self.check_steer()
         check_fields(self)
         if self.guard_threshold >= 1.0:  # no probability is above 1: every response would pass
             raise ConfigError(f"--guard-threshold must be below 1, got {self.guard_threshold:g}")
@@ -100,10 +101,13 @@ class SafetySettings(RunOptions):
     def fingerprint(self, prompts_sha256: str, safety_prompt_sha256: str) -> dict[str, Any]:
         """What must match for a partial run to be resumed: everything that changes a response or a
         verdict."""
+        from gsmkit.generation.steering import steer_fingerprint
         from gsmkit.manifest import run_fingerprint
 
-        d = run_fingerprint(self, ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety"))
-        return {**d, "prompts_sha256": prompts_sha256, "safety_prompt_sha256": safety_prompt_sha256}
+        d = run_fingerprint(self, ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety",
+                                   "check_zero"))
+        return {**d, **steer_fingerprint(self), "prompts_sha256": prompts_sha256,
+                "safety_prompt_sha256": safety_prompt_sha256}
 
 
 @dataclass
@@ -283,6 +287,7 @@ def evaluate_safety(
     from gsmkit.evaluation.guard_formats import classifier_labels, read_guard_config, resolve_guard_format
     from gsmkit.evaluation.safeguards import SafetyTemplate, single_token_id
     from gsmkit.generation import describe_device
+    from gsmkit.generation.steering import steering_for
     from gsmkit.manifest import build_manifest, sha256_file
     from gsmkit.modeling import load_tokenizer, resolve_device, resolve_dtype
 
@@ -294,6 +299,7 @@ def evaluate_safety(
     prompts = select_safety_prompts(all_prompts, settings.hazards, settings.per_hazard, settings.limit,
                                     settings.seed, str(settings.prompts))
     template = SafetyTemplate.read(settings.safety_prompt)
+    steering = steering_for(settings)
     guard_dir = str(settings.safeguard_model)
     guard_config = read_guard_config(guard_dir)
     fmt = resolve_guard_format(settings.guard_format, guard_config, guard_dir)
@@ -323,8 +329,8 @@ def evaluate_safety(
 
     # ---- stage 1: responses ----
     if todo:
-        style, described = _generate(settings, prompts, todo, state, output, fingerprint, timing, on_stage,
-                                     on_progress)
+        style, described = _generate(settings, steering, prompts, todo, state, output, fingerprint, timing,
+                                     on_stage, on_progress)
     elif on_stage is not None:
         on_stage("generate", len(prompts), len(prompts))
     if style is None:
@@ -349,7 +355,7 @@ def evaluate_safety(
         "eval safety", settings,
         inputs={"prompts": settings.prompts, "safety_prompt": settings.safety_prompt,
                 "safeguard_model": settings.safeguard_model,
-                "adapter": settings.model.adapter},
+                "adapter": settings.model.adapter, "steer": settings.steer},
         seeds={"seed": settings.seed},
         extra={"resolved": {"guard_format": fmt, "style": style, "prompts": selection, "safety_prompt_mode":
                             "placeholders" if template.has_placeholders else "prepended", **described}},
@@ -366,15 +372,16 @@ def _jsonable(metrics: SafetyMetrics) -> dict[str, Any]:
     return to_jsonable(metrics.to_dict())
 
 
-def _generate(settings, prompts, todo, state, output, fingerprint, timing, on_stage, on_progress):
+def _generate(settings, steering, prompts, todo, state, output, fingerprint, timing, on_stage, on_progress):
     """Stage 1: generate the missing responses into the journal; returns the resolved prompt style and
     the engine's `describe()`."""
     import torch
 
     from gsmkit.generation import GenRequest, SamplingSettings, build_engine
+    from gsmkit.generation.steering import ZERO_CHECK_PROBLEMS, check_zero_steering
     from gsmkit.prompts import encode_prompt, resolve_style, stop_strings
 
-    loaded, tok, engine = build_engine(settings.model, "hf", settings.batch_size)
+    loaded, tok, engine = build_engine(settings.model, "hf", settings.batch_size, steering=steering)
     style = resolve_style(settings.style, tok)
     if state.responses and any(r["style"] != style for r in state.responses.values()):
         raise ResumeError(f"{settings.out}: holds responses made with another prompt style",
@@ -382,6 +389,11 @@ def _generate(settings, prompts, todo, state, output, fingerprint, timing, on_st
     encoded = {p.id: encode_prompt(style, p.text, (), tok, settings.system_prompt) for p in todo}
     requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, stop=stop_strings(style))
+    if steering is not None and settings.check_zero:
+        first = [GenRequest(p.id, encode_prompt(style, p.text, (), tok, settings.system_prompt)[1])
+                 for p in prompts[:ZERO_CHECK_PROBLEMS]]
+        with torch.inference_mode():
+            check_zero_steering(engine, steering, first, sampling)
     # Only now, with prompts, guard checks, model and engine ready, does the output folder come into being.
     output.begin(fingerprint)
     journal = output.journal(RESPONSES_PARTIAL)

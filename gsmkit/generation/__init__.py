@@ -35,17 +35,21 @@ __all__ = [
 
 
 def build_engine(spec: Any, backend: str = "hf", batch_size: int = 16, prefix_cache: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, steering: Any = None):
     """Load what `spec` (a `modeling.ModelSpec`) names and wrap it in an engine: (loaded, tokenizer, engine).
 
     `loaded` is None for vLLM, which loads the weights itself (loading them here too would hold them
-    twice on the GPU); `engine.describe()` says where either one runs. Everything that can be refused is
+    twice on the GPU); `engine.describe()` says where either one runs. `steering` (a
+    `steering.Steering`) is applied by the HF engine; vLLM refuses it. Everything that can be refused is
     refused before any weights load."""
     from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown --backend '{backend}'", hint="choose hf or vllm")
     if backend == "vllm":
+        if steering is not None:
+            raise ConfigError("--steer needs --backend hf",
+                              hint="vLLM runs its own kernels, where gsmkit cannot add the vectors")
         check_vllm_available()
         if spec.load_in_4bit:
             raise ConfigError("--load-in-4bit is not supported with --backend vllm", hint="use --backend hf")
@@ -58,5 +62,5 @@ def build_engine(spec: Any, backend: str = "hf", batch_size: int = 16, prefix_ca
                                      stop_token_ids=eos_token_ids(tok))
     loaded = load_model(spec)
     engine = HFEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
-                      stop_token_ids=eos_token_ids(loaded.tokenizer, loaded.model))
+                      stop_token_ids=eos_token_ids(loaded.tokenizer, loaded.model), steering=steering)
     return loaded, loaded.tokenizer, engine

@@ -25,6 +25,7 @@ on which other rows shared its batch: resumed runs reproduce uninterrupted ones.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from gsmkit.generation.engine import (
     describe_device,
     row_seed,
 )
+from gsmkit.generation.slot_cache import slot_layer_class
+from gsmkit.generation.steering import decode_index, installed, prefill_index, prefix_index, steered_forward
 
 
 @dataclass
@@ -63,46 +66,6 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _slot_layer_class():
-    """A KV-cache layer with spare capacity, written in place (transformers' DynamicLayer concatenates,
-    copying the whole cache every decode step; at batch 16 and 1,200 tokens that copy costs as much as
-    the step's matmuls on a CPU)."""
-    import torch
-    from transformers.cache_utils import DynamicLayer
-
-    class SlotLayer(DynamicLayer):
-        def assign(self, keys, values, reserve: int = 0) -> None:
-            n = keys.shape[-2]
-            extra = max(reserve, 64, n // 4)
-            self._k = keys.new_empty(*keys.shape[:-2], n + extra, keys.shape[-1])
-            self._v = values.new_empty(*values.shape[:-2], n + extra, values.shape[-1])
-            self._k[..., :n, :] = keys
-            self._v[..., :n, :] = values
-            self._n = n
-            self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-        def update(self, key_states, value_states, *_args, **_kwargs):  # DynamicLayer's signature
-            if not self.is_initialized:
-                self.assign(key_states, value_states)
-                return self.keys, self.values
-            L = key_states.shape[-2]
-            if self._n + L > self._k.shape[-2]:
-                self.assign(self.keys, self.values, reserve=L)
-            self._k[..., self._n:self._n + L, :] = key_states
-            self._v[..., self._n:self._n + L, :] = value_states
-            self._n += L
-            self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self.is_initialized:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
-
-    return SlotLayer
-
-
 class HFEngine:
     """Batched generation on a transformers causal LM with prefix sharing and continuous refill; an `Engine`.
 
@@ -119,6 +82,7 @@ class HFEngine:
         prefix_cache: bool = True,
         stop_token_ids: Iterable[int] = (),
         refill_fraction: float = 0.25,
+        steering: Any = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
@@ -133,14 +97,19 @@ class HFEngine:
         self.device = next(model.parameters()).device
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = int(config.num_hidden_layers)
-        self._slot_layer = _slot_layer_class()
+        self._slot_layer = slot_layer_class()
         self._cache_arg = _cache_argument(model)
+        self.steering = steering  # a steering.Steering, applied by generate() and next_token_logprobs()
+        self._hooks = None  # its SteeringHooks while a call runs
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
 
     def describe(self) -> dict[str, str]:
         """What runs the model, for manifests: the device its weights are on and their dtype."""
         dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
-        return {"backend": "hf", **describe_device(self.device), "dtype": str(dtype)}
+        described = {"backend": "hf", **describe_device(self.device), "dtype": str(dtype)}
+        if self.steering is not None:
+            described["steering"] = self.steering.describe()
+        return described
 
     # -- model calls ---------------------------------------------------------------------------------
 
@@ -175,7 +144,8 @@ class HFEngine:
         ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
         pos = torch.arange(len(prefix), device=self.device)[None, :]
         causal = torch.ones(len(prefix), len(prefix), dtype=torch.bool, device=self.device).tril()[None]
-        _, cache = self._forward(ids, pos, causal, self._new_cache())
+        index = prefix_index(self._hooks.steering, len(prefix), self.device) if self._hooks else None
+        _, cache = steered_forward(self._forward, self._hooks, index, self._new_cache(), ids, pos, causal)
         self.stats["prefix_tokens"] += len(prefix)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -207,7 +177,23 @@ class HFEngine:
     def generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult = None,
                  cancelled: Cancelled = None) -> Iterator[GenResult]:
         """Yield results as rows finish. `cancelled(key, sample_index)` lets a caller drop samples it no
-        longer needs (queued ones are never started, running ones leave the batch at the next step)."""
+        longer needs (queued ones are never started, running ones leave the batch at the next step).
+        With `steering` set, its hooks are on the model from the first step to the last (or until the
+        caller stops iterating), and off otherwise."""
+        with self._steering_hooks():
+            yield from self._generate(requests, settings, on_result, cancelled)
+
+    @contextlib.contextmanager
+    def _steering_hooks(self) -> Iterator[None]:
+        with installed(self.model, self.steering) as hooks:
+            self._hooks = hooks
+            try:
+                yield
+            finally:
+                self._hooks = None
+
+    def _generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult,
+                  cancelled: Cancelled) -> Iterator[GenResult]:
         import torch
 
         requests = checked_requests(requests)
@@ -301,7 +287,10 @@ class HFEngine:
             ids = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
             ones = torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)
             step_mask = torch.cat([mask, ones], dim=1)
-            logits, cache = self._forward(ids, positions[:, None], step_mask[:, None, :], cache)
+            index = (decode_index(self._hooks.steering, [len(r.tokens) for r in rows], self.device)
+                     if self._hooks else None)
+            logits, cache = steered_forward(self._forward, self._hooks, index, cache, ids, positions[:, None],
+                                            step_mask[:, None, :])
             mask = step_mask
             positions = positions + 1
             next_tokens = self._choose(logits, rows, settings)
@@ -313,14 +302,18 @@ class HFEngine:
     ) -> Iterator[tuple[str, list[float]]]:
         """`(key, log-probabilities of token_ids)` as the next token after each prompt, one forward pass per
         batch and the shared prefix encoded once: scoring without generating (ShieldGemma's Yes/No)."""
-        import torch
-
         requests = list(requests)
         for r in requests:
             if not r.prompt_ids:
                 raise ConfigError(f"request '{r.key}' has an empty prompt")
         if not requests:
             return
+        with self._steering_hooks():
+            yield from self._next_token_logprobs(requests, token_ids, on_batch)
+
+    def _next_token_logprobs(self, requests, token_ids, on_batch) -> Iterator[tuple[str, list[float]]]:
+        import torch
+
         P, prefix_kv = self._shared_prefix(requests)
         ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
         order = sorted(requests, key=lambda r: -len(r.prompt_ids))  # similar lengths share a batch
@@ -392,7 +385,8 @@ class HFEngine:
         if P:
             for layer, (k, v) in zip(cache.layers, prefix_kv, strict=True):
                 layer.assign(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), reserve=S)
-        logits, cache = self._forward(ids, pos, full, cache)
+        index = prefill_index(self._hooks.steering, real) if self._hooks else None
+        logits, cache = steered_forward(self._forward, self._hooks, index, cache, ids, pos, full)
         self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
         row_mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=self.device), real], dim=1)
         next_pos = torch.tensor([P + len(s) for s in suffixes], dtype=torch.long, device=self.device)

@@ -45,18 +45,36 @@ class ProblemRun:
     def start(cls, settings: Any, output: RunOutput, journal: str, limit: int | None) -> ProblemRun:
         from gsmkit.data.fewshot import problems_for_run
         from gsmkit.generation import build_engine
+        from gsmkit.generation.steering import steering_for
         from gsmkit.prompts import answer_format, resolve_style, stop_strings
 
         problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                          limit, settings.pool, settings.k)
+        steering = steering_for(settings)
         output.prepare(settings.fingerprint())
         log = output.journal(journal)
         done = {row["id"]: row for row in log.load()}
         loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
-                                           settings.prefix_cache, settings.seed)
+                                           settings.prefix_cache, settings.seed, steering)
         style = resolve_style(settings.style, tok)
-        return cls(settings, output, log, problems, exemplars, excluded, done, loaded, tok, engine, style,
-                   answer_format(style), settings.sampling(stop_strings(style)))
+        run = cls(settings, output, log, problems, exemplars, excluded, done, loaded, tok, engine, style,
+                  answer_format(style), settings.sampling(stop_strings(style)))
+        if steering is not None and settings.check_zero:
+            run.check_zero()
+        return run
+
+    def check_zero(self) -> None:
+        """`--check-zero`: the hooks at alpha = 0 reproduce the unsteered greedy outputs on the first problems
+        (`steering.check_zero_steering`); before the output folder exists, so a failure leaves nothing."""
+        import torch
+
+        from gsmkit.generation import GenRequest
+        from gsmkit.generation.steering import ZERO_CHECK_PROBLEMS, check_zero_steering
+
+        requests = [GenRequest(p.id, tuple(self.encode(p.question)[1]))
+                    for p in self.problems[:ZERO_CHECK_PROBLEMS]]
+        with torch.inference_mode():
+            check_zero_steering(self.engine, self.engine.steering, requests, self.sampling)
 
     @property
     def todo(self) -> list:
@@ -98,7 +116,8 @@ class ProblemRun:
 
         s = self.settings
         return build_manifest(
-            command, s, inputs={"data": source_file(s.data, s.split), "pool": s.pool}, seeds={"seed": s.seed},
+            command, s, seeds={"seed": s.seed},
+            inputs={"data": source_file(s.data, s.split), "pool": s.pool, "steer": s.steer},
             extra={"resolved": {"style": self.style, **resolved, "stop": list(self.sampling.stop),
                                 **self.engine.describe(), "excluded_pool_problems": self.excluded}},
         )

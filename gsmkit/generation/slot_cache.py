@@ -1,0 +1,70 @@
+"""The KV cache `HFEngine` decodes into: one `SlotLayer` per model layer, written in place, with rollback.
+
+In: key/value tensors as the model's attention layers produce them. Out: `slot_layer_class()` (a
+transformers `DynamicLayer` with spare capacity) and `mark` / `rollback`, which undo the forward passes
+made since a mark (DAC's probe passes: the cache must end as if they had not happened).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def slot_layer_class():
+    """A KV-cache layer with spare capacity, written in place (transformers' DynamicLayer concatenates,
+    copying the whole cache every decode step; at batch 16 and 1,200 tokens that copy costs as much as
+    the step's matmuls on a CPU)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def assign(self, keys, values, reserve: int = 0) -> None:
+            n = keys.shape[-2]
+            extra = max(reserve, 64, n // 4)
+            self._k = keys.new_empty(*keys.shape[:-2], n + extra, keys.shape[-1])
+            self._v = values.new_empty(*values.shape[:-2], n + extra, values.shape[-1])
+            self._k[..., :n, :] = keys
+            self._v[..., :n, :] = values
+            self._n = n
+            self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+        def update(self, key_states, value_states, *_args, **_kwargs):  # DynamicLayer's signature
+            if not self.is_initialized:
+                self.assign(key_states, value_states)
+                return self.keys, self.values
+            L = key_states.shape[-2]
+            if self._n + L > self._k.shape[-2]:
+                self.assign(self.keys, self.values, reserve=L)
+            self._k[..., self._n:self._n + L, :] = key_states
+            self._v[..., self._n:self._n + L, :] = value_states
+            self._n += L
+            self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
+            return self.keys, self.values
+
+        def truncate(self, n: int) -> None:
+            """Keep the first n slots (the buffer keeps its capacity)."""
+            self._n = n
+            self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
+
+    return SlotLayer
+
+
+def mark(cache: Any) -> list[tuple[bool, int]]:
+    """Where each layer of `cache` stands now (a `rollback` returns it there)."""
+    return [(layer.is_initialized, getattr(layer, "_n", 0)) for layer in cache.layers]
+
+
+def rollback(cache: Any, marks: list[tuple[bool, int]]) -> None:
+    """Forget what was written to `cache` since `marks` (the buffers keep their capacity)."""
+    for layer, (was_initialized, n) in zip(cache.layers, marks, strict=True):
+        if not was_initialized:
+            layer.is_initialized = False
+            layer.keys = layer.values = None
+            continue
+        layer.truncate(n)
