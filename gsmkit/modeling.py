@@ -437,3 +437,14 @@ def dequantize_4bit_model(model: Any) -> Any:
         with contextlib.suppress(AttributeError):
             del model.config.quantization_config
     return model
+
+
+def free_memory() -> None:
+    """Return a released model's memory before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

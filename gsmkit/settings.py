@@ -136,13 +136,13 @@ class SteerOptions:
         None, "Steer generation with the vectors in this folder (`gsmkit steer vectors`), or with the "
         "setting in a `gsmkit steer search` best.json (explicit --steer-* flags override its values).",
         show_default=False, path={"exists": True})
-    steer_layer: str | None = setting(None, "Layers to steer: L, L,L or L-L. [default: every layer in the "
-                                      "vectors]", show_default=False)
+    steer_layer: str | None = setting(None, "Layers to steer: L, L,L or L-L.",
+                                      show_default="every layer in the vectors")
     steer_alpha: float | None = setting(None, "Steering strength: CAA's multiplier of the vector; DAC's cap "
-                                        "on its per-step alpha. [default: 1.0]", show_default=False)
+                                        "on its per-step alpha.", show_default="1.0")
     steer_positions: str | None = setting(
         None, "CAA: steer the positions that produce tokens (generated) or every position, the prompt "
-        "included (all). [default: generated]", choices=STEER_POSITIONS, show_default=False)
+        "included (all).", choices=STEER_POSITIONS, show_default="generated")
     check_zero: bool = setting(False, "Before a steered run, check that the hooks at alpha = 0 reproduce the "
                                "unsteered greedy outputs token for token on the first problems.")
 

@@ -33,7 +33,7 @@ from gsmkit.evaluation.guard_formats import GUARD_FORMATS, SAFE, UNPARSED, UNSAF
 from gsmkit.evaluation.stats import wilson_interval
 from gsmkit.fields import Record, check_fields, setting
 from gsmkit.jsonl import write_jsonl
-from gsmkit.modeling import ModelSpec
+from gsmkit.modeling import ModelSpec, free_memory
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import DecodeOptions, PromptOptions, RunOptions, SteerOptions, override
 
@@ -264,17 +264,6 @@ def _resumed(output: RunOutput, resumed: bool) -> _OutState:
     return _OutState(responses, verdicts, final)
 
 
-def _free_memory() -> None:
-    """Return a released model's memory before the next one loads."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def evaluate_safety(
     settings: SafetySettings,
     on_stage: Callable[[str, int, int], None] | None = None,
@@ -420,7 +409,7 @@ def _generate(settings, steering, prompts, todo, state, output, fingerprint, tim
     timing["engine"] = dict(engine.stats)
     described = engine.describe()
     del engine, loaded
-    _free_memory()
+    free_memory()
     return style, described
 
 
@@ -454,4 +443,4 @@ def _score(settings, output, fmt, template, left, state, id2label, unsafe_ids, t
     timing["scoring_s"] = time.perf_counter() - t0
     timing["scored_this_run"] = len(left)
     del guard
-    _free_memory()
+    free_memory()

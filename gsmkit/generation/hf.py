@@ -56,7 +56,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-def _cache_argument(model: Any) -> str:
+def cache_argument(model: Any) -> str:
     """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.24, which warns on
     the old name) or `past_key_values`."""
     import inspect
@@ -98,7 +98,7 @@ class HFEngine:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = int(config.num_hidden_layers)
         self._slot_layer = slot_layer_class()
-        self._cache_arg = _cache_argument(model)
+        self._cache_arg = cache_argument(model)
         self.steering = steering  # a steering.Steering, applied by generate() and next_token_logprobs()
         self._hooks = None  # its SteeringHooks while a call runs
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}

@@ -48,9 +48,9 @@ class ProblemRun:
         from gsmkit.generation.steering import steering_for
         from gsmkit.prompts import answer_format, resolve_style, stop_strings
 
+        steering = steering_for(settings)
         problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                          limit, settings.pool, settings.k)
-        steering = steering_for(settings)
         output.prepare(settings.fingerprint())
         log = output.journal(journal)
         done = {row["id"]: row for row in log.load()}
