@@ -84,6 +84,7 @@ from gsmkit.cli import convert as _convert
 from gsmkit.cli import eval as _eval
 from gsmkit.cli import fewshot as _fewshot
 from gsmkit.cli import merge as _merge
+from gsmkit.cli import steer as _steer
 from gsmkit.cli import traces as _traces
 from gsmkit.cli import train as _train
 
@@ -95,6 +96,7 @@ app.add_typer(_train.app, name="train")
 app.add_typer(_eval.app, name="eval")
 app.command("merge")(_merge.merge)
 app.command("audit-svd")(_audit.audit_svd)
+app.add_typer(_steer.app, name="steer")
 
 
 def main() -> None:
