@@ -207,12 +207,14 @@ class TrialGate:
         from optuna.trial import TrialState
 
         study = trial.study
+        counted = (TrialState.COMPLETE, TrialState.PRUNED)
         while True:
-            done = finished(study)
+            # one read for both counts: with two, an older trial finishing between them would be in neither
+            trials = study.get_trials(deepcopy=False, states=(*counted, TrialState.RUNNING))
+            done = sum(t.state in counted for t in trials)
             if done >= self.n_trials:  # MaxTrialsCallback stops the process after this FAIL
                 raise SurplusTrial(f"the study already holds {done} finished trials")
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            older = [t for t in running if t.number < trial.number]
+            older = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number]
             if done + len(older) < self.n_trials:
                 return
             time.sleep(self.poll_s)
