@@ -146,6 +146,16 @@ def write_text(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def save_figure(fig: Any, png: Path) -> None:
+    """A matplotlib figure written as `png` atomically (temporary name, then rename), then closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+
+
 def json_writer(obj: Any) -> Callable[[Any], None]:
     """A `publish` writer of pretty JSON."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from gsmkit.errors import DataError
 from gsmkit.evaluation.stats import wilson_interval
+from gsmkit.run_folder import save_figure
 
 BEST_VERSION = 1
 TRIAL_COLUMNS = ("number", "state", "method", "layer", "alpha", "accuracy", "ci95_low", "ci95_high", "n",
@@ -125,10 +126,7 @@ def plot_accuracy(rows: list[dict[str, Any]], unsteered: float | None, png: Path
     if series or unsteered is not None:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)
 
 
 def _predictions(folder: Path) -> dict[str, dict[str, Any]]:

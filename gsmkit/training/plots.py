@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gsmkit.run_folder import save_figure
+
 
 def _draw(png: Path, size: tuple[float, float], draw: Callable[[Any], None]) -> None:
     import matplotlib
@@ -19,10 +21,7 @@ def _draw(png: Path, size: tuple[float, float], draw: Callable[[Any], None]) -> 
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)
 
 
 def plot_loss(rows: list[dict], png: Path) -> None:
