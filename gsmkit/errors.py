@@ -6,6 +6,10 @@ not a `GsmkitError` is a bug and is shown with a traceback only under `--debug`.
 
 from __future__ import annotations
 
+# The exit code of a run that finished and wrote its files but missed a threshold the user set (--min-safety,
+# report --require / --baseline, bench --gate); 1 is a user error, 2 a misused option.
+THRESHOLD_MISSED_EXIT = 3
+
 
 class GsmkitError(Exception):
     """A problem the user can fix; `str(err)` is one line, `err.hint` says how."""

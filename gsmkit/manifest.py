@@ -35,6 +35,31 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# What identifies a PEFT adapter: its config and weights (a training folder's checkpoints/ are not in it).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_sha256(adapter: str | Path | None) -> str | None:
+    """sha256 over an adapter folder's adapter_config.json and weights file (None: no adapter). Evaluations
+    record it, and `gsmkit report` joins them to the training run by it."""
+    if adapter is None:
+        return None
+    path = Path(adapter).expanduser()
+    h = hashlib.sha256(b"gsmkit-adapter-v1\0")
+    for name in ADAPTER_FILES:
+        if (path / name).is_file():
+            h.update(f"{name}\0{sha256_file(path / name)}\0".encode())
+    return h.hexdigest()
+
+
+def _adapter_record(settings: Any) -> dict[str, Any] | None:
+    """{path, sha256} of the adapter a run's model carries (`settings.model.adapter`), else None."""
+    adapter = getattr(getattr(settings, "model", None), "adapter", None)
+    if adapter is None:
+        return None
+    return {"path": str(adapter), "sha256": adapter_sha256(adapter)}
+
+
 def _input_digest(path: str | Path | None) -> Any:
     if path is None:
         return None
@@ -142,6 +167,7 @@ def build_manifest(
         "settings": to_jsonable(settings),
         "seeds": seeds or {},
         "inputs": {k: _input_digest(v) for k, v in (inputs or {}).items()},
+        "adapter": _adapter_record(settings),
         "python": sys.version.split()[0],
         "packages": package_versions(),
         "device": describe_device(),

@@ -3,8 +3,7 @@
 In: a `ModelSpec` (Hub id, local folder or .gguf file; dtype; 4-bit; PEFT adapter folder; device).
 Out: a `LoadedModel` (model in eval mode, tokenizer with a pad token, resolved device and dtype).
 
-A requested feature that is unavailable (4-bit without bitsandbytes, bfloat16 on a CPU without
-native support, CUDA without a GPU) is an error, never a silent fallback.
+An unavailable feature (4-bit without bitsandbytes, CPU bf16 unsupported, CUDA with no GPU) is an error.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from typing import Any
 
 from gsmkit.errors import ConfigError, ModelError
 from gsmkit.fields import check_fields, setting
+from gsmkit.manifest import ADAPTER_FILES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # PEFT saves a LoRA module's weights under the PeftModel's attribute path: base_model (the LoraModel),
@@ -199,7 +199,7 @@ def check_adapter(adapter: str | Path) -> dict[str, Any]:
     return cfg
 
 
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = ADAPTER_FILES[1:]  # the weights files PEFT writes: safetensors, else the older .bin
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors reader refuses larger headers
 
 

@@ -80,10 +80,12 @@ def root(
 
 
 from gsmkit.cli import audit as _audit
+from gsmkit.cli import compare as _compare
 from gsmkit.cli import convert as _convert
 from gsmkit.cli import eval as _eval
 from gsmkit.cli import fewshot as _fewshot
 from gsmkit.cli import merge as _merge
+from gsmkit.cli import report as _report
 from gsmkit.cli import steer as _steer
 from gsmkit.cli import traces as _traces
 from gsmkit.cli import train as _train
@@ -97,6 +99,8 @@ app.add_typer(_eval.app, name="eval")
 app.command("merge")(_merge.merge)
 app.command("audit-svd")(_audit.audit_svd)
 app.add_typer(_steer.app, name="steer")
+app.command("report")(_report.report)
+app.command("compare")(_compare.compare)
 
 
 def main() -> None:

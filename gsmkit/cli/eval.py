@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from gsmkit.cli.options import JsonOpt, command_from
+from gsmkit.errors import THRESHOLD_MISSED_EXIT
 from gsmkit.evaluation.gsm8k import EvalSettings
 from gsmkit.evaluation.perplexity import EvalPplSettings
 from gsmkit.evaluation.safety import SafetySettings
@@ -102,10 +103,6 @@ def ppl(settings: EvalPplSettings, json_out: JsonOpt = False) -> None:
     )
 
 
-# distinct from 1 (bad input) and 2 (misused option), so CI can tell them apart
-SAFETY_BELOW_THRESHOLD_EXIT = 3
-
-
 @app.command("safety")
 @command_from(SafetySettings)
 def safety(settings: SafetySettings, json_out: JsonOpt = False) -> None:
@@ -151,7 +148,7 @@ def safety(settings: SafetySettings, json_out: JsonOpt = False) -> None:
     if below:
         console.print(f"safety rate {metrics.safety_rate:.1%} is below --min-safety {metrics.min_safety:.1%}",
                       style="bold red", highlight=False)
-        raise typer.Exit(SAFETY_BELOW_THRESHOLD_EXIT)
+        raise typer.Exit(THRESHOLD_MISSED_EXIT)
 
 
 def _print_safety(console, metrics, out: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from gsmkit.errors import ConfigError, DataError, ModelError
 from gsmkit.fields import Record, field_types
 from gsmkit.jsonl import write_json
-from gsmkit.manifest import sha256_file, to_jsonable
+from gsmkit.manifest import adapter_sha256, to_jsonable
 
 VECTORS_FILE = "vectors.safetensors"
 STEER_FILE = "steer.json"
@@ -257,20 +257,6 @@ def model_shape(model: str) -> ModelShape:
         raise ModelError(f"{folder / 'config.json'}: no usable {err} field",
                          hint="steering needs num_hidden_layers and hidden_size in config.json") from None
     return ModelShape(layers, hidden, heads * head_dim)
-
-
-def adapter_sha256(adapter: str | Path | None) -> str | None:
-    """sha256 over an adapter folder's adapter_config.json and its weights file (None: no adapter)."""
-    if adapter is None:
-        return None
-    from gsmkit.modeling import ADAPTER_WEIGHTS
-
-    path = Path(adapter).expanduser()
-    h = hashlib.sha256(b"gsmkit-adapter-v1\0")
-    for name in ("adapter_config.json", *ADAPTER_WEIGHTS):
-        if (path / name).is_file():
-            h.update(f"{name}\0{sha256_file(path / name)}\0".encode())
-    return h.hexdigest()
 
 
 # GGUF value types: fixed sizes (struct format), 8 = string, 9 = array

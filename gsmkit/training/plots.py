@@ -10,7 +10,9 @@ from typing import Any
 from gsmkit.run_folder import save_figure
 
 
-def _draw(png: Path, size: tuple[float, float], draw: Callable[[Any], None]) -> None:
+def draw_png(png: Path, size: tuple[float, float], draw: Callable[[Any], None],
+             xlabel: str = "optimizer step") -> None:
+    """One matplotlib axes drawn by `draw`, gridded, labelled and saved as `png` (also `gsmkit report`'s)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +20,7 @@ def _draw(png: Path, size: tuple[float, float], draw: Callable[[Any], None]) -> 
 
     fig, ax = plt.subplots(figsize=size, dpi=100)
     draw(ax)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, png)
@@ -33,7 +35,7 @@ def plot_loss(rows: list[dict], png: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_ylabel("training loss (response tokens)")
 
-    _draw(png, (6, 3.5), draw)
+    draw_png(png, (6, 3.5), draw)
 
 
 def plot_rewards(rows: list[dict], png: Path) -> None:
@@ -52,4 +54,4 @@ def plot_rewards(rows: list[dict], png: Path) -> None:
         if rows:
             ax.legend(fontsize=7)
 
-    _draw(png, (6.5, 3.8), draw)
+    draw_png(png, (6.5, 3.8), draw)

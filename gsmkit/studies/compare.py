@@ -1,0 +1,255 @@
+"""`gsmkit compare A B`: two evaluations of the same GSM8K problems, compared problem by problem.
+
+In: two finished `eval gsm8k` runs (folders or their predictions.jsonl) and `CompareSettings`. Out:
+`compare` -> for the strict and the flexible column: n, each run's accuracy with its 95% Wilson interval,
+the difference b - a with a paired bootstrap 95% interval, the exact McNemar p-value, the four cells (both
+right, only a, only b, neither) and the problems that changed; `compare_evaluations` also writes it to
+`--out` (one JSON file, atomically, with the manifest under "manifest"). Evaluations of different problems
+(or of the same problems with different gold answers) are refused.
+
+Why paired: both runs answered the same problems, so the per-problem differences (-1, 0, +1) carry the
+comparison; the problems both runs get right (or wrong) say nothing about which is better. Resampling the
+problems keeps that pairing, and is much narrower than two independent Wilson intervals would suggest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gsmkit.evaluation.gsm8k import METRICS
+from gsmkit.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from gsmkit.fields import Record, check_fields, setting
+from gsmkit.studies.predictions import Evaluation, check_same_problems, load_evaluation
+
+METRIC_NAMES = ("strict", "flexible")
+CONFIDENCE = 0.95  # every interval gsmkit reports is a 95% one
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairedOptions:
+    """How two evaluations of the same problems are compared (`compare`, `bench`)."""
+
+    metric: str = setting("strict", "The correctness column compared: strict (the answer format's own "
+                          "marker, `#### n` or <SOLUTION>) or flexible (the last number).",
+                          choices=METRIC_NAMES)
+    n_boot: int = setting(10000, "Bootstrap resamples of the problems for the paired 95% interval of the "
+                          "difference.", min=100)
+    seed: int = setting(0, "Seed of the bootstrap's random generator (numpy default_rng): the same inputs "
+                        "and seed give the same interval.")
+
+    @property
+    def column(self) -> str:
+        return f"correct_{self.metric}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareSettings(PairedOptions):
+    out: Path | None = setting(None, "Also write the comparison (with its manifest) to this JSON file; an "
+                               "existing file is replaced.", short="-o", show_default=False,
+                               path={"file_okay": True, "dir_okay": False})
+    show: int = setting(20, "Changed problems listed in the terminal (0: none; --out and --json hold all).",
+                        min=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Changed(Record):
+    """A problem one run got right and the other wrong.
+
+    Attributes:
+        id: problem id
+        gold: the normalised gold answer
+        a: the answer extracted from A's completion by the compared extractor (null: none found)
+        b: the answer extracted from B's completion (null: none found)
+        a_correct: A got it right (then B got it wrong)
+        b_correct: B got it right (then A got it wrong)
+    """
+
+    id: str
+    gold: str
+    a: str | None
+    b: str | None
+    a_correct: bool
+    b_correct: bool
+
+
+@dataclass(frozen=True)
+class MetricComparison(Record):
+    """One correctness column (`strict` or `flexible`) of two evaluations, problem by problem.
+
+    Attributes:
+        metric: `strict` or `flexible`
+        n: problems compared (both runs scored every one of them)
+        a_correct: problems A got right
+        b_correct: problems B got right
+        a_accuracy: `a_correct / n`
+        b_accuracy: `b_correct / n`
+        a_ci95: 95% Wilson score interval of `a_accuracy`
+        b_ci95: 95% Wilson score interval of `b_accuracy`
+        difference: `b_accuracy - a_accuracy` (positive: B is better)
+        difference_ci95: paired percentile bootstrap 95% interval of `difference`: `n_boot` resamples of the
+            n problems with replacement (see [Statistics](#statistics))
+        mcnemar_p: two-sided exact McNemar p-value: `only_a` against Binomial(`only_a + only_b`, 1/2); 1.0
+            when no problem changed
+        both: problems both got right
+        only_a: problems only A got right
+        only_b: problems only B got right
+        neither: problems neither got right
+        changed: the `only_a + only_b` problems that changed, in A's order
+    """
+
+    metric: str
+    n: int
+    a_correct: int
+    b_correct: int
+    a_accuracy: float
+    b_accuracy: float
+    a_ci95: tuple[float, float]
+    b_ci95: tuple[float, float]
+    difference: float
+    difference_ci95: tuple[float, float]
+    mcnemar_p: float
+    both: int
+    only_a: int
+    only_b: int
+    neither: int
+    changed: list[Changed] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Compared(Record):
+    """One of the two evaluations compared.
+
+    Attributes:
+        path: the folder or file as given
+        predictions: the predictions.jsonl read
+        model: `settings.model.model` of its manifest (null without a manifest)
+        adapter: the adapter path its manifest records (null: the bare model, or no manifest)
+        style: the prompt style of its metrics.json (null without one)
+        n: problems in its predictions
+    """
+
+    path: str
+    predictions: str
+    model: str | None
+    adapter: str | None
+    style: str | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Comparison(Record):
+    """What `gsmkit compare A B` finds (the `--out` file and `--json`).
+
+    Attributes:
+        a: the first evaluation (the reference)
+        b: the second evaluation; differences are B - A
+        metric: the column `--metric` chose for the terminal summary (both are always computed)
+        n_boot: bootstrap resamples (`--n-boot`)
+        seed: the bootstrap's seed (`--seed`)
+        confidence: the level of every interval (0.95)
+        strict: the comparison of `correct_strict`
+        flexible: the comparison of `correct_flexible`
+    """
+
+    a: Compared
+    b: Compared
+    metric: str
+    n_boot: int
+    seed: int
+    confidence: float
+    strict: MetricComparison
+    flexible: MetricComparison
+
+
+def _described(ev: Evaluation) -> Compared:
+    manifest, metrics = ev.manifest or {}, ev.metrics or {}
+    model = (manifest.get("settings") or {}).get("model")
+    adapter = manifest.get("adapter")
+    if isinstance(adapter, dict):
+        adapter = adapter.get("path")
+    elif isinstance(model, dict):
+        adapter = model.get("adapter")
+    return Compared(path=str(ev.path), predictions=str(ev.predictions),
+                    model=model.get("model") if isinstance(model, dict) else model,
+                    adapter=None if adapter is None else str(adapter), style=metrics.get("style"), n=ev.n)
+
+
+def compare_metric(a: Evaluation, b: Evaluation, metric: str, *, n_boot: int = 10000,
+                   seed: int = 0) -> MetricComparison:
+    """One column of two evaluations of the same problems (checked by the caller)."""
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"metric must be one of {', '.join(METRIC_NAMES)}, got {metric!r}")
+    column = f"correct_{metric}"
+    cells = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
+    diffs: list[int] = []
+    changed: list[Changed] = []
+    for pid, row_a in a.rows.items():
+        row_b = b.rows[pid]
+        ra, rb = bool(row_a[column]), bool(row_b[column])
+        cells[(ra, rb)] += 1
+        diffs.append(int(rb) - int(ra))
+        if ra != rb:
+            changed.append(Changed(id=pid, gold=row_a["gold"], a=row_a[metric], b=row_b[metric], a_correct=ra,
+                                   b_correct=rb))
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("no problems to compare")
+    a_right, b_right = cells[(True, True)] + cells[(True, False)], cells[(True, True)] + cells[(False, True)]
+    only_a, only_b = cells[(True, False)], cells[(False, True)]
+    return MetricComparison(
+        metric=metric, n=n, a_correct=a_right, b_correct=b_right, a_accuracy=a_right / n,
+        b_accuracy=b_right / n, a_ci95=wilson_interval(a_right, n), b_ci95=wilson_interval(b_right, n),
+        difference=(b_right - a_right) / n,
+        difference_ci95=paired_bootstrap(diffs, n_boot=n_boot, seed=seed, confidence=CONFIDENCE),
+        mcnemar_p=mcnemar_exact(only_a, only_b), both=cells[(True, True)], only_a=only_a, only_b=only_b,
+        neither=cells[(False, False)], changed=changed)
+
+
+def compare(a: Evaluation, b: Evaluation, *, n_boot: int = 10000, seed: int = 0,
+            metric: str = "strict") -> dict[str, Any]:
+    """The `Comparison` of two evaluations as a JSON-ready dict; DataError when they scored different
+    problems (or different gold answers). `metric` only names the column a summary leads with."""
+    check_same_problems(a, b)
+    found = Comparison(
+        a=_described(a), b=_described(b), metric=metric, n_boot=n_boot, seed=seed, confidence=CONFIDENCE,
+        **{name: compare_metric(a, b, name, n_boot=n_boot, seed=seed) for name in METRIC_NAMES})
+    return _plain(found.to_dict())
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples as lists, so the dict equals what its JSON file reads back as."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def compare_evaluations(settings: CompareSettings, a: str | Path, b: str | Path) -> dict[str, Any]:
+    """Read A and B, compare them and, with `--out`, write the comparison with its manifest; returns the
+    comparison plus `out` (the file written, or None). Nothing is written when the inputs are refused."""
+    from gsmkit.manifest import build_manifest
+    from gsmkit.run_folder import MANIFEST, RunOutput, check_not_an_input, json_writer
+
+    first, second = load_evaluation(a), load_evaluation(b)
+    result = compare(first, second, n_boot=settings.n_boot, seed=settings.seed, metric=settings.metric)
+    if settings.out is not None:
+        output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="comparison",
+                                keep_suffix=True)
+        output.check_kind()
+        read = []
+        for ev in (first, second):
+            read.append(ev.predictions)
+            if ev.metrics is not None or ev.manifest is not None:  # read from the run folder too
+                read += [ev.predictions.parent / METRICS, ev.predictions.parent / MANIFEST]
+        check_not_an_input(settings.out, tuple(read))  # --out must never replace a file it compares
+        inputs = {"a": first.predictions, "b": second.predictions}
+        manifest = build_manifest("compare", settings, inputs=inputs, seeds={"bootstrap": settings.seed},
+                                  extra={"compared": [str(a), str(b)]})
+        output.publish({"main": json_writer({**result, "manifest": manifest})})
+    return {**result, "out": None if settings.out is None else str(settings.out)}
