@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from gsmkit.cli.options import JsonOpt, command_from
+from gsmkit.cli.options import JsonOpt, command_from, usage_errors
+from gsmkit.errors import THRESHOLD_MISSED_EXIT
 from gsmkit.studies.compare import CompareSettings
 
-_EVAL_HELP = "An `eval gsm8k` output folder, or its predictions.jsonl"
+_EVAL_HELP = "An `eval gsm8k` output folder (or its predictions.jsonl), or an `eval ppl` folder"
 ArgA = Annotated[str, typer.Argument(metavar="A", help=f"{_EVAL_HELP}: the reference.", show_default=False)]
 ArgB = Annotated[str, typer.Argument(metavar="B", help=f"{_EVAL_HELP}: compared against A (B - A).",
                                      show_default=False)]
@@ -25,20 +26,51 @@ def compare(settings: CompareSettings, a: ArgA, b: ArgB, json_out: JsonOpt = Fal
     exact McNemar p-value, the four cells (both right, only A, only B, neither), and the problems whose
     result changed. Runs of different problems (or different gold answers) are refused (exit 1).
 
+    Two `eval ppl` runs of the same rows (base + adapter against the merged model): the perplexity of each,
+    overall and per source, their relative difference and the largest per-row loss difference; with
+    --ppl-tolerance, exit 3 when a difference is beyond it.
+
     Example: gsmkit compare runs/eval-base runs/eval-sft --out runs/base-vs-sft.json
     """
     from gsmkit.progress import stderr_console
     from gsmkit.studies.compare import compare_evaluations
 
-    result = compare_evaluations(settings, a, b)
+    with usage_errors():  # --ppl-tolerance with eval gsm8k runs, an --out that is a folder
+        result = compare_evaluations(settings, a, b)
     if json_out:
         typer.echo(json.dumps(result))
-        return
-    console = stderr_console()
-    for table in _tables(result, settings.show):
-        console.print(table)
-    if result["out"]:
-        console.print(f"comparison in {result['out']}", highlight=False, markup=False)
+    else:
+        console = stderr_console()
+        ppl = result.get("kind") == "eval ppl"
+        for table in _ppl_table(result) if ppl else _tables(result, settings.show):
+            console.print(table)
+        if result["out"]:
+            console.print(f"comparison in {result['out']}", highlight=False, markup=False)
+    if result.get("passed") is False:
+        raise typer.Exit(THRESHOLD_MISSED_EXIT)
+
+
+def _ppl_table(result: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    tol = result["tolerance"]
+    lo, hi = result["loss_diff_ci95"]
+    title = f"perplexity of the same {result['n']} rows (A = {result['a']}, B = {result['b']})"
+    table = Table(title=Text(title),
+                  caption=f"largest per-row |loss B - loss A| {result['loss_diff_max_abs']:.2e} (line "
+                          f"{result['loss_diff_max_line']}); mean {result['loss_diff_mean']:+.2e} "
+                          f"[{lo:+.2e}, {hi:+.2e}] (95% bootstrap, n={result['n']})")
+    within = (f"within {tol:g}",) if tol is not None else ()
+    for col in ("rows", "n", "tokens", "ppl A", "ppl B", "|B - A| / A", *within):
+        table.add_column(col, justify="right")
+    for row in result["groups"]:
+        cells = [row["group"], str(row["n"]), str(row["tokens"]), f"{row['ppl_a']:.6f}",
+                 f"{row['ppl_b']:.6f}", f"{row['rel_diff']:.2e}"]
+        if tol is not None:
+            cells.append("yes" if row["passed"] else "NO")
+        table.add_row(*map(Text, cells))
+    return [table]
 
 
 def _ci(ci: list[float], signed: bool = False) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsmkit.errors import ConfigError, DataError
 from gsmkit.evaluation.gsm8k import METRICS
 from gsmkit.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 from gsmkit.fields import Record, check_fields, setting
@@ -51,6 +52,9 @@ class CompareSettings(PairedOptions):
                                path={"file_okay": True, "dir_okay": False})
     show: int = setting(20, "Changed problems listed in the terminal (0: none; --out and --json hold all).",
                         min=0)
+    ppl_tolerance: float | None = setting(
+        None, "Two `eval ppl` runs: the largest allowed |ppl_B - ppl_A| / ppl_A, overall and per source; "
+        "exit 3 beyond it (1e-4 checks a merge).", min=0.0, show_default=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -233,23 +237,45 @@ def _plain(obj: Any) -> Any:
 def compare_evaluations(settings: CompareSettings, a: str | Path, b: str | Path) -> dict[str, Any]:
     """Read A and B, compare them and, with `--out`, write the comparison with its manifest; returns the
     comparison plus `out` (the file written, or None). Nothing is written when the inputs are refused."""
-    from gsmkit.manifest import build_manifest
-    from gsmkit.run_folder import MANIFEST, RunOutput, check_not_an_input, json_writer
+    from gsmkit.run_folder import MANIFEST
+    from gsmkit.studies.compare_ppl import ITEMS, compare_ppl, is_ppl_run, load_ppl_run
 
+    if is_ppl_run(a) or is_ppl_run(b):
+        if not (is_ppl_run(a) and is_ppl_run(b)):
+            ppl, other = (a, b) if is_ppl_run(a) else (b, a)
+            raise DataError(f"{ppl} is an `eval ppl` run but {other} is not",
+                            hint="compare two eval ppl runs, or two eval gsm8k runs")
+        runs = load_ppl_run(a), load_ppl_run(b)
+        result = compare_ppl(*runs, tolerance=settings.ppl_tolerance, n_boot=settings.n_boot,
+                             seed=settings.seed)
+        read = tuple(r.path / name for r in runs for name in (ITEMS, METRICS, MANIFEST))
+        _write_out(settings, result, read, {"a": runs[0].path / ITEMS, "b": runs[1].path / ITEMS}, a, b)
+        return {**result, "out": None if settings.out is None else str(settings.out)}
+    if settings.ppl_tolerance is not None:
+        raise ConfigError("--ppl-tolerance applies to two `eval ppl` runs",
+                          hint="for eval gsm8k runs the paired interval of the difference is the answer")
     first, second = load_evaluation(a), load_evaluation(b)
     result = compare(first, second, n_boot=settings.n_boot, seed=settings.seed, metric=settings.metric)
-    if settings.out is not None:
-        output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="comparison",
-                                keep_suffix=True)
-        output.check_kind()
-        read = []
-        for ev in (first, second):
-            read.append(ev.predictions)
-            if ev.metrics is not None or ev.manifest is not None:  # read from the run folder too
-                read += [ev.predictions.parent / METRICS, ev.predictions.parent / MANIFEST]
-        check_not_an_input(settings.out, tuple(read))  # --out must never replace a file it compares
-        inputs = {"a": first.predictions, "b": second.predictions}
-        manifest = build_manifest("compare", settings, inputs=inputs, seeds={"bootstrap": settings.seed},
-                                  extra={"compared": [str(a), str(b)]})
-        output.publish({"main": json_writer({**result, "manifest": manifest})})
+    read = []
+    for ev in (first, second):
+        read.append(ev.predictions)
+        if ev.metrics is not None or ev.manifest is not None:  # read from the run folder too
+            read += [ev.predictions.parent / METRICS, ev.predictions.parent / MANIFEST]
+    _write_out(settings, result, tuple(read), {"a": first.predictions, "b": second.predictions}, a, b)
     return {**result, "out": None if settings.out is None else str(settings.out)}
+
+
+def _write_out(settings: CompareSettings, result: dict[str, Any], read: tuple[Path, ...],
+               inputs: dict[str, Path], a: str | Path, b: str | Path) -> None:
+    """With --out: the comparison and its manifest, atomically, never over one of the files it read."""
+    from gsmkit.manifest import build_manifest
+    from gsmkit.run_folder import RunOutput, check_not_an_input, json_writer
+
+    if settings.out is None:
+        return
+    output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="comparison", keep_suffix=True)
+    output.check_kind()
+    check_not_an_input(settings.out, read)  # --out must never replace a file it compares
+    manifest = build_manifest("compare", settings, inputs=inputs, seeds={"bootstrap": settings.seed},
+                              extra={"compared": [str(a), str(b)]})
+    output.publish({"main": json_writer({**result, "manifest": manifest})})
