@@ -7,13 +7,17 @@ threshold, stable rank, spectral entropy, Frobenius norm, a suggested rank; summ
 and per layer; the suggested ranks as a PEFT `rank_pattern`). The audit writes `audit.json`,
 `audit.md`, `spectra.png` and `manifest.json` into its output folder (default `<adapter>/audit`;
 `audit_report`). With `compress`, it writes instead a new PEFT adapter folder (config, safetensors,
-manifest) whose modules are the best rank-k approximations (Eckart-Young) of the original updates.
+manifest) whose modules are the best rank-k approximations (Eckart-Young) of the original updates, k
+set by the rank policy (`--rank-policy`: each module's suggested rank, one rank at the median of those,
+or a uniform K; `--rank K` is uniform:K).
 
 The spectra come from QR factors of B and A, never from the dense d x k update (`spectra`).
 """
 
 from __future__ import annotations
 
+import re
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +52,15 @@ class AuditSettings:
     out: Path | None = setting(None, "Output folder: the audit files (default ADAPTER/audit), or with "
                                "--compress the new adapter (required).", short="-o", show_default=False,
                                path={"file_okay": False, "dir_okay": True})
-    compress: bool = setting(False, "Write a new adapter truncated to the suggested ranks into --out, "
+    compress: bool = setting(False, "Write a new adapter truncated to the ranks of --rank-policy into --out, "
                              "instead of the audit files.")
-    rank: int | None = setting(None, "With --compress: this rank for every module instead of the suggested "
-                               "ones (a module keeps at most its own r).", min=1, show_default=False)
+    rank_policy: str | None = setting(
+        None, "With --compress: the new ranks. suggested: each module's suggested rank at --energy; median: "
+        "one rank for every module, the median of the suggested ranks (the upper one of the two middle "
+        "values for an even count); uniform:K: rank K for every module. A module keeps at most its own r.",
+        show_default="suggested")
+    rank: int | None = setting(None, "With --compress: the same as --rank-policy uniform:K.", min=1,
+                               show_default=False)
     overwrite: bool = override(RunOptions, "overwrite",
                                help="With --compress: replace --out if it exists and is not empty.")
 
@@ -64,6 +73,9 @@ class AuditSettings:
         if not self.compress:
             if self.rank is not None:
                 raise ConfigError("--rank applies only with --compress", hint="add --compress --out DIR")
+            if self.rank_policy is not None:
+                raise ConfigError("--rank-policy applies only with --compress",
+                                  hint="add --compress --out DIR")
             if self.overwrite:
                 raise ConfigError("--overwrite applies only with --compress",
                                   hint="the audit files are always replaced")
@@ -76,10 +88,51 @@ class AuditSettings:
         if out == adapter or adapter.is_relative_to(out):
             raise ConfigError(f"--out {self.out} would replace the adapter being compressed",
                               hint="write the compressed adapter to a new folder")
+        # --rank K and --rank-policy uniform:K are one setting: the policy field holds it from here on.
+        policy = parse_rank_policy(self.rank_policy or "suggested")
+        if self.rank is not None:
+            if self.rank_policy is not None and policy != ("uniform", self.rank):
+                raise ConfigError(f"--rank {self.rank} is --rank-policy uniform:{self.rank}, which "
+                                  f"contradicts --rank-policy {self.rank_policy}", hint="give one of them")
+            policy = ("uniform", self.rank)
+        object.__setattr__(self, "rank_policy", policy_text(policy))
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path(self.adapter) / "audit"
+
+
+RANK_POLICIES = ("suggested", "median", "uniform:K")
+_UNIFORM = re.compile(r"uniform:([0-9]+)")
+
+
+def parse_rank_policy(text: str) -> tuple[str, int | None]:
+    """("suggested", None) | ("median", None) | ("uniform", K) from --rank-policy's text."""
+    text = text.strip()
+    if text in ("suggested", "median"):
+        return text, None
+    match = _UNIFORM.fullmatch(text)
+    if match is None or int(match.group(1)) < 1:
+        raise ConfigError(f"--rank-policy {text!r} is not one of {', '.join(RANK_POLICIES)}",
+                          hint="for example --rank-policy median, or --rank-policy uniform:8 (K >= 1)")
+    return "uniform", int(match.group(1))
+
+
+def policy_text(policy: tuple[str, int | None]) -> str:
+    name, k = policy
+    return f"uniform:{k}" if name == "uniform" else name
+
+
+def policy_ranks(policy: tuple[str, int | None], audits: list[ModuleAudit]) -> tuple[list[int], int | None]:
+    """The rank each module is asked for under `policy`, and the one rank every module is given (None for
+    suggested). median is `statistics.median_high` of the suggested ranks: always one of them, the upper
+    middle value for an even count."""
+    name, k = policy
+    if name == "median":
+        k = int(statistics.median_high(m.suggested_rank for m in audits))
+    if name == "suggested":
+        return [m.suggested_rank for m in audits], None
+    return [int(k)] * len(audits), k
 
 
 def audit_adapter(
@@ -143,8 +196,9 @@ def compress_adapter(weights: AdapterWeights, audits: list[ModuleAudit], setting
     ranks: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    for module, audit in zip(weights.modules, audits, strict=True):
-        wanted = settings.rank if settings.rank is not None else audit.suggested_rank
+    policy = parse_rank_policy(settings.rank_policy or "suggested")
+    asked, uniform_rank = policy_ranks(policy, audits)
+    for module, audit, wanted in zip(weights.modules, audits, asked, strict=True):
         a, b = module.matrices()
         # scale' = 1 (alpha = rank in alpha_pattern): the factors carry the whole update.
         new_a, new_b, retained = truncate_lora(a, b, module.scale, wanted, new_scale=1.0)
@@ -167,7 +221,8 @@ def compress_adapter(weights: AdapterWeights, audits: list[ModuleAudit], setting
     config.update(r=top, lora_alpha=top, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern))
     summary = {
         "source": str(settings.adapter),
-        "forced_rank": settings.rank,
+        "rank_policy": policy_text(policy),
+        "forced_rank": uniform_rank,
         "energy": settings.energy,
         "lora_parameters_before": sum(r["lora_parameters_before"] for r in rows),
         "lora_parameters_after": sum(r["lora_parameters_after"] for r in rows),

@@ -80,6 +80,7 @@ def root(
 
 
 from gsmkit.cli import audit as _audit
+from gsmkit.cli import bench as _bench
 from gsmkit.cli import compare as _compare
 from gsmkit.cli import convert as _convert
 from gsmkit.cli import eval as _eval
@@ -101,6 +102,7 @@ app.command("audit-svd")(_audit.audit_svd)
 app.add_typer(_steer.app, name="steer")
 app.command("report")(_report.report)
 app.command("compare")(_compare.compare)
+app.command("bench")(_bench.bench)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from gsmkit.errors import ConfigError
 from gsmkit.fields import check_fields, field_of, field_types, flag_of, setting
 from gsmkit.modeling import ModelSpec
 from gsmkit.settings import LoraOptions, PromptOptions, RunOptions, TrainingOptions, override
+from gsmkit.training.lora import read_rank_pattern
 from gsmkit.training.lora_init import METHODS as INIT_METHODS
 
 TRAIN_POOL_HELP = "Few-shot pool to keep out of training."
@@ -87,6 +88,12 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingO
     traces: str | None = setting(None, "A traces JSONL from `gsmkit generate-traces`, used instead of "
                                  "--data.", show_default=False)
     full: bool = setting(False, "Full fine-tuning instead of LoRA (writes a full model).")
+    rank_pattern: Path | None = setting(
+        None, "Per-module LoRA ranks from a JSON file: an `audit-svd` audit.json, an object with a "
+        "rank_pattern key, or a bare {MODULE_PATTERN: RANK} (PEFT's rule: first matching key); other "
+        "modules get --lora-r. Each module's alpha/r stays --lora-alpha/--lora-r unless the file has an "
+        "alpha_pattern.",
+        show_default=False, path={"exists": True, "file_okay": True, "dir_okay": False})
     init_lora: str = setting(
         "default", "default (B = 0) | loftq: start the adapter at the rank-r SVD of the nf4 quantization "
         "error (LoftQ) | cloq: at the rank-r correction of that error that minimises each layer's output "
@@ -117,6 +124,11 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingO
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")
+        if self.rank_pattern is not None:
+            if self.full:
+                raise ConfigError("--rank-pattern sets LoRA ranks and cannot be combined with --full",
+                                  hint="drop --full to train a LoRA adapter with those ranks")
+            read_rank_pattern(self.rank_pattern)  # a bad file (DataError) fails here, before any model loads
         if self.init_lora != "default" and self.mode != "qlora":
             raise ConfigError(f"--init-lora {self.init_lora} corrects the 4-bit quantization error and needs "
                               "`train qlora`", hint="drop --init-lora, or train with `gsmkit train qlora`")

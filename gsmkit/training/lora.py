@@ -1,18 +1,30 @@
-"""LoRA for every trainer: which layers it targets, how the base is prepared, the PEFT wrap, and the
-`--init-lora` start of a QLoRA adapter.
+"""LoRA for every trainer: which layers it targets, how the base is prepared, the PEFT wrap, per-module
+ranks (`--rank-pattern`), and the `--init-lora` start of a QLoRA adapter.
 
 In: a loaded base model and the run's settings (LoraOptions: lora_r, lora_alpha, lora_dropout,
-target_modules). Out: the projection names present (`find_lora_targets`), the PEFT `LoraConfig`
-(`lora_config`; GRPO hands it to TRL), the PEFT model (`add_lora`), and the statistics of the
-adapter's initialisation (`initialise_lora`, see `training.lora_init`).
+target_modules; `rank_pattern`: a JSON file of per-module ranks, e.g. an `audit-svd` audit.json). Out: the
+projection names present (`find_lora_targets`), the checked pattern (`read_rank_pattern`, before any model
+loads), the PEFT `LoraConfig` (`lora_config`; GRPO hands it to TRL), the PEFT model (`add_lora`, which
+refuses a pattern key that sets no module's rank), the rank and alpha of each module as built
+(`lora_ranks`), and the statistics of the adapter's initialisation (`initialise_lora`, see
+`training.lora_init`).
+
+Alpha follows the rank: a module of rank r_m gets alpha_m = lora_alpha * r_m / lora_r, so its scale
+alpha_m / r_m is the run's lora_alpha / lora_r and a module given a lower rank learns at the same scale
+as the others. A file's own `alpha_pattern` replaces that rule for the keys it names.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gsmkit.errors import ConfigError
+from gsmkit.errors import ConfigError, DataError
+from gsmkit.modeling import PEFT_PREFIX
 from gsmkit.training.lora_init import calibration_sample, initialise_adapter
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,12 +62,96 @@ def prepare_base(model: Any, load_in_4bit: bool, checkpointing: bool) -> Any:
     return model
 
 
+# ---- --rank-pattern ----------------------------------------------------------------------------------
+
+PATTERN_HINT = ("pass an `audit-svd` audit.json, a JSON object {\"rank_pattern\": {MODULE_PATTERN: RANK}} "
+                "(optionally with \"alpha_pattern\"), or a bare {MODULE_PATTERN: RANK}")
+
+
+@dataclass(frozen=True)
+class RankPattern:
+    """Per-module ranks read from a file: PEFT `rank_pattern` keys (module-path regexes, first match wins) in
+    the file's order, and the file's own `alpha_pattern` (None: alpha follows the rank)."""
+
+    path: Path
+    ranks: dict[str, int]
+    alphas: dict[str, float] | None = None
+
+    def alpha_pattern(self, lora_r: int, lora_alpha: float) -> dict[str, float]:
+        """Each key's alpha, lora_alpha * rank / lora_r (the run's scale), unless the file gives one."""
+        if self.alphas is not None:
+            return dict(self.alphas)
+        return {key: _number(lora_alpha * rank / lora_r) for key, rank in self.ranks.items()}
+
+
+def _number(value: float) -> float:
+    """An integral alpha as an int, so adapter_config.json reads 16 rather than 16.0."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _pattern_entries(path: Path, table: Any, name: str, kind: type) -> dict[str, Any]:
+    if not isinstance(table, dict) or not table:
+        raise DataError(f"{path}: '{name}' must be a non-empty JSON object of module pattern -> "
+                        f"{'rank' if kind is int else 'alpha'}", hint=PATTERN_HINT)
+    for key, value in table.items():
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise DataError(f"{path}: {name} key '{key}' is not a valid regular expression ({err})",
+                            hint="keys are module paths or regexes, as PEFT's rank_pattern reads "
+                            "them") from None
+        bad = isinstance(value, bool) or not isinstance(value, int if kind is int else int | float)
+        if bad or value <= 0:
+            what = "a positive integer rank" if kind is int else "a positive number"
+            raise DataError(f"{path}: {name} key '{key}': expected {what}, got {value!r}", hint=PATTERN_HINT)
+    return dict(table)
+
+
+def read_rank_pattern(path: str | Path) -> RankPattern:
+    """The ranks (and optional alphas) in a --rank-pattern file; DataError naming the file and the key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: not a readable JSON file ({err})", hint=PATTERN_HINT) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}", hint=PATTERN_HINT)
+    if "rank_pattern" in data:  # audit.json, {"rank_pattern": ...}, or an adapter_config.json
+        alphas = data.get("alpha_pattern") or None
+        return RankPattern(path, _pattern_entries(path, data["rank_pattern"], "rank_pattern", int),
+                           _pattern_entries(path, alphas, "alpha_pattern", float) if alphas else None)
+    return RankPattern(path, _pattern_entries(path, data, "rank_pattern", int))
+
+
+def check_rank_pattern(model: Any, targets: Sequence[str], pattern: RankPattern) -> None:
+    """Every key of the pattern sets the rank (or alpha) of at least one LoRA module of `model`, by PEFT's
+    own rule (the first key, in order, that matches the module path); else DataError naming the key."""
+    from peft.utils.other import get_pattern_key
+
+    names = [name for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in targets and "Linear" in type(module).__name__]
+    for label, table in (("rank_pattern", pattern.ranks), ("alpha_pattern", pattern.alphas or {})):
+        used = {get_pattern_key(list(table), name) for name in names}
+        unused = [key for key in table if key not in used]
+        if unused:
+            example = names[0] if names else "none"
+            raise DataError(f"{pattern.path}: {label} key '{unused[0]}' sets no LoRA module of the model"
+                            + (f" ({len(unused)} such keys)" if len(unused) > 1 else ""),
+                            hint=f"keys match module paths ending in them, like {example}, among the "
+                            f"targets {', '.join(targets)}; an earlier key that matches takes precedence")
+
+
 def lora_config(settings: Any, targets: Sequence[str]) -> Any:
-    """A fresh adapter of the run's shape on `targets`."""
+    """A fresh adapter of the run's shape on `targets`, with the run's --rank-pattern when it has one."""
     from peft import LoraConfig
 
+    patterns: dict[str, Any] = {}
+    if getattr(settings, "rank_pattern", None) is not None:
+        pattern = read_rank_pattern(settings.rank_pattern)
+        patterns = {"rank_pattern": dict(pattern.ranks),
+                    "alpha_pattern": pattern.alpha_pattern(settings.lora_r, settings.lora_alpha)}
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM", **patterns)
 
 
 def add_lora(model: Any, settings: Any) -> tuple[Any, list[str]]:
@@ -63,7 +159,25 @@ def add_lora(model: Any, settings: Any) -> tuple[Any, list[str]]:
     from peft import get_peft_model
 
     targets = find_lora_targets(model, settings.target_modules)
+    if getattr(settings, "rank_pattern", None) is not None:
+        check_rank_pattern(model, targets, read_rank_pattern(settings.rank_pattern))
     return get_peft_model(model, lora_config(settings, targets)), targets
+
+
+def lora_ranks(peft_model: Any, settings: Any) -> dict[str, dict[str, float]] | None:
+    """Each LoRA module's rank and alpha as built, {module path: {"r", "alpha"}} (the manifest records it
+    for a --rank-pattern run); None without --rank-pattern, where every module has lora_r and lora_alpha."""
+    if getattr(settings, "rank_pattern", None) is None:
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    found: dict[str, dict[str, float]] = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter, r in module.r.items():
+                path = name.removeprefix(PEFT_PREFIX)
+                found[path] = {"r": int(r), "alpha": _number(module.lora_alpha[adapter])}
+    return found
 
 
 def initialise_lora(peft_model: Any, settings: Any, encoded: list, pad_id: int,

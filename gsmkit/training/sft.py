@@ -124,19 +124,21 @@ def train(
     import torch
     from transformers import Trainer, set_seed
 
-    from gsmkit.training.lora import add_lora, initialise_lora, prepare_base
+    from gsmkit.training.lora import add_lora, initialise_lora, lora_ranks, prepare_base
 
     set_seed(settings.seed)
     loaded = load_model(settings.model_spec(), for_training=True)
     model = loaded.model
     targets: list[str] = []
     lora_init: dict[str, Any] | None = None
+    ranks: dict[str, Any] | None = None
     if settings.full:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         model = prepare_base(model, settings.load_in_4bit, settings.checkpointing)
         model, targets = add_lora(model, settings)
+        ranks = lora_ranks(model, settings)
         if settings.init_lora != "default" and resume_from is None:  # a resumed run restores its adapter
             lora_init = initialise_lora(model, settings, encoded, tokenizer.pad_token_id, on_init)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -182,7 +184,7 @@ def train(
                     "removed_fewshot": len(removed),
                     "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
                     "truncated_rows": sum(e.truncated for e in encoded), "trainable_params": trainable,
-                    "steps": steps, "lora_init": lora_init,
+                    "steps": steps, "lora_init": lora_init, "lora_ranks": ranks,
                     "resumed_from": str(resume_from) if resume_from else None}
         _publish(settings, trainer, tokenizer, log_path, resolved)
     seen = tokens_seen(trainer, encoded, steps, settings.batch_size * settings.grad_accum)
@@ -209,7 +211,8 @@ def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Pa
     pool = kept_out_pool(settings)
     manifest = build_manifest(
         f"train {settings.mode}", settings,
-        inputs={"data": source_file(settings.train_source, settings.split), "fewshot_pool": pool.path},
+        inputs={"data": source_file(settings.train_source, settings.split), "fewshot_pool": pool.path,
+                "rank_pattern": settings.rank_pattern},
         seeds={"seed": settings.seed}, extra={"resolved": resolved},
     )
 
