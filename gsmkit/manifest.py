@@ -60,6 +60,17 @@ def _adapter_record(settings: Any) -> dict[str, Any] | None:
     return {"path": str(adapter), "sha256": adapter_sha256(adapter)}
 
 
+def recorded_adapter(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """{path, sha256} of the adapter a manifest's run used: its `adapter` record, or for a manifest written
+    before gsmkit recorded one, `settings.model.adapter` with sha256 None; None for a bare model."""
+    record = manifest.get("adapter")
+    if isinstance(record, dict) and record.get("path"):
+        return {"path": str(record["path"]), "sha256": record.get("sha256")}
+    model = (manifest.get("settings") or {}).get("model")
+    path = model.get("adapter") if isinstance(model, dict) else None
+    return {"path": str(path), "sha256": None} if path else None
+
+
 def _input_digest(path: str | Path | None) -> Any:
     if path is None:
         return None

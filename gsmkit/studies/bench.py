@@ -291,13 +291,10 @@ def _aggregate_variant(name: str, seeds: list[tuple[AggregateBench, Evaluation, 
 
 
 def adapter_path(manifest: dict[str, Any]) -> str | None:
-    """The adapter an evaluation used: the manifest's `adapter` record, else `settings.model.adapter`."""
-    record = manifest.get("adapter")
-    if isinstance(record, dict) and record.get("path"):
-        return str(record["path"])
-    model = (manifest.get("settings") or {}).get("model")
-    adapter = model.get("adapter") if isinstance(model, dict) else None
-    return None if adapter is None else str(adapter)
+    """The adapter an evaluation used (`manifest.recorded_adapter`), or None."""
+    from gsmkit.manifest import recorded_adapter
+
+    return (recorded_adapter(manifest) or {}).get("path")
 
 
 def train_seed(adapter: str | None) -> int | None:

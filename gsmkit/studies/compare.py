@@ -22,6 +22,7 @@ from gsmkit.errors import ConfigError, DataError
 from gsmkit.evaluation.gsm8k import METRICS
 from gsmkit.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 from gsmkit.fields import Record, check_fields, setting
+from gsmkit.manifest import recorded_adapter
 from gsmkit.studies.predictions import Evaluation, check_same_problems, load_evaluation
 
 METRIC_NAMES = ("strict", "flexible")
@@ -173,14 +174,10 @@ class Comparison(Record):
 def _described(ev: Evaluation) -> Compared:
     manifest, metrics = ev.manifest or {}, ev.metrics or {}
     model = (manifest.get("settings") or {}).get("model")
-    adapter = manifest.get("adapter")
-    if isinstance(adapter, dict):
-        adapter = adapter.get("path")
-    elif isinstance(model, dict):
-        adapter = model.get("adapter")
     return Compared(path=str(ev.path), predictions=str(ev.predictions),
                     model=model.get("model") if isinstance(model, dict) else model,
-                    adapter=None if adapter is None else str(adapter), style=metrics.get("style"), n=ev.n)
+                    adapter=(recorded_adapter(manifest) or {}).get("path"), style=metrics.get("style"),
+                    n=ev.n)
 
 
 def compare_metric(a: Evaluation, b: Evaluation, metric: str, *, n_boot: int = 10000,

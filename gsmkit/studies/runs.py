@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsmkit.manifest import recorded_adapter
 from gsmkit.run_folder import FINGERPRINT, MANIFEST
 
 TRAIN_COMMANDS = ("train sft", "train qlora", "train grpo")
@@ -54,12 +55,7 @@ class Run:
     def adapter(self) -> dict[str, Any] | None:
         """{path, sha256} of the adapter an evaluation used (its manifest's `adapter`; older manifests give
         only `settings.model.adapter`, with no sha256), or None for a bare model."""
-        recorded = self.manifest.get("adapter")
-        if isinstance(recorded, dict) and recorded.get("path"):
-            return recorded
-        model = self.settings.get("model")
-        path = model.get("adapter") if isinstance(model, dict) else None
-        return {"path": path, "sha256": None} if path else None
+        return recorded_adapter(self.manifest)
 
     @property
     def created_at(self) -> str:
