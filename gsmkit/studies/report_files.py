@@ -96,15 +96,18 @@ def render_markdown(rows: list[Row], checks: list[Check], groups: list[dict[str,
     parts = ["# gsmkit report\n", f"`{' '.join(argv)}`\n",
              (f"{len(rows)} rows ({trained} training runs); intervals are 95% Wilson score intervals of the "
               "proportion, n is the number of problems (GSM8K) or prompts (safety).\n")]
-    headers = ["run", "method", "preset", "train rows", "steps", "checkpoint", "GSM8K strict",
+    headers = ["run", "method", "data", "preset", "train rows", "steps", "checkpoint", "GSM8K strict",
                "GSM8K flexible", "answer share", "reasoning share", "safety", "unparsed", "ppl"]
-    lines = [[str(r.values["run"]), _num(r.values.get("method")), _num(r.values.get("preset")),
+    lines = [[str(r.values["run"]), _num(r.values.get("method")), _num(r.values.get("data")),
+              _num(r.values.get("preset")),
               _num(r.values.get("train_rows")), _num(r.values.get("steps")),
               _num(r.values.get("chosen_checkpoint")), _ci(r, "gsm8k_strict", "gsm8k_n"),
               _ci(r, "gsm8k_flexible", "gsm8k_n"), _share(r, "gsm8k_answer_share", "gsm8k_n"),
               _share(r, "gsm8k_reasoning_share", "gsm8k_n"), _ci(r, "safety", "safety_n"),
               _share(r, "safety_unparsed", "safety_n"), _num(r.values.get("ppl"), 4)] for r in rows]
-    parts += ["## Summary\n", _table(headers, lines)]
+    shown = [i for i in range(len(headers)) if i == 0 or any(line[i] != "-" for line in lines)]  # none empty
+    parts += ["## Summary\n",
+              _table([headers[i] for i in shown], [[line[i] for i in shown] for line in lines])]
     if checks:
         missed = [c for c in checks if not c.passed]
         parts += [f"## Thresholds: {len(checks) - len(missed)} of {len(checks)} checks passed\n",
