@@ -135,3 +135,16 @@ def small_gsm8k(tmp_path_factory, gsm8k_dir) -> Path:
         lines = (gsm8k_dir / f"{split}.jsonl").read_text().splitlines()[:n]
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory, small_gsm8k) -> Path:
+    """A 4-exemplar few-shot pool drawn from small_gsm8k's train split by `gsmkit fewshot` (read-only)."""
+    from typer.testing import CliRunner
+
+    from gsmkit.cli import app
+
+    out = tmp_path_factory.mktemp("pool") / "pool.jsonl"
+    res = CliRunner().invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out

@@ -21,14 +21,6 @@ from gsmkit.modeling import ModelSpec
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory, small_gsm8k) -> Path:
-    out = tmp_path_factory.mktemp("pool") / "pool.jsonl"
-    res = runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "4", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
-
-
 def _args(model, data, pool, out, *extra):
     return ["eval", "gsm8k", "--model", str(model), "--data", str(data), "--pool", str(pool), "--k", "2",
             "--style", "plain", "--max-new-tokens", "6", "--batch-size", "4", "--out", str(out), *extra]

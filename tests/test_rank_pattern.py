@@ -23,14 +23,6 @@ runner = CliRunner()
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory, small_gsm8k) -> Path:
-    out = tmp_path_factory.mktemp("pool") / "pool.jsonl"
-    res = runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "4", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
-
-
 def _write(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
     return path

@@ -22,14 +22,6 @@ from gsmkit.training.sft import train
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory, small_gsm8k) -> Path:
-    out = tmp_path_factory.mktemp("pool") / "pool.jsonl"
-    res = runner.invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "4", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
-
-
 def _settings(model, data, pool, out, **kw) -> TrainSettings:
     base = {"model": str(model), "out": out, "data": str(data), "pool": pool, "batch_size": 4,
             "max_length": 192, "max_steps": 4, "logging_steps": 1, "learning_rate": 5e-3, "warmup_ratio": 0.0,
