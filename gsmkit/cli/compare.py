@@ -105,7 +105,7 @@ def _tables(result: dict[str, Any], show: int) -> list[Any]:
     tables = [table]
     changed = result[chosen]["changed"]
     if show and changed:
-        listed = Table(title=f"{len(changed)} problems changed ({chosen})"
+        listed = Table(title=f"{len(changed)} problem{'' if len(changed) == 1 else 's'} changed ({chosen})"
                        + (f", the first {show}" if len(changed) > show else ""))
         for col in ("id", "gold", "A answer", "B answer", "change"):
             listed.add_column(col)
