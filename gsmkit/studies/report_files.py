@@ -210,15 +210,22 @@ def _by_field(rows: list[Row], x: str, series: tuple[str, ...], png: Path) -> bo
     if not lines:
         return False
 
+    log_x = all(p[0] > 0 for pts in lines.values() for p in pts)
+
     def draw(ax: Any) -> None:
-        for name, pts in sorted(lines.items()):
+        for i, (name, pts) in enumerate(sorted(lines.items())):
             pts.sort(key=lambda p: p[0])
             ys = [p[1].values["gsm8k_strict"] for p in pts]
             err = [[y - (p[1].values.get("gsm8k_strict_lo") or y) for y, p in zip(ys, pts, strict=True)],
                    [(p[1].values.get("gsm8k_strict_hi") or y) - y for y, p in zip(ys, pts, strict=True)]]
-            ax.errorbar([p[0] for p in pts], ys, yerr=err, marker="o", capsize=3, label=name)
-        if all(p[0] > 0 for pts in lines.values() for p in pts):
+            # Lines a few percent apart along a log x axis, so equal points and their bars stay visible.
+            dodge = 2 ** (0.04 * (i - (len(lines) - 1) / 2)) if log_x else 1.0
+            ax.errorbar([p[0] * dodge for p in pts], ys, yerr=err, marker="o", capsize=3, label=name)
+        if log_x:  # ticks at the values themselves (256, 512, ...), not at powers of two
             ax.set_xscale("log", base=2)
+            xs = sorted({p[0] for pts in lines.values() for p in pts})
+            ax.set_xticks(xs, labels=[f"{v:g}" for v in xs])
+            ax.set_xticks([], minor=True)
         ax.set_ylabel("GSM8K strict accuracy (95% CI)")
         ax.legend(fontsize=7)
 
