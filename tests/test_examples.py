@@ -143,7 +143,8 @@ def test_rank_bench(tmp_path):
             variant_acc = sum(row["correct_flexible"] for row in other.values()) / 16
             delta = sum(other[i]["correct_flexible"] - probe[i]["correct_flexible"] for i in probe) / 16
             assert per_seed["seed"] == seed and per_seed["n"] == 16
-            assert (per_seed["probe_accuracy"], per_seed["variant_accuracy"]) == pytest.approx((probe_acc, variant_acc))
+            accuracies = (per_seed["probe_accuracy"], per_seed["variant_accuracy"])
+            assert accuracies == pytest.approx((probe_acc, variant_acc))
             assert per_seed["delta"] == pytest.approx(delta)
             deltas.append(delta)
         assert variant["mean_delta"] == pytest.approx(sum(deltas) / 3)
