@@ -17,6 +17,9 @@ What goes, and why it tells the user nothing:
 - PEFT's UserWarning "Could not find a config file in <model> - will assume that the vocabulary was not
   modified", on saving an adapter of a base without config.json (a .gguf folder): gsmkit never resizes
   the vocabulary, so the assumption is right.
+- TRL's UserWarning "You are using 'rollout_func', which is an experimental feature": `train grpo`'s
+  engine rollouts are that hook, pinned by gsmkit's tests against the TRL it installs; the user chose
+  nothing experimental.
 - tqdm bars: transformers' "Loading weights", its GGUF reader's "Converting and de-quantizing GGUF
   tensors...", datasets' map bars. gsmkit shows model loading as its own step (`progress.status_step`)
   and draws its own bars for its work. tqdm reads its `TQDM_*` defaults when it is first imported, which
@@ -35,6 +38,7 @@ import warnings
 _WARNINGS = (
     (FutureWarning, r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"),
     (UserWarning, r"Could not find a config file in .* will assume that the vocabulary was not modified"),
+    (UserWarning, r"You are using 'rollout_func', which is an experimental feature"),
 )
 # logger name -> start of the messages to drop from it
 _LOG_RECORDS = {

@@ -118,6 +118,40 @@ def test_sampling_is_seeded_per_row_not_per_batch(tiny_model_dir):
     assert {k: v.token_ids for k, v in a.items()} != {k: v.token_ids for k, v in c.items()}
 
 
+def _rescored(model, prompt_ids, completion, temperature):
+    """log softmax(logits / temperature) of each completion token, from one plain forward pass."""
+    ids = torch.tensor([list(prompt_ids) + list(completion)])
+    with torch.inference_mode():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize(("do_sample", "temperature", "top_p"), [(False, 1.0, 1.0), (True, 0.7, 0.9)])
+def test_logprobs_are_those_of_a_rescoring_pass(tiny_model_dir, do_sample, temperature, top_p):
+    """The per-token log-probabilities the engine returns (GRPO's sampling log-probs) equal a re-scoring
+    of prompt + completion by the same model, end-of-sequence token included, at any batch size."""
+    model, tok = _load(tiny_model_dir)
+    reqs = [GenRequest(r.key, r.prompt_ids, num_samples=3) for r in _requests(tok, 3)]
+    # a token this model does generate stands in for end of sequence, so some rows end by it
+    eos = _run(HFEngine(model, tok), reqs[:1], SamplingSettings(max_new_tokens=4))[("0", 0)].token_ids[3]
+    settings = SamplingSettings(max_new_tokens=10, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                seed=5, logprobs=True)
+    got = _run(HFEngine(model, tok, batch_size=4, stop_token_ids=[eos]), reqs, settings)
+    alone = _run(HFEngine(model, tok, batch_size=1, prefix_cache=False, stop_token_ids=[eos]), reqs, settings)
+    prompts = {r.key: r.prompt_ids for r in reqs}
+    for key, res in got.items():
+        completion = list(res.token_ids) + ([res.end_token] if res.end_token is not None else [])
+        assert res.end_token in (None, eos) and (res.end_token is not None) == (res.finish_reason == "stop")
+        assert len(res.logprobs) == len(completion)
+        want = _rescored(model, prompts[key[0]], completion, temperature)
+        assert torch.allclose(torch.tensor(res.logprobs), want, atol=1e-4), key
+        assert alone[key].token_ids == res.token_ids
+        assert torch.allclose(torch.tensor(alone[key].logprobs), torch.tensor(res.logprobs), atol=1e-5)
+    assert any(r.end_token is not None for r in got.values())
+    plain = _run(HFEngine(model, tok, stop_token_ids=[eos]), reqs, SamplingSettings(max_new_tokens=10))
+    assert all(r.logprobs is None for r in plain.values())
+
+
 def test_cancelled_requests_stop_consuming_samples(tiny_model_dir):
     model, tok = _load(tiny_model_dir)
     reqs = [GenRequest("a", _requests(tok, 1)[0].prompt_ids, num_samples=6)]

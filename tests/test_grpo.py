@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def test_grpo_prompts_tokenize_to_the_eval_prompt(style, tiny_model_dir):
 
     from gsmkit.prompts import Exemplar, add_special_tokens_for, render_prompt
     from gsmkit.training.grpo import grpo_prompt
+    from gsmkit.training.rollouts import prompt_token_ids
 
     # A Llama-3-like tokenizer: it adds a BOS when asked for special tokens, and its template writes one.
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -100,11 +102,7 @@ def test_grpo_prompts_tokenize_to_the_eval_prompt(style, tiny_model_dir):
     tok.chat_template = "{{ bos_token }}" + tok.chat_template
     ex = [Exemplar("How many legs do 2 ducks have?", "2 x 2 = 4\n#### 4")]
     prompt = grpo_prompt(style, "What is 9 times 8?", ex, tok, None)
-    if isinstance(prompt, list):  # what TRL does with a conversational prompt
-        got = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"]
-    else:  # what TRL does with a text prompt
-        got = tok(text=[prompt])["input_ids"][0]
+    got = prompt_token_ids(prompt, tok)  # what TRL does with a conversational or a text prompt
     want = tok(render_prompt(style, "What is 9 times 8?", ex, tok),
                add_special_tokens=add_special_tokens_for(style)).input_ids
     assert list(got) == list(want)
@@ -146,6 +144,7 @@ def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_
     log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "reward" in r] == [1, 2]
     assert all("rewards/correctness/mean" in r for r in log if "reward" in r)
+    assert all(0 < r["rollout_time"] < r["step_time"] for r in log if "reward" in r)  # generation is in the step
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "train grpo" and manifest["resolved"]["reward_weights"] == DEFAULT_WEIGHTS
     assert manifest["resolved"]["removed_fewshot"] > 0
@@ -253,3 +252,100 @@ def test_unset_reward_weights_are_recorded_as_the_defaults_they_mean(record_sett
     assert dict(seen["settings"].reward_weights) == DEFAULT_WEIGHTS  # the manifest says what ran
     CliRunner().invoke(app, ["train", "grpo", "--model", "m", "--reward-weights", "correctness=1"])
     assert dict(seen["settings"].reward_weights) == {**DEFAULT_WEIGHTS, "correctness": 1.0}
+
+
+@pytest.fixture()
+def recorded_rollouts(monkeypatch):
+    """Every engine rollout round of a run: (step, prompt_ids, completion_ids, logprobs, the logprobs a plain
+    forward pass of the policy gives the same tokens at that moment)."""
+    from gsmkit.training.rollouts import EngineRollouts
+
+    rounds: list[dict] = []
+    call = EngineRollouts.__call__
+
+    def recording(self, prompts, trainer):
+        out = call(self, prompts, trainer)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = policy.training
+        policy.eval()
+        rescored = []
+        with torch.no_grad():
+            for p, c in zip(out["prompt_ids"], out["completion_ids"], strict=True):
+                logits = policy(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1].float()
+                logp = torch.log_softmax(logits / trainer.temperature, -1)
+                rescored.append(logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist())
+        policy.train(was_training)
+        rounds.append({"step": trainer.state.global_step, **out, "rescored": rescored})
+        return out
+
+    monkeypatch.setattr(EngineRollouts, "__call__", recording)
+    return rounds
+
+
+@pytest.mark.usefixtures("varied_reward")
+def test_engine_rollouts_are_the_policys_own_samples(tmp_path, tiny_model_dir, small_gsm8k, recorded_rollouts):
+    """TRL gets, per step, num_generations completions of each prompt with the log-probabilities of the
+    policy of that step (a re-scoring pass agrees), ending on the end-of-sequence token where they stop."""
+    out = tmp_path / "eng"
+    train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=2, k=1, temperature=0.8))
+    assert [r["step"] for r in recorded_rollouts] == [0, 1]
+    for r in recorded_rollouts:
+        prompts = r["prompt_ids"]
+        assert len(prompts) == 8 and len({tuple(p) for p in prompts}) == 2  # 2 prompts x 4 completions
+        assert all(prompts[i] == prompts[i // 4 * 4] for i in range(8))
+        assert len({tuple(c) for c in r["completion_ids"]}) > 1  # the samples of a group differ
+        for c, lp, want in zip(r["completion_ids"], r["logprobs"], r["rescored"], strict=True):
+            assert 1 <= len(c) <= 12 and len(lp) == len(c)
+            assert torch.allclose(torch.tensor(lp), torch.tensor(want), atol=1e-4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["rollouts"] == "engine"
+    stats = manifest["resolved"]["rollout_engine_stats"]
+    assert stats["generated_tokens"] == sum(len(c) for r in recorded_rollouts for c in r["completion_ids"])
+    assert stats["prefix_tokens"] > 0  # the few-shot prefix was encoded once per round, not per row
+
+
+@pytest.mark.usefixtures("varied_reward")
+def test_resumed_grpo_reproduces_the_rollouts_of_an_uninterrupted_run(tmp_path, tiny_model_dir, small_gsm8k,
+                                                                      recorded_rollouts):
+    whole = _settings(tiny_model_dir, small_gsm8k, tmp_path / "whole", max_steps=3, save_steps=1)
+    train_grpo(whole)
+    uninterrupted = {r["step"]: r["completion_ids"] for r in recorded_rollouts}
+    recorded_rollouts.clear()
+
+    def crash(step, _total):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(dataclasses.replace(whole, out=out), on_step=crash)
+    before = {r["step"]: r["completion_ids"] for r in recorded_rollouts}
+    recorded_rollouts.clear()
+    train_grpo(dataclasses.replace(whole, out=out, resume=True))  # from checkpoint-1
+    after = {r["step"]: r["completion_ids"] for r in recorded_rollouts}
+    assert sorted(before) == [0, 1] and sorted(after) == [1, 2]
+    assert before == {s: uninterrupted[s] for s in before}
+    assert after == {s: uninterrupted[s] for s in after}  # same completions for the same steps
+    steps = [r["step"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+             if "reward" in r]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("varied_reward")
+def test_trl_rollouts_still_train(tmp_path, tiny_model_dir, small_gsm8k, recorded_rollouts):
+    out = tmp_path / "trl"
+    result = train_grpo(_settings(tiny_model_dir, small_gsm8k, out, max_steps=1, rollouts="trl"))
+    assert result.steps == 1 and recorded_rollouts == []  # TRL's own generate sampled
+    assert json.loads((out / "manifest.json").read_text())["resolved"]["rollouts"] == "trl"
+
+
+def test_rollout_path_resolution():
+    from gsmkit.training.rollouts import resolve_rollouts
+
+    assert resolve_rollouts("auto", False, "cpu") == "engine"
+    assert resolve_rollouts("trl", False, "cuda") == "trl"
+    assert resolve_rollouts("auto", True, "cpu") == "vllm"  # --use-vllm is the old spelling
+    with pytest.raises(ConfigError, match="contradicts"):
+        resolve_rollouts("engine", True, "cpu")
+    r = _cli("--model", "m", "--rollouts", "engine", "--use-vllm")
+    assert r.exit_code == 2 and "contradicts" in r.output

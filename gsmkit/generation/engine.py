@@ -27,6 +27,7 @@ class SamplingSettings:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # also return each sampled token's log-probability (GenResult.logprobs)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -54,6 +55,9 @@ class GenResult:
     text: str
     finish_reason: str  # "stop" or "length"
     num_prompt_tokens: int
+    end_token: int | None = None  # the end-of-sequence token that ended it (left out of token_ids)
+    # with SamplingSettings.logprobs: log softmax(logits / temperature) of token_ids, then of end_token
+    logprobs: tuple[float, ...] | None = None
 
 
 # The callbacks of `Engine.generate`: each result as it is yielded; is (key, sample_index) still wanted?
@@ -69,7 +73,10 @@ class Engine(Protocol):
     - sample `i` of request `key` is drawn from a generator seeded with `row_seed(settings.seed, key, i)`,
       so it does not depend on the other requests or samples of the call (greedy ignores the seed);
     - `text` is the decoded completion cut before the earliest of `settings.stop` (`cut_at_stop`), and
-      `token_ids` leave out the end-of-sequence token that ended it;
+      `token_ids` leave out the end-of-sequence token that ended it (`end_token` holds it);
+    - with `settings.logprobs`, `logprobs` holds log softmax(logits / temperature) of each token of
+      `token_ids` and then of `end_token`: what a re-scoring pass of the same model computes (TRL's GRPO
+      loss); a backend that cannot refuses with a ConfigError;
     - `on_result(result)` is called just before each result is yielded;
     - `cancelled(key, i)` returning True means the caller no longer wants that sample: it is never
       yielded. How much compute that saves is the backend's own (see its docstring).

@@ -54,6 +54,7 @@ class _Row:
     sample_index: int
     generator: Any
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # with SamplingSettings.logprobs
 
 
 def cache_argument(model: Any) -> str:
@@ -151,12 +152,16 @@ class HFEngine:
 
     # -- sampling ------------------------------------------------------------------------------------
 
-    def _choose(self, logits, rows: Sequence[_Row], settings: SamplingSettings) -> list[int]:
+    def _choose(self, logits, rows: Sequence[_Row], settings: SamplingSettings) -> tuple[list[int], list[float]]:
+        """The next token of each row, and (with `settings.logprobs`, else []) its log-probability under
+        softmax(logits / temperature), before top-k or top-p: what a re-scoring pass computes."""
         import torch
 
         if not settings.do_sample:
-            return logits.argmax(dim=-1).tolist()
-        scores = logits / settings.temperature
+            picks = logits.argmax(dim=-1)
+            return picks.tolist(), self._logprobs(logits, picks, settings)
+        tempered = logits / settings.temperature
+        scores = tempered
         if settings.top_k > 0:
             kth = torch.topk(scores, min(settings.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -170,7 +175,15 @@ class HFEngine:
         picks = []
         for i, row in enumerate(rows):
             picks.append(int(torch.multinomial(probs[i], 1, generator=row.generator).item()))
-        return picks
+        return picks, self._logprobs(tempered, torch.tensor(picks, device=logits.device), settings)
+
+    @staticmethod
+    def _logprobs(scores, picks, settings: SamplingSettings) -> list[float]:
+        import torch
+
+        if not settings.logprobs:
+            return []
+        return torch.log_softmax(scores, dim=-1).gather(-1, picks[:, None]).squeeze(-1).tolist()
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -211,23 +224,25 @@ class HFEngine:
         mask = None  # bool [B, T]
         positions = None  # long [B]: position id of each row's next token
         next_tokens: list[int] = []
+        next_logprobs: list[float] = []  # with settings.logprobs: those of next_tokens
+
+        def ended(row: _Row, body: list[int], text: str, reason: str, end: int | None = None) -> GenResult:
+            return GenResult(row.request.key, row.sample_index, tuple(body), text, reason,
+                             len(row.request.prompt_ids), end_token=end,
+                             logprobs=tuple(row.logprobs) if settings.logprobs else None)
 
         def finish_check(row: _Row) -> GenResult | None:
             last = row.tokens[-1]
             if last in self.stop_token_ids:
                 body = row.tokens[:-1]
                 text = self.tokenizer.decode(body, skip_special_tokens=True)
-                text, _ = cut_at_stop(text, settings.stop)
-                return GenResult(row.request.key, row.sample_index, tuple(body), text, "stop",
-                                 len(row.request.prompt_ids))
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            text, hit = cut_at_stop(text, settings.stop)
-            if hit:
-                return GenResult(row.request.key, row.sample_index, tuple(row.tokens), text, "stop",
-                                 len(row.request.prompt_ids))
-            if len(row.tokens) >= settings.max_new_tokens:
-                return GenResult(row.request.key, row.sample_index, tuple(row.tokens), text, "length",
-                                 len(row.request.prompt_ids))
+                return ended(row, body, cut_at_stop(text, settings.stop)[0], "stop", end=last)
+            full = len(row.tokens) >= settings.max_new_tokens
+            if not settings.stop and not full:
+                return None  # no stop string to look for: nothing to decode until the row ends
+            text, hit = cut_at_stop(self.tokenizer.decode(row.tokens, skip_special_tokens=True), settings.stop)
+            if hit or full:
+                return ended(row, row.tokens, text, "stop" if hit else "length")
             return None
 
         def make_generator(key: str, sample_index: int):
@@ -249,11 +264,12 @@ class HFEngine:
                     group.append(_Row(req, s, make_generator(req.key, s)))
                 if group:
                     new_cache, new_mask, new_pos, logits = self._prefill(group, P, prefix_kv)
-                    first = self._choose(logits, group, settings)
+                    first, first_logprobs = self._choose(logits, group, settings)
                     cache, mask, positions = self._merge(cache, mask, positions, rows, new_cache, new_mask,
                                                          new_pos)
                     rows.extend(group)
                     next_tokens.extend(first)
+                    next_logprobs.extend(first_logprobs)
             if not rows:
                 continue
 
@@ -263,6 +279,8 @@ class HFEngine:
                 if cancelled is not None and cancelled(row.request.key, row.sample_index):
                     continue
                 row.tokens.append(tok)
+                if settings.logprobs:
+                    row.logprobs.append(next_logprobs[i])
                 self.stats["generated_tokens"] += 1
                 result = finish_check(row)
                 if result is None:
@@ -274,6 +292,7 @@ class HFEngine:
             if len(keep) != len(rows):
                 rows = [rows[i] for i in keep]
                 next_tokens = [next_tokens[i] for i in keep]
+                next_logprobs = [next_logprobs[i] for i in keep] if settings.logprobs else []
                 if not rows:
                     cache = mask = positions = None
                     continue
@@ -293,7 +312,7 @@ class HFEngine:
                                             step_mask[:, None, :])
             mask = step_mask
             positions = positions + 1
-            next_tokens = self._choose(logits, rows, settings)
+            next_tokens, next_logprobs = self._choose(logits, rows, settings)
             self.stats["decode_steps"] += 1
 
     def next_token_logprobs(

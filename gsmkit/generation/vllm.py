@@ -98,6 +98,9 @@ class VLLMEngine:
     def generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult = None,
                  cancelled: Cancelled = None) -> Iterator[GenResult]:
         """Yield one result per sample not cancelled; see the class docstring for what cancelling saves."""
+        if settings.logprobs:
+            raise ConfigError("per-token log-probabilities are not returned by the vLLM engine backend",
+                              hint="use the hf backend (GRPO's vLLM rollouts go through TRL's own path)")
         jobs = [(r, s) for r in checked_requests(requests) for s in range(r.num_samples)
                 if cancelled is None or not cancelled(r.key, s)]
         if not jobs:
@@ -130,8 +133,10 @@ class VLLMEngine:
         # Stopped by a token (end-of-sequence or one of stop_token_ids, not a stop string): vLLM keeps that
         # token in token_ids, HFEngine does not.
         by_token = comp.finish_reason == "stop" and not isinstance(stop_reason, str)
+        end = None
         if by_token and tokens and (tokens[-1] == stop_reason or tokens[-1] in self.stop_token_ids):
-            tokens.pop()
+            end = tokens.pop()
         text, hit = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), settings.stop)
         reason = "stop" if comp.finish_reason == "stop" or hit else "length"
-        return GenResult(request.key, sample_index, tuple(tokens), text, reason, len(request.prompt_ids))
+        return GenResult(request.key, sample_index, tuple(tokens), text, reason, len(request.prompt_ids),
+                         end_token=end)

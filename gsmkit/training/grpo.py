@@ -10,6 +10,8 @@ Out: an output folder like `train sft`'s: the adapter, the tokenizer, `manifest.
 Prompts are the ones `eval gsm8k` sends (`grpo_prompt`: chat messages TRL renders with the same
 template, or the rendered plain text), and the
 few-shot pool is removed from the training problems by content hash, as in `train sft`.
+Completions are sampled by `--rollouts`: gsmkit's engine through TRL's `rollout_func` (the default on a
+CPU and on a GPU without vllm; `training.rollouts`), TRL's own `model.generate`, or TRL's colocated vLLM.
 `--init-adapter` continues training an SFT adapter (the "prep SFT, then GRPO" recipe); its LoRA
 shape is the adapter's. With beta > 0, TRL's KL reference for a PEFT model is the base with the
 adapter disabled, i.e. the model before SFT as well.
@@ -37,6 +39,7 @@ from gsmkit.settings import (
 )
 from gsmkit.training.config import TRAIN_POOL_DEFAULT, TRAIN_POOL_HELP, BaseModelOptions
 from gsmkit.training.rewards import DEFAULT_WEIGHTS, parse_weights
+from gsmkit.training.rollouts import ROLLOUTS, resolve_rollouts
 
 
 def reward_weight_pairs(spec: str) -> tuple[tuple[str, float], ...]:
@@ -103,7 +106,13 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, GrpoLoraOptions, GrpoTra
     time_limit: float | None = setting(None, "Stop after the step that uses up this many minutes of "
                                        "training, and save (at most --max-steps).", min=0.0,
                                        min_open=True, show_default=False)
-    use_vllm: bool = setting(False, "Generate rollouts with TRL's colocated vLLM (needs vllm and a GPU).")
+    rollouts: str = setting("auto", "What samples the completions: engine (gsmkit's engine: shared prefix "
+                            "encoded once, a group's prompt prefilled once), trl (TRL's model.generate), vllm "
+                            "(TRL's colocated vLLM, needs vllm and a GPU); auto: vllm on a GPU where vllm is "
+                            "installed, else engine.", choices=ROLLOUTS)
+    rollout_batch_size: int = setting(64, "Most completions the engine decodes at once (--rollouts engine).",
+                                      min=1)
+    use_vllm: bool = setting(False, "Same as --rollouts vllm (kept for older scripts).")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -111,6 +120,7 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, GrpoLoraOptions, GrpoTra
             raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other")
+        resolve_rollouts(self.rollouts, self.use_vllm, "cpu")  # a contradiction fails here
         if self.init_adapter is not None and self.target_modules:
             raise ConfigError("--target-modules does not apply with --init-adapter",
                               hint="the adapter's own modules train")
@@ -204,7 +214,7 @@ def train_grpo(
     resume_from = check_run_folder(out, finished_marker(out), settings.resume, settings.overwrite,
                                    fingerprint, inputs=(settings.model, settings.data, settings.pool,
                                                         settings.init_adapter))
-    if settings.use_vllm:
+    if settings.use_vllm or settings.rollouts == "vllm":
         from gsmkit.generation import check_vllm_available
 
         check_vllm_available()
@@ -232,6 +242,7 @@ def train_grpo(
 
     set_seed(settings.seed)
     loaded = load_model(settings.model_spec(), for_training=True)
+    rollouts = resolve_rollouts(settings.rollouts, settings.use_vllm, loaded.device.type)
     # The adapter is attached after the k-bit preparation, which freezes every parameter it finds.
     model = prepare_base(loaded.model, settings.load_in_4bit, settings.checkpointing)
     peft_config = None
@@ -256,18 +267,29 @@ def train_grpo(
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
         num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
         temperature=settings.temperature, top_p=settings.top_p, beta=settings.beta,
-        reward_weights=list(weights.values()), use_vllm=settings.use_vllm, vllm_mode="colocate",
+        reward_weights=list(weights.values()), use_vllm=rollouts == "vllm", vllm_mode="colocate",
         log_completions=False,  # completions stay out of the terminal; they are in no log either
     )
+    rollout_func = None
+    if rollouts == "engine":
+        from gsmkit.training.rollouts import EngineRollouts
+
+        rollout_func = EngineRollouts(tokenizer, max_new_tokens=settings.max_completion_length,
+                                      temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                                      batch_size=settings.rollout_batch_size)
     trainer = GRPOTrainer(
         model=model, reward_funcs=make_reward_funcs(fmt, list(weights)), args=config,
         train_dataset=Dataset.from_list(dataset_rows), processing_class=tokenizer, peft_config=peft_config,
+        rollout_func=rollout_func,
         callbacks=log_callbacks(log_path, on_log, on_step) + time_limit_callbacks(settings.time_limit_s),
     )
     from transformers.trainer_callback import PrinterCallback
 
     # logs go to trainer_log.jsonl and the progress bar; stdout stays for --json
     trainer.remove_callback(PrinterCallback)
+    from gsmkit.training.rollouts import log_rollout_time
+
+    log_rollout_time(trainer)  # rollout_time beside step_time in trainer_log.jsonl
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if trainable == 0:  # a bug, never a silent run that trains nothing
         raise RuntimeError("no trainable parameter: the adapter was frozen")
@@ -282,6 +304,7 @@ def train_grpo(
     rewarded = [r for r in logs if "reward" in r]
     if trainer.is_world_process_zero():
         resolved = {"style": style, "answer_format": fmt, "k": settings.k, "reward_weights": weights,
+                    "rollouts": rollouts, "rollout_engine_stats": getattr(rollout_func, "stats", None),
                     "lora_targets": list(targets), "gradient_checkpointing": settings.checkpointing,
                     "dtype": str(loaded.dtype), "device": str(loaded.device), "fewshot_pool": pool.origin,
                     "removed_fewshot": len(removed), "removed_fewshot_hashes": sorted(removed),
