@@ -1,4 +1,6 @@
-"""A short GRPO run on SmolLM2-135M-Instruct: the reward curve, and the format and correctness rewards
+"""GRPO on SmolLM2-135M-Instruct, two benchmarks.
+
+`learning` (the default): a short GRPO run, the reward curve, and the format and correctness rewards
 on held-out GSM8K test problems before and after.
 
 Steps (all through the gsmkit CLI, so the numbers are what a user gets):
@@ -9,10 +11,19 @@ Steps (all through the gsmkit CLI, so the numbers are what a user gets):
 Each evaluation's completions are scored with the very reward functions GRPO trains on
 (`gsmkit.training.rewards`), so "before" and "after" are in the units of the reward curve.
 
+`rollouts`: the same GRPO run twice in one benchmark, once with completions sampled by gsmkit's engine
+(`--rollouts engine`) and once by TRL's default `model.generate` (`--rollouts trl`): same model, prompts,
+group size, lengths, learning rate and seed, `--steps` optimizer steps each, run one after the other
+(never at the same time). Per path: seconds per step, split into rollout (`rollout_time` in the log) and
+update (the rest of TRL's `step_time`), completion tokens per second of the rollouts, and the reward
+curve; then the speed ratio.
+
 Run from the project root:
     python benchmarks/train_grpo.py --out bench-out/train_grpo --init-adapter bench-out/train_learning/sft
     python benchmarks/train_grpo.py --out bench-out/train_grpo --minutes 1 --eval-problems 4   # quick check
-Writes `<out>/results.json` and `<out>/grpo/reward_curve.png`.
+    python benchmarks/train_grpo.py rollouts --out bench-out/grpo_rollouts --steps 10
+Writes `<out>/results.json` and `<out>/grpo/reward_curve.png` (learning), `<out>/results.json` and
+`<out>/<path>/trainer_log.jsonl` (rollouts).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ console = Console(stderr=True)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", choices=("learning", "rollouts"), default="learning")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, default=ROOT / "bench-out" / "smollm2-hf")
     p.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
@@ -59,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--eval-problems", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--steps", type=int, default=10, help="rollouts: optimizer steps of each run")
+    p.add_argument("--k", type=int, default=2, help="rollouts: few-shot exemplars in each prompt")
+    p.add_argument("--temperature", type=float, default=1.0)
     return p.parse_args(argv)
 
 
@@ -80,6 +95,81 @@ def reward_means(predictions: Path, style: str) -> dict[str, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return rollouts(args) if args.mode == "rollouts" else learning(args)
+
+
+def step_rows(trainer_log: Path) -> list[dict[str, float]]:
+    """Per optimizer step of a `train grpo` log: step, reward, step / rollout / update seconds, completion
+    tokens (mean length x completions of the step, read from the manifest's resolved settings)."""
+    log = [json.loads(x) for x in trainer_log.read_text().splitlines() if x.strip()]
+    manifest = json.loads((trainer_log.parent / "manifest.json").read_text())
+    per_step = manifest["resolved"]["completions_per_step"]
+    rows = []
+    for r in log:
+        if "reward" not in r:
+            continue
+        rows.append({"step": r["step"], "reward": r["reward"], "step_s": r["step_time"],
+                     "rollout_s": r["rollout_time"], "update_s": r["step_time"] - r["rollout_time"],
+                     "completion_tokens": r["completions/mean_length"] * per_step})
+    return rows
+
+
+def summarise(rows: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
+    n = len(rows)
+    total = {k: sum(r[k] for r in rows) for k in ("step_s", "rollout_s", "update_s", "completion_tokens")}
+    return {"steps": n, "wall_s": round(wall_s, 1), "s_per_step": total["step_s"] / n,
+            "rollout_s_per_step": total["rollout_s"] / n, "update_s_per_step": total["update_s"] / n,
+            "completion_tokens_per_s": total["completion_tokens"] / total["rollout_s"],
+            "mean_reward": sum(r["reward"] for r in rows) / n, "curve": rows}
+
+
+def rollouts(args: argparse.Namespace) -> int:
+    """Engine rollouts against TRL's default generation: the same run, one after the other."""
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir.resolve()
+    ensure_hf_model(model_dir)
+    gsmkit = gsmkit_command()
+    pool = out / "pool.jsonl"
+    if not pool.exists():
+        seconds, rc = run_timed([*gsmkit, "fewshot", "--data", str(args.gsm8k_dir), "--out", str(pool)],
+                                out / "logs" / "fewshot.log")
+        if rc:
+            raise SystemExit(tail(out / "logs" / "fewshot.log"))
+    results: dict[str, Any] = {"benchmark": "train_grpo rollouts",
+                               "settings": {k: str(v) for k, v in vars(args).items()},
+                               "machine": machine_info(), "commands": {}, "paths": {}}
+    for path in ("engine", "trl"):
+        cmd = [*gsmkit, "train", "grpo", "--model", str(model_dir), "--data", str(args.gsm8k_dir),
+               "--pool", str(pool), "--k", str(args.k), "--style", args.style,
+               "--train-samples", str(args.train_samples), "--num-generations", str(args.num_generations),
+               "--prompts-per-step", str(args.prompts_per_step),
+               "--max-completion-length", str(args.max_completion_length),
+               "--temperature", str(args.temperature),
+               "--learning-rate", str(args.learning_rate), "--max-steps", str(args.steps),
+               "--seed", str(args.seed), "--rollouts", path, "--out", str(out / path),
+               "--overwrite", "--json"]
+        results["commands"][path] = cmd
+        console.print(f"[bold]train grpo --rollouts {path}[/bold]: {args.steps} steps")
+        seconds, rc = run_timed(cmd, out / "logs" / f"{path}.log")
+        if rc:
+            raise SystemExit(tail(out / "logs" / f"{path}.log"))
+        results["paths"][path] = summarise(step_rows(out / path / "trainer_log.jsonl"), seconds)
+    e, t = results["paths"]["engine"], results["paths"]["trl"]
+    results["speedup_steps_per_s"] = t["s_per_step"] / e["s_per_step"]
+    results["speedup_rollout"] = t["rollout_s_per_step"] / e["rollout_s_per_step"]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, r in results["paths"].items():
+        console.print(f"{name:>6}: {r['s_per_step']:.1f} s/step (rollout {r['rollout_s_per_step']:.1f} s, "
+                      f"update {r['update_s_per_step']:.1f} s), "
+                      f"{r['completion_tokens_per_s']:.0f} completion tokens/s, "
+                      f"mean reward {r['mean_reward']:.3f}")
+    console.print(f"engine / trl: {results['speedup_steps_per_s']:.2f}x steps per second, "
+                  f"{results['speedup_rollout']:.2f}x rollouts; results in {out / 'results.json'}")
+    return 0
+
+
+def learning(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir.resolve()

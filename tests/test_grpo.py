@@ -144,7 +144,8 @@ def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_
     log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "reward" in r] == [1, 2]
     assert all("rewards/correctness/mean" in r for r in log if "reward" in r)
-    assert all(0 < r["rollout_time"] < r["step_time"] for r in log if "reward" in r)  # generation is in the step
+    # generation is part of the step
+    assert all(0 < r["rollout_time"] < r["step_time"] for r in log if "reward" in r)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "train grpo" and manifest["resolved"]["reward_weights"] == DEFAULT_WEIGHTS
     assert manifest["resolved"]["removed_fewshot"] > 0
@@ -283,7 +284,8 @@ def recorded_rollouts(monkeypatch):
 
 
 @pytest.mark.usefixtures("varied_reward")
-def test_engine_rollouts_are_the_policys_own_samples(tmp_path, tiny_model_dir, small_gsm8k, recorded_rollouts):
+def test_engine_rollouts_are_the_policys_own_samples(tmp_path, tiny_model_dir, small_gsm8k,
+                                                     recorded_rollouts):
     """TRL gets, per step, num_generations completions of each prompt with the log-probabilities of the
     policy of that step (a re-scoring pass agrees), ending on the end-of-sequence token where they stop."""
     out = tmp_path / "eng"

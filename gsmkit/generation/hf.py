@@ -152,7 +152,8 @@ class HFEngine:
 
     # -- sampling ------------------------------------------------------------------------------------
 
-    def _choose(self, logits, rows: Sequence[_Row], settings: SamplingSettings) -> tuple[list[int], list[float]]:
+    def _choose(self, logits, rows: Sequence[_Row],
+                settings: SamplingSettings) -> tuple[list[int], list[float]]:
         """The next token of each row, and (with `settings.logprobs`, else []) its log-probability under
         softmax(logits / temperature), before top-k or top-p: what a re-scoring pass computes."""
         import torch
@@ -240,7 +241,8 @@ class HFEngine:
             full = len(row.tokens) >= settings.max_new_tokens
             if not settings.stop and not full:
                 return None  # no stop string to look for: nothing to decode until the row ends
-            text, hit = cut_at_stop(self.tokenizer.decode(row.tokens, skip_special_tokens=True), settings.stop)
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            text, hit = cut_at_stop(text, settings.stop)
             if hit or full:
                 return ended(row, row.tokens, text, "stop" if hit else "length")
             return None

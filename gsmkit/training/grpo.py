@@ -107,7 +107,8 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, GrpoLoraOptions, GrpoTra
                                        "training, and save (at most --max-steps).", min=0.0,
                                        min_open=True, show_default=False)
     rollouts: str = setting("auto", "What samples the completions: engine (gsmkit's engine: shared prefix "
-                            "encoded once, a group's prompt prefilled once), trl (TRL's model.generate), vllm "
+                            "encoded once, a group's prompt prefilled once), trl (TRL's model.generate), "
+                            "vllm "
                             "(TRL's colocated vLLM, needs vllm and a GPU); auto: vllm on a GPU where vllm is "
                             "installed, else engine.", choices=ROLLOUTS)
     rollout_batch_size: int = setting(64, "Most completions the engine decodes at once (--rollouts engine).",
@@ -275,7 +276,8 @@ def train_grpo(
         from gsmkit.training.rollouts import EngineRollouts
 
         rollout_func = EngineRollouts(tokenizer, max_new_tokens=settings.max_completion_length,
-                                      temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                                      temperature=settings.temperature, top_p=settings.top_p,
+                                      seed=settings.seed,
                                       batch_size=settings.rollout_batch_size)
     trainer = GRPOTrainer(
         model=model, reward_funcs=make_reward_funcs(fmt, list(weights)), args=config,

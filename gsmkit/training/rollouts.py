@@ -98,8 +98,10 @@ class EngineRollouts:
             self.stats[name] = self.stats.get(name, 0) + value
         ordered = [results[(req.key, i)] for req in requests for i in range(req.num_samples)]
         self.last = ordered
-        completions = [list(r.token_ids) + ([r.end_token] if r.end_token is not None else []) for r in ordered]
-        return {"prompt_ids": ids, "completion_ids": completions, "logprobs": [list(r.logprobs) for r in ordered]}
+        completions = [list(r.token_ids) + ([r.end_token] if r.end_token is not None else [])
+                       for r in ordered]
+        return {"prompt_ids": ids, "completion_ids": completions,
+                "logprobs": [list(r.logprobs) for r in ordered]}
 
 
 def log_rollout_time(trainer: Any) -> None:
@@ -116,7 +118,8 @@ def log_rollout_time(trainer: Any) -> None:
     def timed(prompts):
         start = time.perf_counter()
         out = generate(prompts)
-        metrics["train" if trainer.model.training else "eval"]["rollout_time"].append(time.perf_counter() - start)
+        mode = "train" if trainer.model.training else "eval"
+        metrics[mode]["rollout_time"].append(time.perf_counter() - start)
         return out
 
     trainer._generate = timed
