@@ -123,13 +123,18 @@ def summarise(rows: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
             "mean_reward": sum(r["reward"] for r in rows) / n, "curve": rows}
 
 
-def rollouts(args: argparse.Namespace) -> int:
-    """Engine rollouts against TRL's default generation: the same run, one after the other."""
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[str]]:
+    """Both benchmarks' start: the output folder, the float32 model folder (made once), the gsmkit command."""
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir.resolve()
     ensure_hf_model(model_dir)
-    gsmkit = gsmkit_command()
+    return out, model_dir, gsmkit_command()
+
+
+def rollouts(args: argparse.Namespace) -> int:
+    """Engine rollouts against TRL's default generation: the same run, one after the other."""
+    out, model_dir, gsmkit = prepare(args)
     pool = out / "pool.jsonl"
     if not pool.exists():
         seconds, rc = run_timed([*gsmkit, "fewshot", "--data", str(args.gsm8k_dir), "--out", str(pool)],
@@ -170,11 +175,7 @@ def rollouts(args: argparse.Namespace) -> int:
 
 
 def learning(args: argparse.Namespace) -> int:
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model_dir.resolve()
-    ensure_hf_model(model_dir)
-    gsmkit = gsmkit_command()
+    out, model_dir, gsmkit = prepare(args)
     logs = out / "logs"
     results: dict[str, Any] = {"benchmark": "train_grpo",
                                "settings": {k: str(v) for k, v in vars(args).items()},
