@@ -106,6 +106,9 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingO
     batch_size: int = setting(8, "Rows per device per step.", min=1)
     max_length: int = setting(512, "Max tokens per example; the prompt is cut first.", min=8)
     max_samples: int | None = setting(None, "Use only the first N training rows.", min=1, show_default=False)
+    loss_chunk: int = setting(1024, "The LM head and cross-entropy run only on the positions with a label "
+                              "(the response), this many at a time, so no [batch, length, vocab] logits are "
+                              "held; 0 = the model's own loss over every position's logits.", min=0)
     group_by_length: bool = setting(True, "Batch rows of similar length together (less padding).", cli=False)
     save_total_limit: int | None = setting(None, "Keep at most this many checkpoints.", min=1,
                                            show_default=False)

@@ -42,9 +42,10 @@ def finished_marker(out: Path, full: bool = False) -> Path:
 
 
 # What a resumed run may change: how long it trains, what it saves and logs, and what runs after it.
+# `loss_chunk` changes how the loss is computed, not its value.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "max_steps", "epochs", "time_limit", "save_steps",
-                     "save_total_limit", "logging_steps", "eval_limit", "eval_data", "eval_max_new_tokens",
-                     "sweep_last", "preset")
+                     "save_total_limit", "logging_steps", "loss_chunk", "eval_limit", "eval_data",
+                     "eval_max_new_tokens", "sweep_last", "preset")
 
 
 def training_fingerprint(settings: Any) -> dict[str, Any]:

@@ -161,8 +161,11 @@ def train(
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",  # real tokens, the numerator of the tokens/s we report
     )
+    from gsmkit.training.loss import response_loss
+
+    loss = response_loss(model, settings.loss_chunk)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=PadCollator(tokenizer.pad_token_id),
+                      data_collator=PadCollator(tokenizer.pad_token_id), compute_loss_func=loss,
                       callbacks=log_callbacks(log_path, on_log, on_step))
     from transformers.trainer_callback import PrinterCallback
 
@@ -180,6 +183,7 @@ def train(
     if trainer.is_world_process_zero():
         resolved = {"style": style, "k": settings.k, "lora_targets": targets,
                     "gradient_checkpointing": settings.checkpointing, "dtype": str(loaded.dtype),
+                    "loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
                     "device": str(loaded.device), "fewshot_pool": pool_origin,
                     "removed_fewshot": len(removed),
                     "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
