@@ -3,6 +3,8 @@
 The options are the fields of `TrainSettings` and `GrpoSettings` (`command_from`): each default, bound and
 help is declared once, on the field. `sft` and `qlora` get only the flags actually given, so that a
 `--preset` or `--config` value is overridden by a flag alone (`training.config.resolve_settings`).
+Under `accelerate launch` or `torchrun` every process trains; only the main one draws the bars and prints the
+summary (or the --json line).
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int
         _show_masking(settings, show_masking, console)
         return
     from gsmkit.recipes import train_and_evaluate
+    from gsmkit.training.outputs import is_main_process
 
     mode = settings.mode
+    main = is_main_process()
     last: dict = {}
     init_bars: dict[str, ProgressTask] = {}  # --init-lora's stages, one bar each, closed before the next
 
@@ -87,10 +91,10 @@ def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int
             for other in init_bars.values():
                 other.close()
             init_bars[stage] = ProgressTask(f"init-lora {settings.init_lora}: {stage}", INIT_UNITS[stage],
-                                            console)
+                                            console, disable=not main)
         init_bars[stage].update(done, total)
 
-    with ProgressTask(f"train {mode}", "steps", console) as bar:
+    with ProgressTask(f"train {mode}", "steps", console, disable=not main) as bar:
 
         def on_start(total: int) -> None:
             for other in init_bars.values():
@@ -106,6 +110,8 @@ def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int
         finally:
             for other in init_bars.values():
                 other.close()
+    if not main:
+        return
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -150,15 +156,19 @@ def grpo(settings: GrpoSettings, json_out: JsonOpt = False) -> None:
     """
     from gsmkit.progress import ProgressTask, stderr_console
     from gsmkit.training.grpo import train_grpo
+    from gsmkit.training.outputs import is_main_process
 
     console = stderr_console()
+    main = is_main_process()
     last: dict = {}
-    with ProgressTask("train grpo", "steps", console) as bar:
+    with ProgressTask("train grpo", "steps", console, disable=not main) as bar:
 
         def on_step(step: int, total: int) -> None:
             bar.update(step, total, f"train grpo reward {_logged(last, 'reward')}")
 
         result = train_grpo(settings, on_start=bar.start, on_step=on_step, on_log=last.update)
+    if not main:
+        return
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
         return

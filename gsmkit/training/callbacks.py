@@ -1,5 +1,8 @@
-"""Trainer callbacks shared by every training run: the JSONL log written as training goes, and the
-wall-clock budget (`--time-limit`).
+"""Trainer callbacks shared by every training run: the JSONL log written as training goes (by the main
+process of a launch only), and the wall-clock budget (`--time-limit`).
+
+Before the first step the log's callback also checks the launch: an `accelerate launch` config that asks
+for FSDP, where accelerate runs plain DDP instead (its CPU processes), is an error, not a silent fallback.
 
 In: the log file and the caller's progress functions, or a budget in seconds. Out: `TrainerCallback`s
 for transformers' Trainer and TRL's GRPOTrainer (transformers is imported when they are built).
@@ -20,6 +23,9 @@ def log_callbacks(log_path: Path, on_log: Callable[[dict], None] | None = None,
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ARG002 - the Trainer's signature
+            check_launch()
+
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ARG002 - the Trainer's signature
             if not state.is_world_process_zero or not logs:
                 return
@@ -34,6 +40,25 @@ def log_callbacks(log_path: Path, on_log: Callable[[dict], None] | None = None,
                 on_step(state.global_step, state.max_steps)
 
     return [JsonlLog()]
+
+
+def check_launch() -> None:
+    """Fail when `accelerate launch` was given an FSDP config (ACCELERATE_USE_FSDP, which it sets from the
+    config) but the processes run without FSDP: accelerate shards only on GPUs (and other accelerators), and
+    runs CPU processes as plain DDP whatever the config says."""
+    import os
+
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from gsmkit.errors import ConfigError
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    if asked and AcceleratorState().distributed_type != DistributedType.FSDP:
+        raise ConfigError(
+            f"the accelerate config asks for FSDP, but accelerate runs these processes as "
+            f"{AcceleratorState().distributed_type.value} (FSDP needs GPUs; on CPUs it is plain DDP)",
+            hint="on CPUs, launch without the FSDP config: accelerate launch --multi_gpu --num_processes N")
 
 
 def time_limit_callbacks(seconds: float | None) -> list:

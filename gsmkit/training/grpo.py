@@ -302,19 +302,22 @@ def train_grpo(
     train_s = time.perf_counter() - t0
     steps = trainer.state.global_step
 
-    logs = read_log(log_path)
+    from gsmkit.training.outputs import publish_on_main
+
+    logs = read_log(log_path)  # complete on the main process, the one that reports and publishes
     rewarded = [r for r in logs if "reward" in r]
-    if trainer.is_world_process_zero():
-        resolved = {"style": style, "answer_format": fmt, "k": settings.k, "reward_weights": weights,
-                    "rollouts": rollouts, "rollout_engine_stats": getattr(rollout_func, "stats", None),
-                    "lora_targets": list(targets), "gradient_checkpointing": settings.checkpointing,
-                    "dtype": str(loaded.dtype), "device": str(loaded.device), "fewshot_pool": pool.origin,
-                    "removed_fewshot": len(removed), "removed_fewshot_hashes": sorted(removed),
-                    "train_problems": len(rows), "trainable_params": trainable, "steps": steps,
-                    "completions_per_step": settings.prompts_per_step * settings.num_generations
-                    * settings.grad_accum,
-                    "resumed_from": str(resume_from) if resume_from else None}
-        _publish(settings, trainer, tokenizer, pool, logs, resolved)
+    resolved = {"style": style, "answer_format": fmt, "k": settings.k, "reward_weights": weights,
+                "rollouts": rollouts, "rollout_engine_stats": getattr(rollout_func, "stats", None),
+                "lora_targets": list(targets), "gradient_checkpointing": settings.checkpointing,
+                "dtype": str(loaded.dtype), "device": str(loaded.device),
+                "processes": trainer.accelerator.num_processes, "fewshot_pool": pool.origin,
+                "removed_fewshot": len(removed), "removed_fewshot_hashes": sorted(removed),
+                "train_problems": len(rows), "trainable_params": trainable, "steps": steps,
+                "completions_per_step": settings.prompts_per_step * settings.num_generations
+                * settings.grad_accum * trainer.accelerator.num_processes,
+                "resumed_from": str(resume_from) if resume_from else None}
+    publish_on_main(trainer, lambda gathered: _publish(settings, trainer, tokenizer, pool, logs, resolved,
+                                                       gathered))
     last = rewarded[-1] if rewarded else {}
     return GrpoResult(
         out=out, steps=steps, train_problems=len(rows), removed_fewshot=len(removed),
@@ -327,8 +330,9 @@ def train_grpo(
 
 
 def _publish(settings: GrpoSettings, trainer: Any, tokenizer: Any, pool: Any, logs: list[dict],
-             resolved: dict) -> None:
-    """The finished run, swapped into --out whole: adapter, tokenizer, pool, manifest, reward curve."""
+             resolved: dict, gathered: dict[str, Any]) -> None:
+    """The finished run, swapped into --out whole (on the main process): the adapter from the `gathered`
+    weights, tokenizer, pool, manifest, reward curve."""
     from gsmkit.data.gsm8k import source_file
     from gsmkit.manifest import build_manifest
     from gsmkit.training.outputs import publish_trained
@@ -343,4 +347,4 @@ def _publish(settings: GrpoSettings, trainer: Any, tokenizer: Any, pool: Any, lo
     )
 
     publish_trained(settings.out, trainer, tokenizer, pool.examples, manifest, "reward_curve.png",
-                    lambda p: plot_rewards(logs, p))
+                    lambda p: plot_rewards(logs, p), gathered)

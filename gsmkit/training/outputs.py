@@ -9,6 +9,11 @@ OUT is either the interrupted run (resumable) or the finished one, never half of
 
 A folder holding the finished marker (`adapter_config.json`, `config.json` with --full) is a finished
 run; one with `checkpoint-N/` folders but no marker is an interrupted one (--resume continues it).
+
+Several processes (`accelerate launch`, `torchrun`): every process checks OUT and finds the same checkpoint
+to resume from, but only the main one writes OUT (the log and `run.json` when the run starts, the publish
+at the end); the Trainer writes each checkpoint's per-process files. `publish_on_main` makes the others
+wait for the publish.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ CHECKPOINTS = "checkpoints"
 LOG = "trainer_log.jsonl"
 POOL = "fewshot_pool.jsonl"  # the pool the run kept out of training, beside the adapter
 SWEEP = "sweep.json"
+
+
+# The launchers' rank variables: torchrun and `accelerate launch` (RANK), mpirun (accelerate's multi-CPU)
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def is_main_process() -> bool:
+    """True on the process of a launch that writes the outputs (global rank 0), and in a plain run. Read from
+    the launcher's variables, so it is known before the trainer sets up the process group."""
+    import os
+
+    return next((int(os.environ[v]) for v in RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0) == 0
 
 
 def finished_marker(out: Path, full: bool = False) -> Path:
@@ -104,13 +121,16 @@ def start_run(out: Path, resume_from: Path | None, overwrite: bool,
     """Create OUT, record the settings a --resume must repeat (`run.json`, gone once the run is published)
     and return its log. --overwrite drops the old run's checkpoints and log (its finished files stay until
     the new run replaces the folder); a resumed run keeps the log rows up to its checkpoint (it logs the
-    later steps again); a new run starts an empty log."""
+    later steps again); a new run starts an empty log. Only the main process touches OUT; the others get
+    the log's path."""
+    log_path = out / LOG
+    if not is_main_process():
+        return log_path
     out.mkdir(parents=True, exist_ok=True)
     if fingerprint is not None:
         RunOutput.folder(out, finals=()).begin(fingerprint)
     if overwrite:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    log_path = out / LOG
     if resume_from is not None and log_path.exists():
         step = int(resume_from.name.split("-")[1])
         kept = [x for x in log_path.read_text(encoding="utf-8").splitlines()
@@ -143,15 +163,33 @@ def publish_run(out: Path, save: Callable[[Path], None], files: dict[str, Callab
         raise
 
 
+def publish_on_main(trainer: Any, publish: Callable[[dict[str, Any]], None]) -> None:
+    """End a finished Trainer's run on every process of a launch: all wait until each has finished training
+    (the last checkpoint's per-process files are written before OUT moves), all take part in gathering the
+    weights (a collective under FSDP and DeepSpeed ZeRO-3; the model's own tensors otherwise), the main
+    process calls `publish(weights)`, and the others wait for it, so that OUT is finished when any process
+    returns."""
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model  # ZeRO-3: its engine
+    weights = accelerator.get_state_dict(model)
+    if trainer.is_world_process_zero():
+        publish(weights)
+    accelerator.wait_for_everyone()
+
+
 def publish_trained(out: Path, trainer: Any, tokenizer: Any, pool: list, manifest: dict[str, Any],
-                    curve: str, draw_curve: Callable[[Path], None]) -> None:
-    """`publish_run` for a finished Trainer: the adapter (or model) and tokenizer it holds, the pool it kept
-    out of training (evaluation takes its exemplars from it), the manifest and its curve (`draw_curve`)."""
+                    curve: str, draw_curve: Callable[[Path], None],
+                    weights: dict[str, Any] | None = None) -> None:
+    """`publish_run` for a finished Trainer: the adapter (or model) and tokenizer it holds (its `weights`
+    from `publish_on_main`: the whole model's, gathered), the pool it kept out of training (evaluation takes
+    its exemplars from it), the manifest and its curve (`draw_curve`)."""
     from gsmkit.data.fewshot import write_pool
     from gsmkit.jsonl import write_json
 
     def save(folder: Path) -> None:
-        trainer.model.save_pretrained(folder, safe_serialization=True)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     publish_run(out, save, {POOL: lambda p: write_pool(p, pool), MANIFEST: lambda p: write_json(p, manifest),

@@ -17,6 +17,11 @@ group of a round is drawn from a generator seeded with (seed, step, process, j, 
 so a run resumed from a checkpoint draws the same completions for the same steps as one that was
 never interrupted.
 
+Several processes (DDP): each process samples its own prompts (TRL gives each its share of whole groups)
+with its own copy of the policy, the module under DDP's wrapper, and no collective between them, so the
+processes may decode different numbers of tokens. Under FSDP or DeepSpeed ZeRO-3 a process holds only a
+shard of the weights and every forward pass is a collective: the engine refuses (TRL's path handles it).
+
 `log_rollout_time` adds each round's seconds to the trainer's log (`rollout_time`) on every path.
 `resolve_rollouts` decides the path: `engine` (this module), `trl` (TRL's `model.generate`) or `vllm`
 (TRL's colocated vLLM); `auto` is vllm on a CUDA GPU where vllm is installed, engine everywhere else.
@@ -76,6 +81,7 @@ class EngineRollouts:
 
         from gsmkit.generation import GenRequest, HFEngine, SamplingSettings
 
+        check_whole_weights(trainer)
         ids = [prompt_token_ids(p, self.tokenizer) for p in prompts]
         groups = _groups(ids)
         step, rank = trainer.state.global_step, trainer.accelerator.process_index
@@ -102,6 +108,14 @@ class EngineRollouts:
                        for r in ordered]
         return {"prompt_ids": ids, "completion_ids": completions,
                 "logprobs": [list(r.logprobs) for r in ordered]}
+
+
+def check_whole_weights(trainer: Any) -> None:
+    """Fail where each process holds only a shard of the policy (FSDP, DeepSpeed ZeRO-3)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) or (plugin is not None and plugin.zero_stage == 3):
+        raise ConfigError("--rollouts engine needs the whole policy on each process, but FSDP or ZeRO-3 "
+                          "shards it", hint="use --rollouts trl (or vllm), or DDP / ZeRO-2")
 
 
 def log_rollout_time(trainer: Any) -> None:

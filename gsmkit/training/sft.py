@@ -180,17 +180,19 @@ def train(
     train_s = time.perf_counter() - t0
     steps = trainer.state.global_step
 
-    if trainer.is_world_process_zero():
-        resolved = {"style": style, "k": settings.k, "lora_targets": targets,
-                    "gradient_checkpointing": settings.checkpointing, "dtype": str(loaded.dtype),
-                    "loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
-                    "device": str(loaded.device), "fewshot_pool": pool_origin,
-                    "removed_fewshot": len(removed),
-                    "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
-                    "truncated_rows": sum(e.truncated for e in encoded), "trainable_params": trainable,
-                    "steps": steps, "lora_init": lora_init, "lora_ranks": ranks,
-                    "resumed_from": str(resume_from) if resume_from else None}
-        _publish(settings, trainer, tokenizer, log_path, resolved)
+    from gsmkit.training.outputs import publish_on_main
+
+    resolved = {"style": style, "k": settings.k, "lora_targets": targets,
+                "gradient_checkpointing": settings.checkpointing, "dtype": str(loaded.dtype),
+                "loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
+                "device": str(loaded.device), "processes": trainer.accelerator.num_processes,
+                "fewshot_pool": pool_origin, "removed_fewshot": len(removed),
+                "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
+                "truncated_rows": sum(e.truncated for e in encoded), "trainable_params": trainable,
+                "steps": steps, "lora_init": lora_init, "lora_ranks": ranks,
+                "resumed_from": str(resume_from) if resume_from else None}
+    publish_on_main(trainer, lambda weights: _publish(settings, trainer, tokenizer, log_path, resolved,
+                                                      weights))
     seen = tokens_seen(trainer, encoded, steps, settings.batch_size * settings.grad_accum)
     return TrainResult(
         out=out, steps=steps, train_rows=len(encoded), removed_fewshot=len(removed),
@@ -203,9 +205,11 @@ def train(
     )
 
 
-def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Path, resolved: dict) -> None:
-    """The finished run, swapped into --out whole: the adapter (or model), the tokenizer, the pool kept out
-    of training (evaluation takes its exemplars from it), the manifest and the loss curve."""
+def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Path, resolved: dict,
+             weights: dict[str, Any]) -> None:
+    """The finished run, swapped into --out whole (on the main process): the adapter (or model) from the
+    gathered `weights`, the tokenizer, the pool kept out of training (evaluation takes its exemplars from
+    it), the manifest and the loss curve."""
     from gsmkit.data.gsm8k import source_file
     from gsmkit.manifest import build_manifest
     from gsmkit.training.callbacks import read_log
@@ -221,4 +225,4 @@ def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Pa
     )
 
     publish_trained(settings.out, trainer, tokenizer, pool.examples, manifest, "loss_curve.png",
-                    lambda p: plot_loss(read_log(log_path), p))
+                    lambda p: plot_loss(read_log(log_path), p), weights)
