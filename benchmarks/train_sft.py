@@ -1,6 +1,6 @@
 """Training benchmarks for `gsmkit train sft | qlora` on SmolLM2-135M-Instruct (CPU, float32).
 
-Two parts, each run as separate processes so timings and peak memory do not leak between tools:
+Three parts, each run as separate processes so timings and peak memory do not leak between tools:
 
 speed     `gsmkit train sft` against a plain TRL `SFTTrainer` script with the same model, rows
           (GSM8K train minus the few-shot pool, as chat prompt/completion), LoRA (r=16, alpha=32,
@@ -8,12 +8,18 @@ speed     `gsmkit train sft` against a plain TRL `SFTTrainer` script with the sa
           checkpointing (off in both unless --gc; TRL's own default is on). Reported:
           real (non-padding) training tokens per second, as counted by transformers' Trainer
           (`include_num_input_tokens_seen="non_padding"`) over `trainer.train()`, and peak RSS.
+memory    what the peak of `train sft`'s first (longest) batch is made of, from the step as it was (the
+          model's own loss over full logits, PEFT's nn.Dropout, glibc's default mmap threshold) to the
+          step as `train sft` runs it, one saving at a time: resident memory after loading and after the
+          forward pass, the bytes autograd keeps for the backward pass by kind (full-vocabulary logits,
+          attention matrices, other activations), peak RSS, seconds of the forward and backward pass.
 learning  `--steps` optimizer steps of `train sft` and of `train qlora`; mean response-only loss and
           perplexity on `--eval-rows` GSM8K *test* answers (chat style, the answer and end-of-turn
           tokens scored) before and after, each adapter scored on the base it was trained with.
 
 Run from the project root:
     python benchmarks/train_sft.py speed --out bench-out/train_speed --steps 8
+    python benchmarks/train_sft.py memory --out bench-out/train_memory --rows 128
     python benchmarks/train_sft.py learning --out bench-out/train_learning --steps 200 --batch-size 2 \
         --max-length 384 [--seeds 1 2]
 Writes `<out>/results.json` and prints a table.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,6 +141,107 @@ def run_speed(args, model_dir: Path, rows: Path, pool: Path) -> dict:
     g, t = results["gsmkit"], results["trl"]
     results["ratio_tokens_per_s"] = g["tokens_per_s"] / t["tokens_per_s"]
     return results
+
+
+# memory: each saving of `train sft` added in turn, from the step as it was (the model's own loss over full
+# logits, PEFT's nn.Dropout, glibc's default mmap threshold) to the step as `train sft` runs it
+MEMORY_STEPS = (("before", ["--loss-chunk", "0", "--plain-dropout", "--default-malloc"]),
+                ("+ chunked loss", ["--plain-dropout", "--default-malloc"]),
+                ("+ lean LoRA dropout", ["--default-malloc"]),
+                ("+ 4 MB mmap threshold (train sft)", []))
+
+
+def run_memory(args, *_paths: Path) -> dict:
+    """What the peak of one training step is made of: each configuration of `MEMORY_STEPS` in a fresh
+    process (`memory-step`), on the batch that sets `train sft`'s peak."""
+    results = {}
+    for i, (name, flags) in enumerate(MEMORY_STEPS):
+        log = args.out / "logs" / f"memory_{i}.log"
+        cmd = [sys.executable, __file__, "memory-step", "--out", str(args.out), "--batch-size",
+               str(args.batch_size), "--max-length", str(args.max_length), "--rows", str(args.rows), *flags]
+        code = run_timed(cmd, log)[1]
+        if code != 0:
+            raise SystemExit(f"memory step ({name}) failed ({code}):\n{tail(log)}")
+        results[name] = {"command": cmd, **last_json(log)}
+    return results
+
+
+def memory_step(args, model_dir: Path, rows: Path, pool: Path) -> dict:
+    """One forward and backward of the batch `train sft` starts with (length grouping puts the longest rows
+    first: the run's peak), through gsmkit's own model loading, LoRA, loss and allocator setting (each of
+    the last three can be turned back to the plain one). Measured: resident memory after loading and after
+    the forward pass, the bytes autograd keeps for the backward pass by kind (full-vocabulary logits,
+    attention matrices, other activations), and the process's peak."""
+    import resource
+
+    import torch
+
+    from gsmkit.modeling import load_model, load_tokenizer
+    from gsmkit.training.collate import PadCollator
+    from gsmkit.training.config import TrainSettings
+    from gsmkit.training.lora import add_lora, prepare_base
+    from gsmkit.training.loss import response_loss
+    from gsmkit.training.memory import return_freed_memory
+    from gsmkit.training.sft import prepare_examples
+
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    settings = TrainSettings(model=str(model_dir), out=args.out / "unused", data=str(rows), pool=pool,
+                             max_length=args.max_length, batch_size=args.batch_size, lora_r=LORA["r"],
+                             lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             loss_chunk=args.loss_chunk, gradient_checkpointing=False)
+    tokenizer = load_tokenizer(settings.model)
+    encoded = prepare_examples(settings, tokenizer)[0]
+    loaded = load_model(settings.model_spec(), for_training=True)
+    mmap_threshold = None if args.default_malloc else return_freed_memory(loaded.device)
+    model, _ = add_lora(prepare_base(loaded.model, False, False), settings)
+    if args.plain_dropout:  # PEFT's own nn.Dropout back in place of train sft's lean one
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name in list(dropouts):
+                    dropouts[name] = torch.nn.Dropout(dropouts[name].p)
+    model.train()
+    after_load = rss_mb()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    longest = sorted(encoded, key=lambda e: len(e.input_ids), reverse=True)[: args.batch_size]
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels}
+                                                  for e in longest])
+    n = batch["labels"][:, 1:].ne(-100).sum()
+    vocab, width = model.config.vocab_size, batch["input_ids"].shape[1]
+    kept: dict[int, tuple[str, int]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kind = ("logits" if t.dim() and t.shape[-1] == vocab else
+                    "attention" if t.dim() >= 2 and tuple(t.shape[-2:]) == (width, width) else "activations")
+            kept[storage.data_ptr()] = (kind, storage.nbytes())
+        return t
+
+    loss_fn = response_loss(model, args.loss_chunk)
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if loss_fn is None:
+            loss = model(**batch, num_items_in_batch=n).loss
+        else:
+            loss = loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                           batch["labels"], num_items_in_batch=n)
+    after_forward = rss_mb()
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    by_kind = {k: round(sum(b for kind, b in kept.values() if kind == k) / 2**20, 1)
+               for k in ("logits", "attention", "activations")}
+    summary = {"malloc_mmap_threshold": mmap_threshold, "batch": list(batch["input_ids"].shape),
+               "real_tokens": int(batch["attention_mask"].sum()),
+               "scored_tokens": int(n), "loss": float(loss), "rss_after_load_mb": round(after_load, 1),
+               "rss_after_forward_mb": round(after_forward, 1),
+               "kept_for_backward_mb": by_kind, "kept_for_backward_total_mb": round(sum(by_kind.values()), 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "forward_backward_s": round(seconds, 2)}
+    print(json.dumps(summary))
+    return summary
 
 
 def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
@@ -265,7 +373,7 @@ def plot_learning(results: dict, png: Path, window: int = 4) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["speed", "learning"])
+    parser.add_argument("part", choices=["speed", "memory", "learning", "memory-step"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     parser.add_argument("--steps", type=int, default=8)
@@ -274,6 +382,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rows", type=int, default=2048, help="training rows (GSM8K train minus the pool)")
     parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="memory-step: train sft's --loss-chunk")
+    parser.add_argument("--plain-dropout", action="store_true", help="memory-step: PEFT's nn.Dropout")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="memory-step: glibc's own mmap threshold")
     parser.add_argument("--gc", action="store_true",
                         help="gradient checkpointing in both tools (TRL's default)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42],
@@ -297,8 +409,11 @@ def main() -> None:
     if code != 0:
         raise SystemExit("gsmkit fewshot failed")
     rows = prepare_rows(args.gsm8k_dir, pool, args.out, args.rows)
-    run_part = run_speed if args.part == "speed" else run_learning
-    results = run_part(args, model_dir, rows, pool)
+    run_part = {"speed": run_speed, "memory": run_memory, "learning": run_learning,
+                "memory-step": memory_step}
+    results = run_part[args.part](args, model_dir, rows, pool)
+    if args.part == "memory-step":
+        return
     record = {"benchmark": f"train_{args.part}", "settings": {k: str(v) for k, v in vars(args).items()},
               "machine": machine_info(), "results": results}
     (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str))

@@ -239,10 +239,13 @@ def train_grpo(
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from gsmkit.training.lora import find_lora_targets, lora_config, prepare_base
+    from gsmkit.training.lora import find_lora_targets, lean_dropout, lora_config, prepare_base
 
     set_seed(settings.seed)
     loaded = load_model(settings.model_spec(), for_training=True)
+    from gsmkit.training.memory import return_freed_memory
+
+    mmap_threshold = return_freed_memory(loaded.device)
     rollouts = resolve_rollouts(settings.rollouts, settings.use_vllm, loaded.device.type)
     # The adapter is attached after the k-bit preparation, which freezes every parameter it finds.
     model = prepare_base(loaded.model, settings.load_in_4bit, settings.checkpointing)
@@ -292,6 +295,7 @@ def train_grpo(
     from gsmkit.training.rollouts import log_rollout_time
 
     log_rollout_time(trainer)  # rollout_time beside step_time in trainer_log.jsonl
+    lean_dropout(trainer.model)  # the adapter TRL attached, or the --init-adapter one
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if trainable == 0:  # a bug, never a silent run that trains nothing
         raise RuntimeError("no trainable parameter: the adapter was frozen")
@@ -310,6 +314,7 @@ def train_grpo(
                 "rollouts": rollouts, "rollout_engine_stats": getattr(rollout_func, "stats", None),
                 "lora_targets": list(targets), "gradient_checkpointing": settings.checkpointing,
                 "dtype": str(loaded.dtype), "device": str(loaded.device),
+                "malloc_mmap_threshold": mmap_threshold,
                 "processes": trainer.accelerator.num_processes, "fewshot_pool": pool.origin,
                 "removed_fewshot": len(removed), "removed_fewshot_hashes": sorted(removed),
                 "train_problems": len(rows), "trainable_params": trainable, "steps": steps,

@@ -155,13 +155,42 @@ def lora_config(settings: Any, targets: Sequence[str]) -> Any:
 
 
 def add_lora(model: Any, settings: Any) -> tuple[Any, list[str]]:
-    """The PEFT model with a fresh adapter on the targets present; and those targets."""
+    """The PEFT model with a fresh adapter on the targets present (its dropout made lean); and those
+    targets."""
     from peft import get_peft_model
 
     targets = find_lora_targets(model, settings.target_modules)
     if getattr(settings, "rank_pattern", None) is not None:
         check_rank_pattern(model, targets, read_rank_pattern(settings.rank_pattern))
-    return get_peft_model(model, lora_config(settings, targets)), targets
+    return lean_dropout(get_peft_model(model, lora_config(settings, targets))), targets
+
+
+def lean_dropout(model: Any) -> Any:
+    """Every LoRA dropout of `model` (PEFT's `lora_dropout` modules) as `torch.native_dropout`, which keeps a
+    one-byte mask for the backward pass. On CPU, `nn.Dropout` keeps a float32 noise tensor and its input
+    (8 bytes per element): 2.1 GB of SmolLM2-135M's 7.8 GB of activations at batch 8 x 468. The same
+    dropout (probability, scaling, on in training only); on CUDA nn.Dropout already runs this kernel."""
+    import torch
+
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout:
+                    dropouts[name] = _mask_dropout()(dropout.p)
+    return model
+
+
+def _mask_dropout() -> type:
+    import torch
+
+    class MaskDropout(torch.nn.Dropout):
+        def forward(self, x: Any) -> Any:
+            if not self.training or self.p == 0:
+                return x
+            return torch.native_dropout(x, self.p, True)[0]
+
+    return MaskDropout
 
 
 def lora_ranks(peft_model: Any, settings: Any) -> dict[str, dict[str, float]] | None:

@@ -15,6 +15,10 @@ backward pass is a multiplication by the upstream gradient; no chunk's logits ou
 Peak memory of the loss: one chunk's `[chunk, vocab]` float32 logits (about 200 MB for 1024 positions of
 a 49k vocabulary) instead of four tensors of the whole batch's.
 
+Why not TRL's `add_fused_lm_head` (what `SFTTrainer` and `GRPOTrainer` use): off Triton devices it scores
+every position, prompt and padding included, and it recomputes each tile's logits in the backward pass;
+here only the labelled positions are scored, once. `train grpo` keeps TRL's (its loss is TRL's).
+
 Where the model's head is not a plain linear map of the last hidden state (soft-capped or scaled logits,
 a LoRA-wrapped head, MoE router losses, no `logits_to_keep`), `response_loss` returns None and the run
 keeps the model's own loss.

@@ -125,9 +125,11 @@ def train(
     from transformers import Trainer, set_seed
 
     from gsmkit.training.lora import add_lora, initialise_lora, lora_ranks, prepare_base
+    from gsmkit.training.memory import return_freed_memory
 
     set_seed(settings.seed)
     loaded = load_model(settings.model_spec(), for_training=True)
+    mmap_threshold = return_freed_memory(loaded.device)
     model = loaded.model
     targets: list[str] = []
     lora_init: dict[str, Any] | None = None
@@ -185,6 +187,7 @@ def train(
     resolved = {"style": style, "k": settings.k, "lora_targets": targets,
                 "gradient_checkpointing": settings.checkpointing, "dtype": str(loaded.dtype),
                 "loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
+                "malloc_mmap_threshold": mmap_threshold,
                 "device": str(loaded.device), "processes": trainer.accelerator.num_processes,
                 "fewshot_pool": pool_origin, "removed_fewshot": len(removed),
                 "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),

@@ -1,5 +1,6 @@
-"""The response-only chunked loss (`training.loss`): the same loss and gradients as the model's own
-`ForCausalLMLoss`, without the full-vocabulary logits of every position."""
+"""What a training step keeps in memory: the response-only chunked loss (`training.loss`, the same loss
+and gradients as the model's own `ForCausalLMLoss` without the full-vocabulary logits of every position),
+the lean LoRA dropout (`training.lora.lean_dropout`) and the CPU allocator setting (`training.memory`)."""
 
 from __future__ import annotations
 
@@ -151,3 +152,59 @@ def test_train_sft_logs_the_same_losses_with_and_without_chunks(tmp_path, tiny_m
     assert mine == pytest.approx(plain, abs=1e-4)  # the log rounds to 4 significant digits
     for name, w in mine_w.items():
         assert torch.allclose(w, plain_w[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_lora_dropout_keeps_a_byte_mask_and_is_the_same_dropout():
+    """`lean_dropout`: the same inverted dropout (probability, 1 / (1 - p) scaling, off in eval), keeping a
+    bool mask for the backward pass instead of nn.Dropout's float noise and input."""
+    from peft import LoraConfig, get_peft_model
+
+    from gsmkit.training.lora import lean_dropout
+
+    model = lean_dropout(get_peft_model(_tiny(), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.25,
+                                                            task_type="CAUSAL_LM")))
+    dropouts = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts and all(type(d) is not torch.nn.Dropout and d.p == 0.25 for d in dropouts)
+    drop = dropouts[0].train()
+    x = torch.rand(200, 300) + 1.0
+    x.requires_grad_(True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = drop(x)
+    assert [t.dtype for t in kept] == [torch.bool]  # the mask only
+    zero = y == 0
+    assert 0.22 < float(zero.float().mean()) < 0.28
+    assert torch.allclose(y[~zero], x[~zero] / 0.75)
+    y.sum().backward()
+    assert torch.allclose(x.grad, (~zero).float() / 0.75)
+    assert drop.eval()(x) is x
+
+
+def test_freed_activations_go_back_to_the_system(tmp_path):
+    """After `return_freed_memory`, freed blocks of 4 MB and more leave the resident set; with glibc's own
+    growing threshold they stay (so the test fails without the call)."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys, torch\n"
+        "from pathlib import Path\n"
+        "def rss():\n"
+        "    pages = int(Path('/proc/self/statm').read_text().split()[1])\n"
+        "    return pages * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
+        "if sys.argv[1] == '1':\n"
+        "    from gsmkit.training.memory import return_freed_memory\n"
+        "    assert return_freed_memory(torch.device('cpu')) == 4 * 2**20\n"
+        "    assert return_freed_memory(torch.device('meta')) is None\n"
+        "x = torch.ones(2**21); del x\n"  # one 8 MB block freed: glibc's threshold grows to 8 MB
+        "base, big, small = rss(), [], []\n"
+        "for _ in range(64):\n"
+        "    big.append(torch.ones(2**21)); small.append(torch.ones(1000))\n"  # 8 MB and 4 KB blocks
+        "del big\n"
+        "print(rss() - base)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    kept = {flag: float(subprocess.run([sys.executable, str(probe), flag], capture_output=True, text=True,
+                                       check=True, env=env).stdout.split()[-1]) for flag in ("0", "1")}
+    assert kept["0"] > 400  # MB still resident after freeing 512 MB
+    assert kept["1"] < 50
