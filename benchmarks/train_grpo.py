@@ -22,8 +22,8 @@ Run from the project root:
     python benchmarks/train_grpo.py --out bench-out/train_grpo --init-adapter bench-out/train_learning/sft
     python benchmarks/train_grpo.py --out bench-out/train_grpo --minutes 1 --eval-problems 4   # quick check
     python benchmarks/train_grpo.py rollouts --out bench-out/grpo_rollouts --steps 10
-Writes `<out>/results.json` and `<out>/grpo/reward_curve.png` (learning), `<out>/results.json` and
-`<out>/<path>/trainer_log.jsonl` (rollouts).
+Writes `<out>/results.json` and `<out>/grpo/reward_curve.png` (learning), `<out>/results.json`,
+`<out>/reward_curves.png` and `<out>/<path>/trainer_log.jsonl` (rollouts).
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def rollouts(args: argparse.Namespace) -> int:
     results["speedup_steps_per_s"] = t["s_per_step"] / e["s_per_step"]
     results["speedup_rollout"] = t["rollout_s_per_step"] / e["rollout_s_per_step"]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_reward_curves(results, out / "reward_curves.png")
     for name, r in results["paths"].items():
         console.print(f"{name:>6}: {r['s_per_step']:.1f} s/step (rollout {r['rollout_s_per_step']:.1f} s, "
                       f"update {r['update_s_per_step']:.1f} s), "
@@ -172,6 +173,20 @@ def rollouts(args: argparse.Namespace) -> int:
     console.print(f"engine / trl: {results['speedup_steps_per_s']:.2f}x steps per second, "
                   f"{results['speedup_rollout']:.2f}x rollouts; results in {out / 'results.json'}")
     return 0
+
+
+def plot_reward_curves(results: dict[str, Any], png: Path) -> None:
+    """Both paths' mean reward per step, on one axes."""
+    from gsmkit.training.plots import draw_png
+
+    def draw(ax: Any) -> None:
+        for name, r in results["paths"].items():
+            ax.plot([c["step"] for c in r["curve"]], [c["reward"] for c in r["curve"]], marker=".",
+                    label=f"--rollouts {name} (mean {r['mean_reward']:.2f})")
+        ax.set_ylabel("mean reward of the step's completions")
+        ax.legend(fontsize=8)
+
+    draw_png(png, (6.5, 3.8), draw)
 
 
 def learning(args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ import inspect
 from typing import Any
 
 # config attributes that make the logits more than `hidden @ head.weight.T`: the model's own loss is kept
-NOT_PLAIN_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+NOT_PLAIN_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                  "lm_head_multiplier", "output_router_logits")
 
 
 def causal_lm(model: Any) -> Any:
