@@ -13,7 +13,8 @@ per chunk of `chunk` positions, the logits in float32, their log-sum-exp and tar
 the gradient of the hidden states (and of the head's weight when it trains, as in `--full`), so the
 backward pass is a multiplication by the upstream gradient; no chunk's logits outlive its iteration.
 Peak memory of the loss: one chunk's `[chunk, vocab]` float32 logits (about 200 MB for 1024 positions of
-a 49k vocabulary) instead of four tensors of the whole batch's.
+a 49k vocabulary) instead of the whole batch's (the model's own loss keeps their log-softmax, 0.70 GB at
+batch 8 x 468 on SmolLM2-135M, and its temporaries cost more: `benchmarks/train_sft.py memory`).
 
 Why not TRL's `add_fused_lm_head` (what `SFTTrainer` and `GRPOTrainer` use): off Triton devices it scores
 every position, prompt and padding included, and it recomputes each tile's logits in the backward pass;
