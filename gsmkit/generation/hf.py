@@ -44,7 +44,9 @@ from gsmkit.generation.engine import (
     describe_device,
     row_seed,
 )
-from gsmkit.generation.slot_cache import slot_layer_class
+from gsmkit.generation.prefix_attention import SharedPrefix, shared_prefix_unsupported, using_shared_prefix
+from gsmkit.generation.sampling import choose
+from gsmkit.generation.slot_cache import merge_rows, slot_layer_class, trim_unused
 from gsmkit.generation.steering import decode_index, installed, prefill_index, prefix_index, steered_forward
 
 
@@ -74,6 +76,7 @@ class HFEngine:
     the next decode step."""
 
     min_prefix_tokens = 8  # below this, sharing saves less than the bookkeeping costs
+    prefill_rows = 16  # rows prefilled in one forward pass
 
     def __init__(
         self,
@@ -100,6 +103,10 @@ class HFEngine:
         self.num_layers = int(config.num_hidden_layers)
         self._slot_layer = slot_layer_class()
         self._cache_arg = cache_argument(model)
+        # Rows read the shared prefix from one copy (prefix_attention) unless the model cannot; then each
+        # row's cache starts with a copy of it.
+        self.shared_prefix_fallback = shared_prefix_unsupported(model) if prefix_cache else None
+        self._prefix: SharedPrefix | None = None  # the one copy, while a call runs
         self.steering = steering  # a steering.Steering, applied by generate() and next_token_logprobs()
         self._hooks = None  # its SteeringHooks while a call runs
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
@@ -123,14 +130,16 @@ class HFEngine:
             dtype = torch.float32
         additive = torch.zeros(mask_bool.shape, dtype=dtype, device=self.device)
         additive.masked_fill_(~mask_bool, torch.finfo(dtype).min)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=additive[:, None, :, :],
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )
+        extra: dict[str, Any] = {self._cache_arg: cache}
+        prefix = self._prefix
+        if prefix is not None:
+            extra["shared_prefix"] = prefix
+        with using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                             attention_mask=additive[:, None, :, :], logits_to_keep=1, **extra)
+        if prefix is not None and prefix.take_calls() != self.num_layers:
+            raise ConfigError(f"{type(self.model).__name__}: not every attention layer read the shared "
+                              "prefix", hint="run with --no-prefix-cache")
         return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
     def _new_cache(self):
@@ -150,42 +159,6 @@ class HFEngine:
         self.stats["prefix_tokens"] += len(prefix)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    # -- sampling ------------------------------------------------------------------------------------
-
-    def _choose(self, logits, rows: Sequence[_Row],
-                settings: SamplingSettings) -> tuple[list[int], list[float]]:
-        """The next token of each row, and (with `settings.logprobs`, else []) its log-probability under
-        softmax(logits / temperature), before top-k or top-p: what a re-scoring pass computes."""
-        import torch
-
-        if not settings.do_sample:
-            picks = logits.argmax(dim=-1)
-            return picks.tolist(), self._logprobs(logits, picks, settings)
-        tempered = logits / settings.temperature
-        scores = tempered
-        if settings.top_k > 0:
-            kth = torch.topk(scores, min(settings.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if settings.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest set whose mass reaches top_p (the first token always stays)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= settings.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        picks = []
-        for i, row in enumerate(rows):
-            picks.append(int(torch.multinomial(probs[i], 1, generator=row.generator).item()))
-        return picks, self._logprobs(tempered, torch.tensor(picks, device=logits.device), settings)
-
-    @staticmethod
-    def _logprobs(scores, picks, settings: SamplingSettings) -> list[float]:
-        import torch
-
-        if not settings.logprobs:
-            return []
-        return torch.log_softmax(scores, dim=-1).gather(-1, picks[:, None]).squeeze(-1).tolist()
-
     # -- the loop ------------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult = None,
@@ -194,17 +167,19 @@ class HFEngine:
         longer needs (queued ones are never started, running ones leave the batch at the next step).
         With `steering` set, its hooks are on the model from the first step to the last (or until the
         caller stops iterating), and off otherwise."""
-        with self._steering_hooks():
+        with self._call():
             yield from self._generate(requests, settings, on_result, cancelled)
 
     @contextlib.contextmanager
-    def _steering_hooks(self) -> Iterator[None]:
+    def _call(self) -> Iterator[None]:
+        """One call: the steering hooks on, and the shared prefix it encodes forgotten when it ends."""
         with installed(self.model, self.steering) as hooks:
             self._hooks = hooks
             try:
                 yield
             finally:
                 self._hooks = None
+                self._prefix = None
 
     def _generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult,
                   cancelled: Cancelled) -> Iterator[GenResult]:
@@ -232,6 +207,11 @@ class HFEngine:
                              len(row.request.prompt_ids), end_token=end,
                              logprobs=tuple(row.logprobs) if settings.logprobs else None)
 
+        # A stop string the newest token completes lies within the last `tail` tokens (a token decodes to at
+        # least one character, but for special tokens and pieces of a multi-byte character: hence the
+        # margin), so each step decodes those, not the whole row; a hit is then cut on the whole row.
+        tail = max((len(s) for s in settings.stop), default=0) + 8
+
         def finish_check(row: _Row) -> GenResult | None:
             last = row.tokens[-1]
             if last in self.stop_token_ids:
@@ -241,6 +221,9 @@ class HFEngine:
             full = len(row.tokens) >= settings.max_new_tokens
             if not settings.stop and not full:
                 return None  # no stop string to look for: nothing to decode until the row ends
+            if not full and not any(s in self.tokenizer.decode(row.tokens[-tail:], skip_special_tokens=True)
+                                    for s in settings.stop):
+                return None  # no stop string ends in the newest tokens: the row goes on
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
             text, hit = cut_at_stop(text, settings.stop)
             if hit or full:
@@ -266,9 +249,8 @@ class HFEngine:
                     group.append(_Row(req, s, make_generator(req.key, s)))
                 if group:
                     new_cache, new_mask, new_pos, logits = self._prefill(group, P, prefix_kv)
-                    first, first_logprobs = self._choose(logits, group, settings)
-                    cache, mask, positions = self._merge(cache, mask, positions, rows, new_cache, new_mask,
-                                                         new_pos)
+                    first, first_logprobs = choose(logits, [r.generator for r in group], settings)
+                    cache, mask, positions = merge_rows(cache, mask, positions, new_cache, new_mask, new_pos)
                     rows.extend(group)
                     next_tokens.extend(first)
                     next_logprobs.extend(first_logprobs)
@@ -302,7 +284,7 @@ class HFEngine:
                 cache.batch_select_indices(idx)
                 mask = mask[idx]
                 positions = positions[idx]
-                cache, mask = self._trim(cache, mask)
+                cache, mask = trim_unused(cache, mask)
 
             # ---- one decode step for every active row ----
             ids = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
@@ -314,7 +296,7 @@ class HFEngine:
                                             step_mask[:, None, :])
             mask = step_mask
             positions = positions + 1
-            next_tokens, next_logprobs = self._choose(logits, rows, settings)
+            next_tokens, next_logprobs = choose(logits, [r.generator for r in rows], settings)
             self.stats["decode_steps"] += 1
 
     def next_token_logprobs(
@@ -329,7 +311,7 @@ class HFEngine:
                 raise ConfigError(f"request '{r.key}' has an empty prompt")
         if not requests:
             return
-        with self._steering_hooks():
+        with self._call():
             yield from self._next_token_logprobs(requests, token_ids, on_batch)
 
     def _next_token_logprobs(self, requests, token_ids, on_batch) -> Iterator[tuple[str, list[float]]]:
@@ -356,7 +338,13 @@ class HFEngine:
                     min(len(r.prompt_ids) for r in requests) - 1)
             if P < self.min_prefix_tokens:
                 P = 0
-        return P, (self._encode_prefix(requests[0].prompt_ids[:P]) if P else None)
+        if not P:
+            return 0, None
+        kv = self._encode_prefix(requests[0].prompt_ids[:P])
+        if self.shared_prefix_fallback is not None:
+            return P, kv  # copied into each row's cache
+        self._prefix = SharedPrefix([(k[0], v[0]) for k, v in kv])
+        return P, None
 
     def _prefill(self, group: Sequence[_Row], P: int, prefix_kv):
         """Encode each new row's suffix after the shared prefix; returns its cache, mask, positions, logits.
@@ -371,7 +359,15 @@ class HFEngine:
             if id(row.request) not in slot:
                 slot[id(row.request)] = len(unique)
                 unique.append(row.request)
-        cache, row_mask, next_pos, logits = self._prefill_unique(unique, P, prefix_kv)
+        # Suffixes are padded to the longest of their forward pass: rows come longest first, so passes of
+        # at most `prefill_rows` keep that padding small when many rows are admitted at once.
+        cache = row_mask = next_pos = None
+        parts = []
+        for start in range(0, len(unique), self.prefill_rows):
+            c, m, p, lg = self._prefill_unique(unique[start:start + self.prefill_rows], P, prefix_kv)
+            cache, row_mask, next_pos = merge_rows(cache, row_mask, next_pos, c, m, p)
+            parts.append(lg)
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         if len(unique) == len(group):
             return cache, row_mask, next_pos, logits
         idx = torch.tensor([slot[id(row.request)] for row in group], dtype=torch.long, device=self.device)
@@ -400,50 +396,17 @@ class HFEngine:
         causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
         suffix_mask = causal[None] & real[:, None, :]
         suffix_mask |= torch.eye(S, dtype=torch.bool, device=self.device)[None]
-        full = torch.cat([torch.ones(n, S, P, dtype=torch.bool, device=self.device), suffix_mask], dim=2)
+        # The prefix's slots: in each row's cache when it was copied there, else read from self._prefix.
+        C = P if prefix_kv is not None else 0
+        full = torch.cat([torch.ones(n, S, C, dtype=torch.bool, device=self.device), suffix_mask], dim=2)
 
         cache = self._new_cache()
-        if P:
+        if C:
             for layer, (k, v) in zip(cache.layers, prefix_kv, strict=True):
                 layer.assign(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), reserve=S)
         index = prefill_index(self._hooks.steering, real) if self._hooks else None
         logits, cache = steered_forward(self._forward, self._hooks, index, cache, ids, pos, full)
         self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
-        row_mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=self.device), real], dim=1)
+        row_mask = torch.cat([torch.ones(n, C, dtype=torch.bool, device=self.device), real], dim=1)
         next_pos = torch.tensor([P + len(s) for s in suffixes], dtype=torch.long, device=self.device)
         return cache, row_mask, next_pos, logits
-
-    def _merge(self, cache, mask, positions, rows, new_cache, new_mask, new_pos):
-        """Stack new rows under the active ones, right-aligning both in the slot axis."""
-        import torch
-
-        if not rows or cache is None:
-            return new_cache, new_mask, new_pos
-        T_old, T_new = mask.shape[1], new_mask.shape[1]
-        T = max(T_old, T_new)
-
-        def left_pad(t, by):  # t: [B, H, T, D] or [B, T]
-            if by == 0:
-                return t
-            shape = list(t.shape)
-            shape[-2 if t.dim() == 4 else -1] = by
-            zeros = torch.zeros(shape, dtype=t.dtype, device=t.device)
-            return torch.cat([zeros, t], dim=-2 if t.dim() == 4 else -1)
-
-        for old_layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
-            old_layer.assign(
-                torch.cat([left_pad(old_layer.keys, T - T_old), left_pad(new_layer.keys, T - T_new)], 0),
-                torch.cat([left_pad(old_layer.values, T - T_old), left_pad(new_layer.values, T - T_new)], 0),
-            )
-        mask = torch.cat([left_pad(mask, T - T_old), left_pad(new_mask, T - T_new)], 0)
-        return cache, mask, torch.cat([positions, new_pos], 0)
-
-    def _trim(self, cache, mask, min_trim: int = 64):
-        """Drop leading slots that no active row uses (left behind by finished long rows)."""
-        used = mask.any(dim=0)
-        first = int(used.nonzero()[0].item()) if used.any() else mask.shape[1]
-        if first < min_trim:
-            return cache, mask
-        for layer in cache.layers:
-            layer.assign(layer.keys[:, :, first:, :], layer.values[:, :, first:, :])
-        return cache, mask[:, first:]

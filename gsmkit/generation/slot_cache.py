@@ -1,8 +1,9 @@
 """The KV cache `HFEngine` decodes into: one `SlotLayer` per model layer, written in place, with rollback.
 
 In: key/value tensors as the model's attention layers produce them. Out: `slot_layer_class()` (a
-transformers `DynamicLayer` with spare capacity) and `mark` / `rollback`, which undo the forward passes
-made since a mark (DAC's probe passes: the cache must end as if they had not happened).
+transformers `DynamicLayer` with spare capacity); `mark` / `rollback`, which undo the forward passes
+made since a mark (DAC's probe passes: the cache must end as if they had not happened); `merge_rows`
+and `trim_unused`, which keep rows of different lengths right-aligned in one slot axis.
 """
 
 from __future__ import annotations
@@ -68,3 +69,41 @@ def rollback(cache: Any, marks: list[tuple[bool, int]]) -> None:
             layer.keys = layer.values = None
             continue
         layer.truncate(n)
+
+
+def merge_rows(cache: Any, mask: Any, positions: Any, new_cache: Any, new_mask: Any, new_pos: Any):
+    """(cache, mask [B, T], positions [B]) with the new rows stacked under the active ones (None when
+    there are none), both right-aligned in the slot axis."""
+    import torch
+
+    if cache is None:
+        return new_cache, new_mask, new_pos
+    T_old, T_new = mask.shape[1], new_mask.shape[1]
+    T = max(T_old, T_new)
+
+    def left_pad(t, by):  # t: [B, H, T, D] or [B, T]
+        if by == 0:
+            return t
+        shape = list(t.shape)
+        shape[-2 if t.dim() == 4 else -1] = by
+        zeros = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        return torch.cat([zeros, t], dim=-2 if t.dim() == 4 else -1)
+
+    for old_layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
+        old_layer.assign(
+            torch.cat([left_pad(old_layer.keys, T - T_old), left_pad(new_layer.keys, T - T_new)], 0),
+            torch.cat([left_pad(old_layer.values, T - T_old), left_pad(new_layer.values, T - T_new)], 0),
+        )
+    mask = torch.cat([left_pad(mask, T - T_old), left_pad(new_mask, T - T_new)], 0)
+    return cache, mask, torch.cat([positions, new_pos], 0)
+
+
+def trim_unused(cache: Any, mask: Any, min_trim: int = 64):
+    """Drop leading slots that no active row uses (left behind by finished long rows)."""
+    used = mask.any(dim=0)
+    first = int(used.nonzero()[0].item()) if used.any() else mask.shape[1]
+    if first < min_trim:
+        return cache, mask
+    for layer in cache.layers:
+        layer.assign(layer.keys[:, :, first:, :], layer.values[:, :, first:, :])
+    return cache, mask[:, first:]
