@@ -69,7 +69,10 @@ class DecodeOptions:
     """How the engine generates: budget, batch, seed, prefix cache and backend."""
 
     max_new_tokens: int = setting(256, "Generation budget per problem.", min=1)
-    batch_size: int = setting(16, "Rows generated together.", min=1)
+    batch_size: int | None = setting(
+        None, "Rows generated together.", min=1,
+        show_default="auto: as many as a KV cache in half the free memory holds, at most 64 on a CPU, "
+        "256 on a GPU")
     seed: int = setting(0, "Random seed.")
     prefix_cache: bool = setting(True, "Encode the shared few-shot prefix once.",
                                  flag="--prefix-cache/--no-prefix-cache")

@@ -91,7 +91,7 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
     temperature: float = override(SamplingOptions, "temperature", 0.8, help="Sampling temperature.")
     top_p: float = override(SamplingOptions, "top_p", 0.95, help="Nucleus sampling mass.")
     max_new_tokens: int = override(DecodeOptions, "max_new_tokens", help="Generation budget per attempt.")
-    batch_size: int = override(DecodeOptions, "batch_size", help="Attempts generated together.")
+    batch_size: int | None = override(DecodeOptions, "batch_size", help="Attempts generated together.")
 
     def __post_init__(self) -> None:
         # Held resolved (frozen, so set once here): `data` is the source read, `split` the split.

@@ -75,7 +75,7 @@ class SafetySettings(SteerOptions, RunOptions):
     style: str = override(PromptOptions, "style")
     system_prompt: str | None = override(PromptOptions, "system_prompt")
     max_new_tokens: int = override(DecodeOptions, "max_new_tokens", help="Response budget per prompt.")
-    batch_size: int = override(DecodeOptions, "batch_size", help="Responses generated together.")
+    batch_size: int | None = override(DecodeOptions, "batch_size", help="Responses generated together.")
     guard_max_new_tokens: int = setting(64, "Budget of a generative guard's verdict.", min=1)
     guard_batch_size: int = setting(8, "Pairs judged together.", min=1)
     guard_threshold: float = setting(

@@ -34,14 +34,14 @@ __all__ = [
 ]
 
 
-def build_engine(spec: Any, backend: str = "hf", batch_size: int = 16, prefix_cache: bool = True,
+def build_engine(spec: Any, backend: str = "hf", batch_size: int | None = None, prefix_cache: bool = True,
                  seed: int = 0, steering: Any = None):
     """Load what `spec` (a `modeling.ModelSpec`) names and wrap it in an engine: (loaded, tokenizer, engine).
 
-    `loaded` is None for vLLM, which loads the weights itself (loading them here too would hold them
-    twice on the GPU); `engine.describe()` says where either one runs. `steering` (a
-    `steering.Steering`) is applied by the HF engine; vLLM refuses it. Everything that can be refused is
-    refused before any weights load."""
+    `batch_size` None is auto (`batch_size.auto_batch_size`). `loaded` is None for vLLM, which loads the
+    weights itself (loading them here too would hold them twice on the GPU); `engine.describe()` says
+    where either one runs. `steering` (a `steering.Steering`) is applied by the HF engine; vLLM refuses
+    it. Everything that can be refused is refused before any weights load."""
     from gsmkit.modeling import eos_token_ids, load_model, load_tokenizer, locate_weights
 
     if backend not in BACKENDS:

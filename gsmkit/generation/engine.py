@@ -83,7 +83,7 @@ class Engine(Protocol):
     `stats` holds the engine's counters (`prefix_tokens`, `prefill_tokens`, `decode_steps`,
     `generated_tokens`) accumulated over its calls. `describe()` says what actually ran, for manifests:
     `{"backend": "hf" | "vllm", "device": "cpu" | "cuda:0" | ..., "dtype": "torch.float32" | ...}`, plus
-    `"gpu"` (the GPU's name) on CUDA.
+    `"gpu"` (the GPU's name) on CUDA and, from the HF engine, `"batch_size"` (its last call's rows).
     """
 
     stats: dict[str, int]

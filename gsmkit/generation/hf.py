@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.generation.batch_size import auto_batch_size
 from gsmkit.generation.engine import (
     Cancelled,
     GenRequest,
@@ -82,22 +83,21 @@ class HFEngine:
         self,
         model: Any,
         tokenizer: Any,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         prefix_cache: bool = True,
         stop_token_ids: Iterable[int] = (),
         refill_fraction: float = 0.25,
         steering: Any = None,
     ):
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.requested_batch_size = batch_size  # None: auto, per call (batch_size.auto_batch_size)
+        self.batch_size = batch_size  # the last call's
+        self.refill_fraction = refill_fraction
         self.prefix_cache = prefix_cache
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        # Admit new rows once this share of the batch is free: one prefill for several rows is cheaper
-        # than one per row, and the slot axis is rebuilt once per admission.
-        self.refill_at = max(1, round(batch_size * refill_fraction))
         self.device = next(model.parameters()).device
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = int(config.num_hidden_layers)
@@ -114,7 +114,8 @@ class HFEngine:
     def describe(self) -> dict[str, str]:
         """What runs the model, for manifests: the device its weights are on and their dtype."""
         dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
-        described = {"backend": "hf", **describe_device(self.device), "dtype": str(dtype)}
+        described = {"backend": "hf", **describe_device(self.device), "dtype": str(dtype),
+                     "batch_size": self.batch_size if self.batch_size is not None else "auto"}
         if self.steering is not None:
             described["steering"] = self.steering.describe()
         return described
@@ -190,6 +191,10 @@ class HFEngine:
             return
 
         P, prefix_kv = self._shared_prefix(requests)
+        batch = self._batch_for(requests, P, prefix_kv, settings.max_new_tokens)
+        # Admit new rows once this share of the batch is free: one prefill for several rows is cheaper
+        # than one per row, and the slot axis is rebuilt once per admission.
+        refill_at = max(1, round(batch * self.refill_fraction))
 
         # Longest suffix first; Python's sort is stable, so ties keep the caller's order.
         queue: deque[tuple[GenRequest, int]] = deque(
@@ -239,8 +244,8 @@ class HFEngine:
 
         while queue or rows:
             # ---- admission: prefill new rows' suffixes on top of the shared prefix ----
-            free = self.batch_size - len(rows)
-            if queue and (free >= self.refill_at or not rows):
+            free = batch - len(rows)
+            if queue and (free >= refill_at or not rows):
                 group: list[_Row] = []
                 while queue and len(group) < free:
                     req, s = queue.popleft()
@@ -320,14 +325,23 @@ class HFEngine:
         P, prefix_kv = self._shared_prefix(requests)
         ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
         order = sorted(requests, key=lambda r: -len(r.prompt_ids))  # similar lengths share a batch
-        for start in range(0, len(order), self.batch_size):
-            group = [_Row(r, 0, None) for r in order[start:start + self.batch_size]]
+        batch = self._batch_for(requests, P, prefix_kv, 0)
+        for start in range(0, len(order), batch):
+            group = [_Row(r, 0, None) for r in order[start:start + batch]]
             _, _, _, logits = self._prefill(group, P, prefix_kv)
             picked = torch.log_softmax(logits, dim=-1)[:, ids].tolist()
             for row, values in zip(group, picked, strict=True):
                 yield row.request.key, values
             if on_batch is not None:
                 on_batch(len(group))
+
+    def _batch_for(self, requests: Sequence[GenRequest], P: int, prefix_kv, new_tokens: int) -> int:
+        """The batch size of this call: the one asked for, or the most rows whose cache fits (auto). A row's
+        cache holds its prompt after the shared prefix (all of it when the prefix is copied into it)."""
+        if self.requested_batch_size is None:
+            own = max(len(r.prompt_ids) for r in requests) - (P if prefix_kv is None else 0)
+            self.batch_size = auto_batch_size(self.model, self.device, own + new_tokens)
+        return self.batch_size
 
     def _shared_prefix(self, requests: Sequence[GenRequest]):
         """(P, KV of the first P tokens) shared by every prompt; every row keeps at least one suffix token,

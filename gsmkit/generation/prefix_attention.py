@@ -75,18 +75,29 @@ def shared_prefix_unsupported(model: Any) -> str | None:
 
 
 def _attend(q: Any, k: Any, v: Any, mask: Any, scale: float) -> tuple[Any, Any]:
-    """(softmax(q k^T * scale + mask) v, its log-sum-exp [..., L, 1] in float32) for q [B, H, L, D] and
-    k, v [B, H, S, D]; `mask` is additive, broadcastable to [B, H, L, S], or None.
+    """(softmax(q k^T * scale + mask) v, its log-sum-exp [..., L, 1]), both float32, for q [B, H, L, D]
+    and k, v [B, H, S, D]; `mask` is additive, broadcastable to [B, H, L, S], or None.
 
     On the CPU this is PyTorch's fused flash-attention kernel, which returns the log-sum-exp (3-4x faster
-    than the same three steps written out, and no [L, S] score tensor in memory); elsewhere it is
-    written out in float32."""
+    than the same steps written out, and no [L, S] score tensor in memory); elsewhere it is written out."""
     import torch
 
     if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)[:2]
-        return out.float(), lse.float()[..., None]
+        return fused_attend(q, k, v, mask, scale)
+    return written_attend(q, k, v, mask, scale)
+
+
+def fused_attend(q: Any, k: Any, v: Any, mask: Any, scale: float) -> tuple[Any, Any]:
+    import torch
+
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)[:2]
+    return out.float(), lse.float()[..., None]
+
+
+def written_attend(q: Any, k: Any, v: Any, mask: Any, scale: float) -> tuple[Any, Any]:
+    import torch
+
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if mask is not None:
         scores = scores + mask.float()

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from gsmkit.errors import ConfigError, ModelError
+from gsmkit.generation.batch_size import CAPS
 from gsmkit.generation.engine import (
     Cancelled,
     GenRequest,
@@ -58,7 +59,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path: str, tokenizer: Any, adapter: str | None = None, dtype: str = "auto",
-                 batch_size: int = 256, seed: int = 0, stop_token_ids: Iterable[int] = ()):
+                 batch_size: int | None = None, seed: int = 0, stop_token_ids: Iterable[int] = ()):
         check_vllm_available()
         from vllm import LLM
 
@@ -66,7 +67,7 @@ class VLLMEngine:
         self.adapter = adapter
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.llm = LLM(model=model_path, dtype=dtype, enable_prefix_caching=True,
-                       enable_lora=adapter is not None, max_num_seqs=batch_size, seed=seed)
+                       enable_lora=adapter is not None, max_num_seqs=batch_size or CAPS["cuda"], seed=seed)
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
         self._description = self._resolve_description()
 
