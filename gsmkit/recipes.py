@@ -52,6 +52,6 @@ def evaluate_run(settings: TrainSettings) -> tuple[dict[str, Any], list[dict[str
 
 def _main_process() -> bool:
     """Under `accelerate launch` every process trains; one evaluates (the one that published the run)."""
-    from gsmkit.training.outputs import is_main_process
+    from gsmkit.processes import is_main_process
 
     return is_main_process()

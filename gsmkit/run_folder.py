@@ -6,7 +6,8 @@ In: where the output goes and which files it owns. Out: a `RunOutput` that
   partial one made with the same settings (its `run.json` fingerprint matches), refuses one made with
   other settings (`ResumeError`), clears everything it owns with `overwrite`; it never creates anything;
 - `begin()`: creates the folder and records the fingerprint, once the inputs and the model are ready;
-- `journal(name)`: an append-only `Journal` of finished rows inside the output, for resumable runs;
+- `journal(name)`: an append-only `Journal` of finished rows inside the output, for resumable runs (one
+  per process in a launch of several: `journal_rows` reads them all);
 - `publish({name: writer})`: writes each final file under a temporary name in the same folder and renames
   it into place, then removes the journals and the fingerprint last, so an interrupted publish is
   resumed, never mistaken for a finished run.
@@ -75,7 +76,12 @@ class RunOutput:
         return self.root / self.names[role]
 
     def _owned(self) -> list[Path]:
-        return [self.path(r) for r in self.names]
+        return [self.path(r) for r in self.names] + [p for r in self.journals for p in self._siblings(r)]
+
+    def _siblings(self, role: str) -> list[Path]:
+        """The per-process journals of `role` (`<stem>.p<i><suffix>`) that a launch of several wrote."""
+        p = self.path(role)
+        return sorted(p.parent.glob(f"{p.stem}.p*{p.suffix}"))
 
     def check_kind(self) -> None:
         if self.root == self.out:
@@ -108,7 +114,7 @@ class RunOutput:
         except (OSError, ValueError):
             recorded = None
         if recorded != json.loads(json.dumps(fingerprint)):
-            if not any(self.journal(role).load() for role in self.journals) and self.journals:
+            if not any(self.journal_rows(role) for role in self.journals) and self.journals:
                 self.clear()  # it began but journalled nothing (stopped before its first row): start afresh
                 return False
             raise ResumeError(f"{self.out}: holds a partial run made with different settings",
@@ -127,8 +133,16 @@ class RunOutput:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text(self.path(FINGERPRINT), json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
 
-    def journal(self, role: str) -> Journal:
-        return Journal(self.path(role))
+    def journal(self, role: str, process: int = 0, processes: int = 1) -> Journal:
+        """The journal of `role` that process `process` of `processes` appends to: the plain one alone,
+        `<stem>.p<process><suffix>` in a launch of several."""
+        p = self.path(role)
+        return Journal(p if processes == 1 else p.with_name(f"{p.stem}.p{process}{p.suffix}"))
+
+    def journal_rows(self, role: str) -> list[dict[str, Any]]:
+        """Every row journalled under `role`, by one process or several (a run may resume under another
+        number of processes than it began with)."""
+        return [row for p in (self.path(role), *self._siblings(role)) for row in Journal(p).load()]
 
     def publish(self, writers: dict[str, Callable[[Any], None]]) -> None:
         """Write each final file atomically, then drop the journals and, last, the fingerprint."""
@@ -137,7 +151,8 @@ class RunOutput:
             with atomic_open(self.path(role)) as fh:
                 write(fh)
         for role in self.journals:
-            Journal(self.path(role)).remove()
+            for p in (self.path(role), *self._siblings(role)):
+                Journal(p).remove()
         self.path(FINGERPRINT).unlink(missing_ok=True)
 
 

@@ -330,6 +330,7 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
                 if on_progress is not None:
                     on_progress(1)
     gen_s = time.perf_counter() - t_gen
+    processes = run.gather()
     missing = [p.id for p in run.problems if p.id not in run.done]
     if missing:  # the engine returned fewer attempts than asked: a bug, never a silently short file
         raise RuntimeError(f"{len(missing)} problems were not decided (first: {missing[0]})")
@@ -338,8 +339,8 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
     timing = {**counts, "generation_s": gen_s, "wall_s": time.perf_counter() - t_wall,
               "engine": dict(run.engine.stats)}
     stats = summarize(rows, settings.max_attempts, settings.all_attempts, timing, run.excluded)
-    manifest = run.manifest("generate-traces", answer_format=fmt)
-    run.output.publish({"main": jsonl_writer(rows),
+    manifest = run.manifest("generate-traces", answer_format=fmt, processes=processes)
+    run.publish({"main": jsonl_writer(rows),
                         STATS: json_writer({**stats.to_dict(), "traces": str(settings.out)}),
                         MANIFEST: json_writer(manifest)})
     return stats

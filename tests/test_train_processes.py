@@ -183,7 +183,8 @@ def test_the_fsdp_config_parses_and_is_refused_where_accelerate_would_run_ddp(tm
 
 
 def test_only_rank_zero_is_the_main_process_and_starts_the_run_folder(tmp_path, monkeypatch):
-    from gsmkit.training.outputs import RANK_VARIABLES, is_main_process, start_run
+    from gsmkit.processes import RANK_VARIABLES, is_main_process
+    from gsmkit.training.outputs import start_run
 
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gsmkit.cli.options import JsonOpt, command_from
+from gsmkit.cli.options import JsonOpt, command_from, launch_note
 from gsmkit.errors import THRESHOLD_MISSED_EXIT
 from gsmkit.evaluation.gsm8k import EvalSettings
 from gsmkit.evaluation.perplexity import EvalPplSettings
@@ -36,8 +36,11 @@ def gsm8k(settings: EvalSettings, json_out: JsonOpt = False) -> None:
 
     out = settings.out
     console = stderr_console()
-    with ProgressTask("eval gsm8k", "problems", console) as bar:
+    main = launch_note(console)
+    with ProgressTask("eval gsm8k", "problems", console, disable=not main) as bar:
         metrics = evaluate_gsm8k(settings, on_start=bar.start, on_progress=bar.advance)
+    if not main:
+        return  # the main process reports
     if json_out:
         typer.echo(json.dumps({"out": str(out), **metrics.to_dict()}))
         return

@@ -224,3 +224,13 @@ def command_from(cls: type, *, exclude: tuple[str, ...] = (), as_flags: bool = F
         return SettingsCommand(fn, cls, exclude, as_flags, dict(fixed or {}))
 
     return decorate
+
+
+def launch_note(console: Any) -> bool:
+    """Whether this is the main process of the launch (it alone shows bars and reports); tells the user when
+    `accelerate launch --cpu` started one process instead of several."""
+    from gsmkit.processes import is_main_process, single_process_note
+
+    if (note := single_process_note()) is not None:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    return is_main_process()

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from gsmkit.cli.options import JsonOpt, command_from
+from gsmkit.cli.options import JsonOpt, command_from, launch_note
 from gsmkit.traces import TraceSettings
 
 
@@ -29,8 +29,11 @@ def generate_traces(settings: TraceSettings, json_out: JsonOpt = False) -> None:
     out = settings.out
     stats_file = run_output(settings).path(STATS)
     console = stderr_console()
-    with ProgressTask("generate-traces", "problems", console) as bar:
+    main = launch_note(console)
+    with ProgressTask("generate-traces", "problems", console, disable=not main) as bar:
         stats = run(settings, on_start=bar.start, on_progress=bar.advance)
+    if not main:
+        return  # the main process reports
     if json_out:
         typer.echo(json.dumps({"out": str(out), "stats": str(stats_file), **stats.to_dict()}))
         return

@@ -78,8 +78,8 @@ def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int
     if show_masking:
         _show_masking(settings, show_masking, console)
         return
+    from gsmkit.processes import is_main_process
     from gsmkit.recipes import train_and_evaluate
-    from gsmkit.training.outputs import is_main_process
 
     mode = settings.mode
     main = is_main_process()
@@ -154,9 +154,9 @@ def grpo(settings: GrpoSettings, json_out: JsonOpt = False) -> None:
     Example: gsmkit train grpo --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
     --style tags --train-samples 200 --max-steps 50 --out runs/grpo
     """
+    from gsmkit.processes import is_main_process
     from gsmkit.progress import ProgressTask, stderr_console
     from gsmkit.training.grpo import train_grpo
-    from gsmkit.training.outputs import is_main_process
 
     console = stderr_console()
     main = is_main_process()

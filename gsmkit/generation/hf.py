@@ -5,8 +5,13 @@ and `SamplingSettings`.
 Out: one `GenResult` per (request, sample), yielded as soon as it finishes.
 
 Why it is fast on few-shot prompts:
-- The token prefix shared by every prompt (the few-shot exemplars) is encoded once; each row's KV
-  cache starts from a copy of it, so only each problem's own suffix is prefilled.
+- The token prefix shared by every prompt (the few-shot exemplars) is encoded once, so only each
+  problem's own suffix is prefilled, and every row reads it from one copy (`prefix_attention`): a
+  row's KV cache holds only its own tokens, so a decode step reads the prefix once, not once per row,
+  and the batch can be larger in the same memory (`--batch-size` auto, `batch_size`). Models whose
+  attention the split cannot serve (sliding window, soft-capping, sinks) copy it into each row.
+- Rows admitted together are prefilled in passes of at most 16, longest first, so little is padding.
+- A stop string is looked for in the newest tokens' text each step, not in the whole row's.
 - Rows leave the batch the moment they finish (stop string, end-of-sequence or length) and waiting
   requests are admitted in their place (continuous refill), so the batch stays full.
 - Requests are admitted longest-suffix first, so rows prefilled together have similar lengths.

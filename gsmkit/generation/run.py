@@ -8,6 +8,10 @@ settings finished, the engine and the resolved prompt style; the command then en
 
 Order, as every command keeps it: data, pool and output folder are checked before the model loads, and
 the output folder comes into being (`begin`) only once data, model and engine are ready.
+
+Several processes (`accelerate launch --num_processes N -m gsmkit ...`): each generates every N-th
+problem into its own journal; `gather` reads them all once every process is done, and the main process
+alone clears, begins and publishes, so the files are those one process writes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gsmkit.jsonl import Journal
+from gsmkit.processes import Processes
 from gsmkit.run_folder import RunOutput
 
 # A command's progress callbacks: `on_start(total, already_done)` once, `on_progress(n)` per finished row.
@@ -40,6 +45,8 @@ class ProblemRun:
     style: str  # resolved (never "auto")
     answer_format: str  # "hash" or "tags"
     sampling: Any  # generation.SamplingSettings, with the style's stop strings
+    processes: Processes  # of this launch; each generates its shard of the problems
+    journal_role: str
 
     @classmethod
     def start(cls, settings: Any, output: RunOutput, journal: str, limit: int | None) -> ProblemRun:
@@ -51,14 +58,17 @@ class ProblemRun:
         steering = steering_for(settings)
         problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                          limit, settings.pool, settings.k)
-        output.prepare(settings.fingerprint())
-        log = output.journal(journal)
-        done = {row["id"]: row for row in log.load()}
+        procs = Processes.from_env()
+        if procs.is_main or not output.overwrite:  # the same checks everywhere; only the main one clears
+            output.prepare(settings.fingerprint())
+        procs.barrier()
+        log = output.journal(journal, procs.index, procs.count)
+        done = {row["id"]: row for row in output.journal_rows(journal)}
         loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
                                            settings.prefix_cache, settings.seed, steering)
         style = resolve_style(settings.style, tok)
         run = cls(settings, output, log, problems, exemplars, excluded, done, loaded, tok, engine, style,
-                  answer_format(style), settings.sampling(stop_strings(style)))
+                  answer_format(style), settings.sampling(stop_strings(style)), procs, journal)
         if steering is not None and settings.check_zero:
             run.check_zero()
         return run
@@ -78,8 +88,9 @@ class ProblemRun:
 
     @property
     def todo(self) -> list:
-        """The problems still to generate (a resumed run has the rest)."""
-        return [p for p in self.problems if p.id not in self.done]
+        """This process's problems still to generate (a resumed run has the rest; in a launch of several,
+        process i takes every N-th problem from the i-th)."""
+        return [p for p in self.processes.shard(self.problems) if p.id not in self.done]
 
     def encode(self, question: str) -> tuple[str, list[int]]:
         """(prompt text, token ids) of one problem, rendered as every command renders it."""
@@ -89,10 +100,31 @@ class ProblemRun:
                              self.settings.system_prompt)
 
     def begin(self, on_start: OnStart) -> None:
-        """The run starts: its output exists and holds the fingerprint; the bar learns total and done."""
-        self.output.begin(self.settings.fingerprint())
+        """The run starts: its output exists and holds the fingerprint; the bar learns total and done (of
+        this process's share)."""
+        if self.processes.is_main:
+            self.output.begin(self.settings.fingerprint())
+        self.processes.barrier()
         if on_start is not None:
-            on_start(len(self.problems), len(self.done))
+            mine = self.processes.shard(self.problems)
+            on_start(len(mine), sum(p.id in self.done for p in mine))
+
+    def gather(self) -> dict[str, Any]:
+        """Once every process has generated its share: all rows, read from every process's journal, and
+        what the manifest says of the processes (how many problems each journalled)."""
+        self.processes.barrier()
+        n = self.processes.count
+        if n > 1:
+            self.done = {row["id"]: row for row in self.output.journal_rows(self.journal_role)}
+        per = [len(self.output.journal(self.journal_role, i, n).load()) for i in range(n)]
+        self.processes.barrier()  # every process has read the journals before the main one removes them
+        return {"count": n, "problems_journalled": per}
+
+    def publish(self, writers: dict[str, Any]) -> None:
+        """The main process publishes the output; the others wait until it has."""
+        if self.processes.is_main:
+            self.output.publish(writers)
+        self.processes.barrier()
 
     @contextlib.contextmanager
     def generating(self) -> Iterator[None]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.processes import is_main_process
 from gsmkit.run_folder import (
     FINGERPRINT,
     MANIFEST,
@@ -40,18 +41,6 @@ CHECKPOINTS = "checkpoints"
 LOG = "trainer_log.jsonl"
 POOL = "fewshot_pool.jsonl"  # the pool the run kept out of training, beside the adapter
 SWEEP = "sweep.json"
-
-
-# The launchers' rank variables: torchrun and `accelerate launch` (RANK), mpirun (accelerate's multi-CPU)
-RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-
-
-def is_main_process() -> bool:
-    """True on the process of a launch that writes the outputs (global rank 0), and in a plain run. Read from
-    the launcher's variables, so it is known before the trainer sets up the process group."""
-    import os
-
-    return next((int(os.environ[v]) for v in RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0) == 0
 
 
 def finished_marker(out: Path, full: bool = False) -> Path:

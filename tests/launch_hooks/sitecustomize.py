@@ -4,7 +4,8 @@ made to fail at a step, as a killed run would.
 
 DDP_TEST_RECORD=FOLDER: `rank-R.jsonl` gets one row per training batch (`train sft`: the decoded rows) and
 per rollout round (`train grpo --rollouts engine`: the prompts, the engine's request keys and the class of
-the trainer's wrapped model). DDP_TEST_CRASH_STEP=N: every process raises at the end of step N.
+the trainer's wrapped model). DDP_TEST_CRASH_STEP=N: every process raises at the end of step N;
+DDP_TEST_CRASH_ROWS=N: every process of a generation run raises once it has journalled N rows.
 Nothing heavy is imported here: the hooks wrap gsmkit's classes and load torch only when called.
 """
 
@@ -60,3 +61,17 @@ if CRASH:
         return [*real_callbacks(*args, **kwargs), Crash()]
 
     callbacks.log_callbacks = crashing_callbacks
+
+CRASH_ROWS = os.environ.get("DDP_TEST_CRASH_ROWS")
+if CRASH_ROWS:  # every process of `eval gsm8k` / `generate-traces` fails after journalling N rows
+    from gsmkit.generation import run as problem_run
+
+    real_record = problem_run.ProblemRun.record
+
+    def crashing_record(self, key, row):
+        real_record(self, key, row)
+        self._test_rows = getattr(self, "_test_rows", 0) + 1
+        if self._test_rows == int(CRASH_ROWS):
+            raise RuntimeError(f"killed after {CRASH_ROWS} rows (test)")
+
+    problem_run.ProblemRun.record = crashing_record
