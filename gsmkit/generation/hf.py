@@ -65,6 +65,14 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)  # with SamplingSettings.logprobs
 
 
+def _contiguous_input(_module: Any, args: tuple) -> tuple:
+    """The lm head's input made contiguous: `logits_to_keep=1` hands it the last position of each row, a
+    strided [B, 1, H] view, on which torch's linear falls back to a batched product that first copies the
+    whole [V, H] weight B times (measured: 8.1 s instead of 0.026 s for 16 rows of a 151,936-token
+    bfloat16 head on this CPU; 0.30 s in float32)."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def cache_argument(model: Any) -> str:
     """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.24, which warns on
     the old name) or `past_key_values`."""
@@ -140,9 +148,15 @@ class HFEngine:
         prefix = self._prefix
         if prefix is not None:
             extra["shared_prefix"] = prefix
-        with using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
-            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                             attention_mask=additive[:, None, :, :], logits_to_keep=1, **extra)
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+        try:
+            with using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                                 attention_mask=additive[:, None, :, :], logits_to_keep=1, **extra)
+        finally:
+            if hook is not None:
+                hook.remove()
         if prefix is not None and prefix.take_calls() != self.num_layers:
             raise ConfigError(f"{type(self.model).__name__}: not every attention layer read the shared "
                               "prefix", hint="run with --no-prefix-cache")
