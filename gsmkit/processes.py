@@ -2,7 +2,7 @@
 are, and a barrier between them. One plain run is a launch of one process.
 
 In: the launcher's environment variables. Out: `is_main_process()`, `Processes.from_env()` (index,
-count, `is_main`, `barrier()`, `shard(items)`), and `single_process_note()`, which says when
+count, `is_main`, `barrier()`, `gather(value)`, `shard(items)`), and `single_process_note()`, which says when
 `accelerate launch --cpu --num_processes N` started one process (its several-CPU-process launch goes
 through mpirun and needs `--mpirun_hostfile`).
 
@@ -53,6 +53,15 @@ class Processes:
         """Every process waits here until all have arrived (nothing to wait for alone)."""
         if self.count > 1:
             _process_group().barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value`, in process order, on every process (picklable values)."""
+        if self.count == 1:
+            return [value]
+        dist = _process_group()
+        values: list[Any] = [None] * self.count
+        dist.all_gather_object(values, value)
+        return values
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This process's share of `items`: every `count`-th, from its index (balanced to within one)."""

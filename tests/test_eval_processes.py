@@ -1,7 +1,7 @@
-"""`eval gsm8k` and `generate-traces` under `accelerate launch` with two processes on this CPU: each process
-generates its share of the problems into its own journal, the main process publishes exactly the file one
-process writes (byte-identical predictions for greedy decoding), killed runs resume under any number of
-processes, and the summary is printed once.
+"""`eval gsm8k`, `generate-traces` and `eval ppl` under `accelerate launch` with two processes on this CPU:
+each process generates its share of the problems into its own journal (ppl: scores its share of the
+windows), the main process publishes exactly the file one process writes (byte-identical predictions for
+greedy decoding), killed runs resume under any number of processes, and the summary is printed once.
 
 As in test_train_processes.py, two CPU processes are launched with `--multi_gpu` and CUDA hidden (accelerate's
 `--cpu` launch of several processes goes through mpirun); the literal `--cpu --num_processes 2` starts one
@@ -122,3 +122,24 @@ def test_generate_traces_in_two_processes(tmp_path, tiny_model_dir, gsm8k_dir, p
     assert two.read_bytes() == one.read_bytes()
     processes = json.loads(two.with_name("two.manifest.json").read_text())["resolved"]["processes"]
     assert processes == {"count": 2, "problems_journalled": [4, 4]}
+
+
+def test_eval_ppl_in_two_processes(tmp_path, tiny_model_dir):
+    data = tmp_path / "bench.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i} + {i}?\nA:", "response": f" {2 * i}",
+                                        "metadata": {"source": "s" if i % 2 else "t"}}) + "\n"
+                            for i in range(9)))
+
+    def args(out: Path) -> list[str]:
+        # batch size 1: a window's loss does not depend on which others share its batch, so the files match
+        return ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "1",
+                "--out", str(out), "--json"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _single(args(one)).returncode == 0
+    res = _launch(args(two))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (two / "items.jsonl").read_bytes() == (one / "items.jsonl").read_bytes()
+    assert len(_summaries(res.stdout)) == 1
+    processes = json.loads((two / "manifest.json").read_text())["resolved"]["processes"]
+    assert processes == {"count": 2, "windows_scored": [5, 4]}

@@ -80,8 +80,11 @@ def ppl(settings: EvalPplSettings, json_out: JsonOpt = False) -> None:
 
     out = settings.out
     console = stderr_console()
-    with ProgressTask("eval ppl", "windows", console) as bar:
+    main = launch_note(console)
+    with ProgressTask("eval ppl", "windows", console, disable=not main) as bar:
         metrics = evaluate_ppl(settings, on_progress=lambda done, total: bar.update(done, total))
+    if not main:
+        return  # the main process reports
     if json_out:
         from gsmkit.manifest import to_jsonable
 

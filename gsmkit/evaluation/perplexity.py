@@ -26,6 +26,7 @@ from gsmkit.errors import ConfigError
 from gsmkit.evaluation.ppl_items import GROUP_FIELDS, encode_item, read_ppl_items, sliding_windows
 from gsmkit.fields import Record, check_fields, setting
 from gsmkit.modeling import ModelSpec
+from gsmkit.processes import Processes
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import RunOptions
 from gsmkit.tokenization import IGNORE_INDEX, Encoded
@@ -229,7 +230,10 @@ def evaluate_ppl(
     # Everything that can fail on input is checked before the model loads.
     items = read_ppl_items(settings.data, settings.limit)
     output = run_output(settings)
-    output.prepare(run_fingerprint(settings, ("out", "overwrite", "batch_size")))
+    procs = Processes.from_env()
+    if procs.is_main or not output.overwrite:  # the same checks everywhere; only the main one clears
+        output.prepare(run_fingerprint(settings, ("out", "overwrite", "batch_size")))
+    procs.barrier()
     tokenizer = load_tokenizer(settings.model.model, settings.model.trust_remote_code)
     encoded = [encode_item(item, tokenizer) for item in items]
     loaded = load_model(settings.model)
@@ -237,8 +241,10 @@ def evaluate_ppl(
 
     windows = [w for i, (ids, labels) in enumerate(encoded)
                for w in sliding_windows(ids, labels, max_length, stride, i)]
-    rows = [Encoded(input_ids=w.input_ids, labels=w.labels, where=items[w.item].where, truncated=False)
-            for w in windows]
+    # Several processes: process i scores every N-th window; the main one gathers and publishes.
+    mine = procs.shard(range(len(windows)))
+    rows = [Encoded(input_ids=windows[j].input_ids, labels=windows[j].labels,
+                    where=items[windows[j].item].where, truncated=False) for j in mine]
     done = 0
 
     def advance(n: int) -> None:
@@ -252,6 +258,11 @@ def evaluate_ppl(
     _, _, per_window = response_nll(loaded.model, rows, settings.batch_size, loaded.tokenizer.pad_token_id,
                                     advance)
     scoring_s = time.perf_counter() - t0
+    if procs.count > 1:
+        scored: dict[int, Any] = {}
+        for shard in procs.gather(list(zip(mine, per_window, strict=True))):
+            scored.update(shard)
+        per_window = [scored[j] for j in range(len(windows))]
 
     per_item = [[0.0, 0, 0] for _ in items]  # nll, tokens, windows
     for w, (nll, tokens) in zip(windows, per_window, strict=True):
@@ -281,9 +292,12 @@ def evaluate_ppl(
     manifest = build_manifest(
         "eval ppl", settings, inputs={"data": settings.data},
         extra={"resolved": {"max_length": max_length, "stride": stride, "dtype": str(loaded.dtype),
-                            "device": str(loaded.device)}},
+                            "device": str(loaded.device),
+                            "processes": {"count": procs.count, "windows_scored": procs.gather(len(mine))}}},
     )
-    output.publish({ITEMS: jsonl_writer(to_jsonable(r) for r in item_rows),
-                    METRICS: json_writer(to_jsonable({**metrics.to_dict(), "manifest": manifest})),
-                    MANIFEST: json_writer(manifest)})
+    if procs.is_main:
+        output.publish({ITEMS: jsonl_writer(to_jsonable(r) for r in item_rows),
+                        METRICS: json_writer(to_jsonable({**metrics.to_dict(), "manifest": manifest})),
+                        MANIFEST: json_writer(manifest)})
+    procs.barrier()
     return metrics
