@@ -457,24 +457,28 @@ def run_model(key: str, model_dir: Path, out: Path, args: argparse.Namespace, gs
         result["lmeval"] = run_lmeval(key, model_dir, out, args, gsm8k_dir, exemplars, rows)
         lm_rate = result["lmeval"]["problems_per_s"]
         result["speed_ratio_gsmkit_over_lmeval"] = main_run["problems_per_s"] / lm_rate
-        if "bfloat16" in result:
-            result["speed_ratio_gsmkit_bf16_over_lmeval"] = (
-                result["bfloat16"]["problems_per_s"] / result["lmeval"]["problems_per_s"])
+        if "bfloat16" in result:  # like for like: lm-eval in bfloat16 too
+            result["lmeval_bfloat16"] = run_lmeval(key, model_dir, out, args, gsm8k_dir, exemplars, bf16_rows,
+                                                   "bfloat16")
+            result["speed_ratio_gsmkit_bf16_over_lmeval_bf16"] = (
+                result["bfloat16"]["problems_per_s"] / result["lmeval_bfloat16"]["problems_per_s"])
     return result
 
 
 def run_lmeval(key: str, model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path,
-               exemplars: list[dict], rows: list[dict]) -> dict[str, Any]:
-    """lm-eval on the same problems, model, exemplars and generation settings; agreement with gsmkit."""
+               exemplars: list[dict], rows: list[dict], dtype: str = "float32") -> dict[str, Any]:
+    """lm-eval on the same problems, model, exemplars and generation settings; agreement with gsmkit's
+    `rows` (run in the same dtype)."""
     task_dir = out / "lmeval_task"
     task = write_lmeval_task(task_dir, gsm8k_dir, exemplars, args.max_new_tokens)
-    lmeval_out = out / "lmeval"
+    lmeval_out = out / ("lmeval" if dtype == "float32" else f"lmeval_{dtype}")
     shutil.rmtree(lmeval_out, ignore_errors=True)  # so the samples file found below is this run's
-    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype={dtype}",
            "--tasks", TASK_NAME, "--include_path", str(task_dir), "--device", "cpu",
            "--batch_size", str(args.batch_size), "--limit", str(args.limit), "--log_samples",
            "--output_path", str(lmeval_out)]
-    seconds = run_step(f"{key}: lm-eval", cmd, out / "logs" / "lmeval.log", env=LMEVAL_ENV)
+    log = out / "logs" / f"{lmeval_out.name}.log"
+    seconds = run_step(f"{key}: lm-eval ({dtype})", cmd, log, env=LMEVAL_ENV)
     docs = read_lmeval_samples(find_one(lmeval_out, f"samples_{TASK_NAME}_*.jsonl"))
     reported = json.loads(find_one(lmeval_out, "results_*.json").read_text(encoding="utf-8"))
     comparison = compare(rows, docs, task["generation_kwargs"]["until"])
@@ -529,6 +533,11 @@ def print_table(key: str, r: dict[str, Any], settings: dict[str, Any]) -> None:
             f"{d['decode_matmul_s']:.1f} s, prefill {d['prefill_s']:.1f} s): gsmkit at "
             f"{g['wall_s'] / d['floor_s']:.1f}x it"
             + (f", lm-eval at {lm['wall_s'] / d['floor_s']:.1f}x" if lm else ""))
+    if (lm_bf := r.get("lmeval_bfloat16")) is not None:
+        c = lm_bf["comparison"]["counts"]
+        console.print(f"bfloat16, both tools: gsmkit {bf['wall_s']:.1f} s, lm-eval {lm_bf['wall_s']:.1f} s: "
+                      f"{r['speed_ratio_gsmkit_bf16_over_lmeval_bf16']:.2f}x; identical completions "
+                      f"{c['identical']}/{lm_bf['comparison']['n']}")
     if bf:
         a = bf["agreement_with_float32"]
         console.print(f"bfloat16 vs float32: identical completions {a['identical_completion']}/{a['n']}, "
