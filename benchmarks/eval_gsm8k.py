@@ -62,7 +62,7 @@ from gsmkit.modeling import cpu_supports_bf16
 from gsmkit.records import problem_id
 
 TASK_NAME = "gsm8k_gsmkit"
-MODELS_DEFAULT = ("smollm2", "qwen0.5b")
+MODELS = ("smollm2", "qwen0.5b")
 N_SHOT = 5
 POOL_SIZE = 8
 POOL_SEED = 42
@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
         default=ROOT.parent / "shared" / "data" / "gsm8k",
         help="folder with train.jsonl and test.jsonl (default ../shared/data/gsm8k from the project root)",
     )
-    parser.add_argument("--models", default=",".join(MODELS_DEFAULT),
+    parser.add_argument("--models", default=",".join(MODELS),
                         help="comma list of smollm2 (SmolLM2-135M-Instruct) and qwen0.5b (Qwen2.5-0.5B's "
                         "shape, random weights); default both")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval's generation batch size")
@@ -312,9 +312,6 @@ def run_step(name: str, cmd: list[str], log: Path, env: dict[str, str] | None = 
         raise SystemExit(f"{name} failed with exit code {code} after {seconds:.1f} s; full log: {log}")
     console.print(f"[bold]{name}[/bold]: {seconds:.1f} s")
     return seconds
-
-
-MODELS = MODELS_DEFAULT
 
 
 def main() -> int:

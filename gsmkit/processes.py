@@ -67,9 +67,6 @@ class Processes:
         """This process's share of `items`: every `count`-th, from its index (balanced to within one)."""
         return list(items[self.index::self.count])
 
-    def describe(self) -> dict[str, Any]:
-        return {"count": self.count, "index": self.index}
-
 
 def _process_group() -> Any:
     """torch.distributed, with the launch's process group set up: by accelerate's `PartialState` (which also

@@ -5,10 +5,11 @@ Out: `auto_batch_size`: as many rows as a share of free memory holds in KV cache
 
 Why these caps. On a CPU a decode step is bound by its matmuls once the batch is a few dozen rows, and a
 larger batch only adds rows that wait for the longest one; on SmolLM2-135M (this project's 2-core CPU,
-64 GSM8K problems, float32) 64 rows generated in 28.5 s what 32 rows did in 31.0 s and 16 rows in 36.4 s
-(docs/benchmarks.md). On a GPU a step costs about the same up to hundreds of rows: 256, vLLM's own
-default `max_num_seqs`. With the shared prefix read from one copy (prefix_attention), a row holds only its
-own tokens, so memory rarely binds on a CPU; it does for large models on a GPU.
+64 GSM8K problems, float32, `benchmarks/eval_gsm8k.py`) `eval gsm8k` took 45.5 s at 64 rows and 65.4 s
+at `--batch-size 16` in the same run (docs/benchmarks.md). On a GPU a step costs about the same up to
+hundreds of rows: 256, vLLM's own default `max_num_seqs`. With the shared prefix read from one copy
+(prefix_attention), a row holds only its own tokens, so memory rarely binds on a CPU; it does for large
+models on a GPU.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.generation import prefix_attention as split  # the shared prefix read from one copy
 from gsmkit.generation.batch_size import auto_batch_size
 from gsmkit.generation.engine import (
     Cancelled,
@@ -50,7 +51,6 @@ from gsmkit.generation.engine import (
     describe_device,
     row_seed,
 )
-from gsmkit.generation.prefix_attention import SharedPrefix, shared_prefix_unsupported, using_shared_prefix
 from gsmkit.generation.sampling import choose
 from gsmkit.generation.slot_cache import merge_rows, slot_layer_class, trim_unused
 from gsmkit.generation.steering import decode_index, installed, prefill_index, prefix_index, steered_forward
@@ -118,8 +118,10 @@ class HFEngine:
         self._cache_arg = cache_argument(model)
         # Rows read the shared prefix from one copy (prefix_attention) unless the model cannot; then each
         # row's cache starts with a copy of it.
-        self.shared_prefix_fallback = shared_prefix_unsupported(model) if prefix_cache else None
-        self._prefix: SharedPrefix | None = None  # the one copy, while a call runs
+        self.shared_prefix_fallback = split.shared_prefix_unsupported(model) if prefix_cache else None
+        if prefix_cache and self.shared_prefix_fallback is None:
+            split.register()
+        self._prefix: split.SharedPrefix | None = None  # the one copy, while a call runs
         self.steering = steering  # a steering.Steering, applied by generate() and next_token_logprobs()
         self._hooks = None  # its SteeringHooks while a call runs
         self.stats = {"prefix_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
@@ -148,15 +150,9 @@ class HFEngine:
         prefix = self._prefix
         if prefix is not None:
             extra["shared_prefix"] = prefix
-        head = self.model.get_output_embeddings()
-        hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
-        try:
-            with using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
-                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                                 attention_mask=additive[:, None, :, :], logits_to_keep=1, **extra)
-        finally:
-            if hook is not None:
-                hook.remove()
+        with split.using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                             attention_mask=additive[:, None, :, :], logits_to_keep=1, **extra)
         if prefix is not None and prefix.take_calls() != self.num_layers:
             raise ConfigError(f"{type(self.model).__name__}: not every attention layer read the shared "
                               "prefix", hint="run with --no-prefix-cache")
@@ -192,7 +188,10 @@ class HFEngine:
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
-        """One call: the steering hooks on, and the shared prefix it encodes forgotten when it ends."""
+        """One call: the steering hooks and the lm head's contiguous-input hook on, and the shared prefix it
+        encodes forgotten when it ends."""
+        head = self.model.get_output_embeddings()
+        contiguous = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         with installed(self.model, self.steering) as hooks:
             self._hooks = hooks
             try:
@@ -200,6 +199,8 @@ class HFEngine:
             finally:
                 self._hooks = None
                 self._prefix = None
+                if contiguous is not None:
+                    contiguous.remove()
 
     def _generate(self, requests: Sequence[GenRequest], settings: SamplingSettings, on_result: OnResult,
                   cancelled: Cancelled) -> Iterator[GenResult]:
@@ -376,7 +377,7 @@ class HFEngine:
         kv = self._encode_prefix(requests[0].prompt_ids[:P])
         if self.shared_prefix_fallback is not None:
             return P, kv  # copied into each row's cache
-        self._prefix = SharedPrefix([(k[0], v[0]) for k, v in kv])
+        self._prefix = split.SharedPrefix([(k[0], v[0]) for k, v in kv])
         return P, None
 
     def _prefill(self, group: Sequence[_Row], P: int, prefix_kv):

@@ -40,10 +40,6 @@ class SharedPrefix:
     layers: list[tuple[Any, Any]]
     calls: int = 0  # layers that read it since the last `take_calls`
 
-    @property
-    def length(self) -> int:
-        return int(self.layers[0][0].shape[-2]) if self.layers else 0
-
     def take_calls(self) -> int:
         calls, self.calls = self.calls, 0
         return calls
@@ -142,7 +138,8 @@ def shared_prefix_attention(module: Any, query: Any, key: Any, value: Any, atten
     return out.to(query.dtype).reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+def register() -> None:
+    """Make `shared_prefix_attention` known to transformers under ATTENTION_NAME (once per engine)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
@@ -150,8 +147,8 @@ def _register() -> None:
 
 @contextlib.contextmanager
 def using_shared_prefix(model: Any) -> Iterator[None]:
-    """`model`'s attention layers run `shared_prefix_attention` inside, their own implementation after."""
-    _register()
+    """`model`'s attention layers run `shared_prefix_attention` inside (after `register`), their own
+    implementation after."""
     config = _text_config(model.get_base_model() if hasattr(model, "get_base_model") else model)
     before = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
