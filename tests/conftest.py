@@ -148,3 +148,21 @@ def pool(tmp_path_factory, small_gsm8k) -> Path:
     res = CliRunner().invoke(app, ["fewshot", "--data", str(small_gsm8k), "--n", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory):
+    """`family_model_dirs(family)`: the folder of a tiny random model of that family (tests/family_models.py),
+    built once per session, sharing one tokenizer."""
+    from family_models import build_family_model
+
+    built: dict[str, Path] = {}
+    base = tmp_path_factory.mktemp("families")
+    tok = build_tokenizer(base / "tokenizer", _corpus())
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family_model(base / family, tok, family)
+        return built[family]
+
+    return get
