@@ -47,6 +47,45 @@ def test_split_attention_equals_attention_over_the_whole_sequence(monkeypatch, a
     assert prefix.take_calls() == 1
 
 
+@pytest.mark.parametrize("attend", [fused_attend, written_attend])
+@pytest.mark.parametrize(("window", "softcap"), [(6, None), (14, None), (6, 2.0), (None, 2.0), (3, None)])
+def test_windowed_and_soft_capped_split_equals_the_whole_sequence(monkeypatch, attend, window, softcap):
+    """Queries at positions past the prefix: a window that shows each query part of the prefix (6, 14), none
+    of it (3: the prefix part is skipped), and soft-capped logits, against attention written out over the
+    whole sequence with the window applied by position."""
+    monkeypatch.setattr(prefix_attention, "_attend", attend)
+    g = torch.Generator().manual_seed(1)
+    B, kv, groups, D, P, T, Q = 3, 2, 2, 16, 11, 7, 2
+    H = kv * groups
+    q = torch.randn(B, H, Q, D, generator=g) * 3
+    kp, vp = torch.randn(kv, P, D, generator=g), torch.randn(kv, P, D, generator=g)
+    k, v = torch.randn(B, kv, T, D, generator=g), torch.randn(B, kv, T, D, generator=g)
+    # row b holds its own tokens at positions P + b .. (the rest of its slots are padding, on the left)
+    key_pos = torch.stack([torch.arange(P + b - (T - 1), P + b + 1) for b in range(B)])  # [B, T]
+    real = key_pos >= P
+    query_pos = key_pos[:, -Q:]  # the newest Q slots are the queries
+    causal = key_pos[:, None, :] <= query_pos[:, :, None]
+    near = key_pos[:, None, :] > query_pos[:, :, None] - (window or 10**6)
+    allowed = (real[:, None, :] & causal & near)[:, None]  # [B, 1, Q, T]
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    prefix = SharedPrefix([(kp, vp)], [window])
+    prefix.set_queries(query_pos)
+
+    got, _ = shared_prefix_attention(types.SimpleNamespace(layer_idx=0), q, k, v, mask, scaling=0.3,
+                                     shared_prefix=prefix, softcap=softcap)
+
+    whole_k = torch.cat([kp.expand(B, -1, -1, -1), k], 2).repeat_interleave(groups, 1)
+    whole_v = torch.cat([vp.expand(B, -1, -1, -1), v], 2).repeat_interleave(groups, 1)
+    prefix_seen = torch.arange(P)[None, None, :] > query_pos[:, :, None] - (window or 10**6)  # [B, Q, P]
+    whole_allowed = torch.cat([prefix_seen[:, None], allowed], -1)
+    scores = torch.matmul(q, whole_k.transpose(-1, -2)) * 0.3
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~whole_allowed, float("-inf"))
+    want = torch.matmul(torch.softmax(scores, -1), whole_v)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 def _counting(monkeypatch):
     calls = []
 
@@ -91,9 +130,10 @@ def test_a_model_the_split_cannot_serve_copies_the_prefix(tiny_model_dir, monkey
     reqs = _requests(tok)
     settings = SamplingSettings(max_new_tokens=12)
     want = {k: v.token_ids for k, v in _run(HFEngine(model, tok), reqs, settings).items()}
-    model.config.attn_logit_softcapping = 30.0
+    monkeypatch.setattr(type(model), "_supports_attention_backend", False)  # as GPT-Neo's
     engine = HFEngine(model, tok)
-    assert "soft-caps" in engine.shared_prefix_fallback
+    assert "attention interface" in engine.shared_prefix_fallback
+    assert engine.describe()["attention"]["path"] == "prefix copied per row"
     calls = _counting(monkeypatch)
     assert {k: v.token_ids for k, v in _run(engine, reqs, settings).items()} == want
     assert calls == [] and engine.stats["prefix_tokens"] > 0  # the prefix was still encoded once

@@ -9,7 +9,8 @@ Why it is fast on few-shot prompts:
   problem's own suffix is prefilled, and every row reads it from one copy (`prefix_attention`): a
   row's KV cache holds only its own tokens, so a decode step reads the prefix once, not once per row,
   and the batch can be larger in the same memory (`--batch-size` auto, `batch_size`). Models whose
-  attention the split cannot serve (sliding window, soft-capping, sinks) copy it into each row.
+  attention the split cannot serve (no attention interface, sinks: `families`) copy it into each row,
+  and say so once.
 - Rows admitted together are prefilled in passes of at most 16, longest first, so little is padding.
 - A stop string is looked for in the newest tokens' text each step, not in the whole row's.
 - Rows leave the batch the moment they finish (stop string, end-of-sequence or length) and waiting
@@ -22,7 +23,8 @@ How rows of different lengths share one batch: every row's keys and values are r
 common slot axis; a boolean slot mask says which slots hold real tokens for which row, and each row
 carries its own position ids. Keys are stored already rotated (RoPE) at their true positions, so a
 row's slots may sit anywhere in the axis. We pass the model a 4-D additive mask we build ourselves
-rather than a 2-D padding mask, so no model-side padding heuristics apply.
+rather than a 2-D padding mask, so no model-side padding heuristics apply; layers with a sliding window
+get that mask cut to their window, by position (`layer_masks`).
 
 Sampling draws from a per-(request, sample) generator seeded from `seed`, so a result does not depend
 on which other rows shared its batch: resumed runs reproduce uninterrupted ones.
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.families import model_family
 from gsmkit.generation import prefix_attention as split  # the shared prefix read from one copy
 from gsmkit.generation.batch_size import auto_batch_size
 from gsmkit.generation.engine import (
@@ -51,8 +54,15 @@ from gsmkit.generation.engine import (
     describe_device,
     row_seed,
 )
+from gsmkit.generation.layer_masks import LayerMasks
 from gsmkit.generation.sampling import choose
-from gsmkit.generation.slot_cache import merge_rows, slot_layer_class, trim_unused
+from gsmkit.generation.slot_cache import (
+    cache_argument,
+    contiguous_input,
+    merge_rows,
+    slot_layer_class,
+    trim_unused,
+)
 from gsmkit.generation.steering import decode_index, installed, prefill_index, prefix_index, steered_forward
 
 
@@ -63,24 +73,6 @@ class _Row:
     generator: Any
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # with SamplingSettings.logprobs
-
-
-def _contiguous_input(_module: Any, args: tuple) -> tuple:
-    """The lm head's input made contiguous: `logits_to_keep=1` hands it the last position of each row, a
-    strided [B, 1, H] view, on which torch's linear falls back to a batched product that first copies the
-    whole [V, H] weight B times (measured: 8.1 s instead of 0.026 s for 16 rows of a 151,936-token
-    bfloat16 head on this CPU; 0.30 s in float32)."""
-    return (args[0].contiguous(), *args[1:])
-
-
-def cache_argument(model: Any) -> str:
-    """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.24, which warns on
-    the old name) or `past_key_values`."""
-    import inspect
-
-    # a PEFT model: its base's forward
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class HFEngine:
@@ -112,15 +104,14 @@ class HFEngine:
         self.prefix_cache = prefix_cache
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.device = next(model.parameters()).device
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_layers = int(config.num_hidden_layers)
+        self.family = model_family(model)
+        self.num_layers = self.family.num_layers
+        self._layer_masks = LayerMasks(self.family)  # windows, per layer
         self._slot_layer = slot_layer_class()
         self._cache_arg = cache_argument(model)
         # Rows read the shared prefix from one copy (prefix_attention) unless the model cannot; then each
         # row's cache starts with a copy of it.
-        self.shared_prefix_fallback = split.shared_prefix_unsupported(model) if prefix_cache else None
-        if prefix_cache and self.shared_prefix_fallback is None:
-            split.register()
+        self.shared_prefix_fallback = split.prepare(model) if prefix_cache else None
         self._prefix: split.SharedPrefix | None = None  # the one copy, while a call runs
         self.steering = steering  # a steering.Steering, applied by generate() and next_token_logprobs()
         self._hooks = None  # its SteeringHooks while a call runs
@@ -133,7 +124,9 @@ class HFEngine:
                      "batch_size": self.batch_size if self.batch_size is not None else "auto"}
         if self.steering is not None:
             described["steering"] = self.steering.describe()
-        return described
+        # which attention path ran, and why, with the model's layout (windows, soft-capping)
+        path = split.describe_path(self.prefix_cache, self.shared_prefix_fallback)
+        return {**described, "attention": {**path, **self.family.describe()}}
 
     # -- model calls ---------------------------------------------------------------------------------
 
@@ -144,15 +137,24 @@ class HFEngine:
         dtype = next(self.model.parameters()).dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        additive = torch.zeros(mask_bool.shape, dtype=dtype, device=self.device)
-        additive.masked_fill_(~mask_bool, torch.finfo(dtype).min)
+
+        def additive(allowed):
+            out = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+            return out.masked_fill_(~allowed, torch.finfo(dtype).min)
+
         extra: dict[str, Any] = {self._cache_arg: cache}
         prefix = self._prefix
         if prefix is not None:
             extra["shared_prefix"] = prefix
+            prefix.set_queries(position_ids)
+        first = prefix.layers[0][0].shape[-2] if prefix is not None else 0  # the rows' first own position
+        self._layer_masks.set(mask_bool, position_ids, first, additive)
         with split.using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
-            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                             attention_mask=additive[:, None, :, :], logits_to_keep=1, **extra)
+            try:
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                                 attention_mask=additive(mask_bool)[:, None], logits_to_keep=1, **extra)
+            finally:
+                self._layer_masks.clear()
         if prefix is not None and prefix.take_calls() != self.num_layers:
             raise ConfigError(f"{type(self.model).__name__}: not every attention layer read the shared "
                               "prefix", hint="run with --no-prefix-cache")
@@ -191,8 +193,8 @@ class HFEngine:
         """One call: the steering hooks and the lm head's contiguous-input hook on, and the shared prefix it
         encodes forgotten when it ends."""
         head = self.model.get_output_embeddings()
-        contiguous = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
-        with installed(self.model, self.steering) as hooks:
+        contiguous = head.register_forward_pre_hook(contiguous_input) if head is not None else None
+        with installed(self.model, self.steering) as hooks, self._layer_masks.installed(self.model):
             self._hooks = hooks
             try:
                 yield
@@ -377,7 +379,7 @@ class HFEngine:
         kv = self._encode_prefix(requests[0].prompt_ids[:P])
         if self.shared_prefix_fallback is not None:
             return P, kv  # copied into each row's cache
-        self._prefix = split.SharedPrefix([(k[0], v[0]) for k, v in kv])
+        self._prefix = split.SharedPrefix([(k[0], v[0]) for k, v in kv], self._layer_masks.windows)
         return P, None
 
     def _prefill(self, group: Sequence[_Row], P: int, prefix_kv):

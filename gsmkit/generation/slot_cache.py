@@ -3,12 +3,31 @@
 In: key/value tensors as the model's attention layers produce them. Out: `slot_layer_class()` (a
 transformers `DynamicLayer` with spare capacity); `mark` / `rollback`, which undo the forward passes
 made since a mark (DAC's probe passes: the cache must end as if they had not happened); `merge_rows`
-and `trim_unused`, which keep rows of different lengths right-aligned in one slot axis.
+and `trim_unused`, which keep rows of different lengths right-aligned in one slot axis; `cache_argument` (the
+name a model's forward takes its cache under) and `contiguous_input` (the lm head's pre-hook).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+
+def contiguous_input(_module: Any, args: tuple) -> tuple:
+    """The lm head's input made contiguous: `logits_to_keep=1` hands it the last position of each row, a
+    strided [B, 1, H] view, on which torch's linear falls back to a batched product that first copies the
+    whole [V, H] weight B times (measured: 8.1 s instead of 0.026 s for 16 rows of a 151,936-token
+    bfloat16 head on this CPU; 0.30 s in float32)."""
+    return (args[0].contiguous(), *args[1:])
+
+
+def cache_argument(model: Any) -> str:
+    """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.24, which warns on
+    the old name) or `past_key_values`."""
+    import inspect
+
+    # a PEFT model: its base's forward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def slot_layer_class():
