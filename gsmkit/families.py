@@ -70,6 +70,7 @@ class Family:
     head_dim: int
     layers: tuple[LayerAttention, ...]
     bidirectional: bool = False
+    unknown_layer_types: tuple[str, ...] = ()  # layer_types gsmkit's engine cannot mask (chunked, ...)
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -81,14 +82,17 @@ class Family:
         return any(layer.softcap for layer in self.layers)
 
     def describe(self) -> dict[str, Any]:
-        """For manifests: the layout as runs of equal layers, e.g. {"0-4": "sliding window 512", "5": "full"}."""
+        """For manifests: the layout as runs of equal layers, e.g. {"0-4": "sliding window 512", "5": "full"}
+        (layers of unknown types are listed under `unknown_layer_types`)."""
         runs: dict[str, str] = {}
         start = 0
         for i in range(1, len(self.layers) + 1):
             if i == len(self.layers) or self.layers[i] != self.layers[start]:
                 runs[f"{start}-{i - 1}" if i - 1 > start else str(start)] = self.layers[start].describe()
                 start = i
-        return {"model_type": self.model_type, "layers": self.num_layers, "attention": runs}
+        described = {"model_type": self.model_type, "layers": self.num_layers, "attention": runs}
+        return {**described, "unknown_layer_types": list(self.unknown_layer_types)} \
+            if self.unknown_layer_types else described
 
 
 def text_config(config: Any) -> Any:
@@ -127,6 +131,7 @@ def read_family(config: Any) -> Family:
         kv_heads = config_field(config, KV_HEAD_FIELDS, "number of key/value heads")
     head_dim = _get(config, "head_dim")
     softcap = _get(config, "attn_logit_softcapping") or None
+    kinds = _get(config, "layer_types") or ()
     windows = _windows(config, layers)
     return Family(
         model_type=str(_get(config, "model_type") or "unknown"),
@@ -134,6 +139,7 @@ def read_family(config: Any) -> Family:
         head_dim=int(head_dim) if head_dim else hidden // heads,
         layers=tuple(LayerAttention(w, float(softcap) if softcap else None) for w in windows),
         bidirectional=bool(_get(config, "use_bidirectional_attention")),
+        unknown_layer_types=tuple(sorted(set(kinds) - {"full_attention", "sliding_attention"})),
     )
 
 
@@ -146,11 +152,7 @@ def _windows(config: Any, n: int) -> list[int | None]:
     window = _get(config, "sliding_window")
     window = int(window) if window else None
     kinds = _get(config, "layer_types")
-    if kinds:
-        unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ModelError(f"layer types {', '.join(unknown)} are not supported by gsmkit's engine",
-                             hint="supported: full_attention, sliding_attention")
+    if kinds:  # other kinds (chunked attention) are Family.unknown_layer_types
         return [window if kind == "sliding_attention" else None for kind in kinds][:n]
     if window is None:
         return [None] * n

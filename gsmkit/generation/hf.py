@@ -106,7 +106,7 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.family = model_family(model)
         self.num_layers = self.family.num_layers
-        self._layer_masks = LayerMasks(self.family)  # windows, per layer
+        self._layer_masks = LayerMasks(self.family)  # each layer's window
         self._slot_layer = slot_layer_class()
         self._cache_arg = cache_argument(model)
         # Rows read the shared prefix from one copy (prefix_attention) unless the model cannot; then each

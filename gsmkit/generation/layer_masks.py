@@ -24,6 +24,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from gsmkit.errors import ConfigError
 from gsmkit.families import Family, decoder_layers, positional_masks
 
 
@@ -32,6 +33,9 @@ class LayerMasks:
     models whose every layer sees every earlier position."""
 
     def __init__(self, family: Family):
+        if unknown := ", ".join(family.unknown_layer_types):
+            raise ConfigError(f"this {family.model_type} model has {unknown} layers, which gsmkit's engine "
+                              "cannot mask", hint="use --backend vllm")
         self.windows = [layer.window for layer in family.layers]
         self.active = bool(family.windows)
         self._masks: list[Any] | None = None
