@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from gsmkit.answers import gold_from_solution
 from gsmkit.cli import app
 from gsmkit.errors import ConfigError, DataError
+from gsmkit.families import attention_output, decoder_layers
 from gsmkit.generation.steer_files import (
     STEER_FILE,
     VECTORS_FILE,
@@ -28,7 +29,6 @@ from gsmkit.generation.steer_files import (
     read_steer_meta,
     tokenizer_fingerprint,
 )
-from gsmkit.generation.steering import decoder_layers, o_proj_of
 from gsmkit.modeling import ModelSpec
 from gsmkit.prompts import encode_prompt, render_target
 from gsmkit.steer.pairs import corrupt_solution
@@ -197,7 +197,7 @@ def test_sampled_negatives_are_the_models_wrong_answers_else_corrupted_and_count
 def _greedy_o_proj_inputs(model, ids: list[int], steps: int) -> torch.Tensor:
     """[steps, layers, W] by full forward passes (no KV cache, no batch): the reference for DAC."""
     seen: list[torch.Tensor] = []
-    handles = [o_proj_of(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1]))
+    handles = [attention_output(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1]))
                for layer in decoder_layers(model)]
     rows, ids = [], list(ids)
     try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gsmkit.errors import ConfigError, SteeringCheckError
+from gsmkit.families import attention_output, decoder_layers
 from gsmkit.generation import GenRequest, HFEngine, SamplingSettings
 from gsmkit.generation import steering as steering_mod
 from gsmkit.generation.steering import (
@@ -16,8 +17,6 @@ from gsmkit.generation.steering import (
     SteeringHooks,
     check_zero_steering,
     dac_alpha,
-    decoder_layers,
-    o_proj_of,
 )
 
 MODELS = ["tiny_model_dir", "tiny_qwen_dir"]
@@ -41,7 +40,7 @@ def _requests(tok):
 
 def _vectors(model, rows: int, layers=(0,), seed=0, scale=1.0, o_proj=False):
     g = torch.Generator().manual_seed(seed)
-    size = o_proj_of(decoder_layers(model)[0]).in_features if o_proj else model.config.hidden_size
+    size = attention_output(decoder_layers(model)[0]).in_features if o_proj else model.config.hidden_size
     return {layer: torch.randn(rows, size, generator=g) * scale for layer in layers}
 
 
@@ -104,7 +103,7 @@ def test_o_proj_hook_adds_alpha_v_to_the_attention_output_projection_input(fixtu
     model, tok = _load(request.getfixturevalue(fixture))
     ids = torch.tensor([tok("What is 9 times 8?").input_ids])
     steer = _dac(model, steps=2, layers=(1,))
-    proj = o_proj_of(decoder_layers(model)[1])
+    proj = attention_output(decoder_layers(model)[1])
     index = torch.full(ids.shape, -1)
     index[0, -1] = 1
     seen = []
@@ -171,7 +170,7 @@ def _reference(model, prompt, steer: Steering | None, n):
                 residual, pre = hook_for(layer)
                 block = decoder_layers(model)[layer]
                 handles.append(block.register_forward_hook(residual) if steer.method == "caa"
-                               else o_proj_of(block).register_forward_pre_hook(pre))
+                               else attention_output(block).register_forward_pre_hook(pre))
         try:
             return model(torch.tensor([tokens])).logits[0, -1].float()
         finally:

@@ -40,14 +40,14 @@ def free_memory_bytes(device: Any) -> int:
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    """Bytes one token's keys and values take in the cache, over all layers."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    """Bytes one token's keys and values take in the cache, over all layers (the shape from
+    `families.model_family`, so GPT-2's n_layer / n_head count as Llama's fields do)."""
+    from gsmkit.families import model_family
+
+    family = model_family(model)
     param = next(model.parameters())
     element = param.element_size() if param.dtype.is_floating_point else 4
-    return int(config.num_hidden_layers) * 2 * kv_heads * head_dim * element
+    return family.num_layers * 2 * family.num_kv_heads * family.head_dim * element
 
 
 def auto_batch_size(model: Any, device: Any, slots_per_row: int) -> int:

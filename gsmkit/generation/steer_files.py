@@ -48,12 +48,13 @@ class SteerMeta(Record):
         version: 1
         method: `"caa"` (contrastive activation addition) or `"dac"` (dynamic activation composition)
         hook: where a vector is added: `"residual"` (CAA: the output of decoder layer L) or `"o_proj_input"`
-            (DAC: the input of layer L's `self_attn.o_proj`)
+            (DAC: the input of layer L's attention output projection: `self_attn.o_proj`, GPT-2's
+            `attn.c_proj`, ...)
         layers: the 0-based decoder layers that have a vector (tensor `layer.<L>` in vectors.safetensors)
         num_layers: decoder layers of the model
         hidden_size: the model's hidden size
         vector_size: the length of each vector: `hidden_size` for CAA, attention heads x head size (the
-            input of `o_proj`) for DAC
+            input of the attention output projection) for DAC
         steps: DAC: T, the generation steps with a vector (row t of `layer.<L>` is step t's); null for CAA
         position: CAA: `"mean"` (h averaged over the completion's tokens) or `"last"` (its last token);
             DAC: `"step"`
@@ -243,20 +244,17 @@ def model_shape(model: str) -> ModelShape:
                              "attention.head_count", hint="pass a model folder instead") from None
         head_dim = int(kv.get(f"{arch}.attention.key_length") or hidden // heads)
         return ModelShape(layers, hidden, heads * head_dim)
+    from gsmkit.families import read_family
     from gsmkit.modeling import read_folder_json
 
     config = read_folder_json(folder, "config.json", "model folder",
                               hint="pass a folder written by save_pretrained",
                               broken_hint="repair config.json")
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     try:
-        layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
-        heads = int(config.get("num_attention_heads") or 1)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelError(f"{folder / 'config.json'}: no usable {err} field",
-                         hint="steering needs num_hidden_layers and hidden_size in config.json") from None
-    return ModelShape(layers, hidden, heads * head_dim)
+        family = read_family(config)
+    except ModelError as err:
+        raise ModelError(f"{folder / 'config.json'}: {err.message}", hint=err.hint) from None
+    return ModelShape(family.num_layers, family.hidden_size, family.num_heads * family.head_dim)
 
 
 # GGUF value types: fixed sizes (struct format), 8 = string, 9 = array

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from gsmkit.errors import ConfigError, SteeringCheckError
+from gsmkit.families import attention_output, decoder_layers
 from gsmkit.settings import STEER_POSITIONS as POSITIONS
 
 ZERO_CHECK_PROBLEMS = 8  # problems `eval gsm8k --check-zero` compares (a search compares all its validation)
@@ -120,34 +121,6 @@ def steer_fingerprint(settings: Any) -> dict[str, Any]:
 # -- where the hooks go ------------------------------------------------------------------------------
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The decoder blocks of a causal LM (a PEFT model's base included), in order."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    layers = getattr(inner, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers):
-        return list(layers)
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    n = int(getattr(config, "num_hidden_layers", 0))
-    for module in base.modules():  # other layouts: the first list of n blocks
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n:
-            return list(module)
-    raise ConfigError(f"cannot find the decoder layers of {type(base).__name__}",
-                      hint="steering supports models with model.layers (Llama, Qwen2, Mistral, ...)")
-
-
-def o_proj_of(layer: Any) -> Any:
-    """The attention output projection of a decoder block (a LoRA wrapper around it, if any)."""
-    attn = getattr(layer, "self_attn", None)
-    proj = getattr(attn, "o_proj", None)
-    if proj is None:
-        raise ConfigError(f"decoder layer {type(layer).__name__} has no self_attn.o_proj",
-                          hint="DAC vectors need Llama-style attention blocks")
-    return proj
-
-
 def _steer_add(h: Any, vectors: Any, index: Any, alpha: Any) -> Any:
     """h [B, Q, H] plus alpha[b] * vectors[index[b, q]] where index >= 0; exactly h elsewhere, and at 0."""
     rows = vectors[index.clamp(min=0)]  # [B, Q, H]
@@ -190,7 +163,8 @@ class SteeringHooks:
             if self.steering.hook == "residual":
                 self._handles.append(blocks[layer].register_forward_hook(self._output_hook(v)))
             else:
-                self._handles.append(o_proj_of(blocks[layer]).register_forward_pre_hook(self._input_hook(v)))
+                self._handles.append(attention_output(blocks[layer]).register_forward_pre_hook(
+                    self._input_hook(v)))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,8 @@ arrays, one row per layer:
   `output_hidden_states`, whose last entry comes after the final norm) averaged over a sequence's
   completion tokens (`mean`) or taken at its last one (`last`). Sequences are right-padded into batches;
   only real completion tokens are weighted.
-- `o_proj_steps`: DAC's activations, the input of each layer's `self_attn.o_proj` (a forward pre-hook) at
+- `o_proj_steps`: DAC's activations, the input of each layer's attention output projection
+  (`families.attention_output`: `self_attn.o_proj`, GPT-2's `attn.c_proj`, ...; a forward pre-hook) at
   the position that predicts generated token t, for the greedy steps t < T of each prompt (step 0 is the
   last prompt position of the prefill, step t > 0 the one new position); a prompt is alive at step t when
   it has not ended (end-of-sequence token or stop string) before t. Prompts are left-padded into batches
@@ -49,9 +50,10 @@ def residual_means(model: Any, layers: Sequence[int], sequences: Sequence[tuple[
     import numpy as np
     import torch
 
-    from gsmkit.generation.steering import decoder_layers
+    from gsmkit.families import decoder_layers
 
-    blocks = [decoder_layers(model)[layer] for layer in layers]
+    every = decoder_layers(model)
+    blocks = [every[layer] for layer in layers]
     device = _device(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     out: list[Any] = [None] * len(sequences)
@@ -97,9 +99,10 @@ def o_proj_steps(model: Any, tokenizer: Any, layers: Sequence[int], prompts: Seq
     import numpy as np
     import torch
 
-    from gsmkit.generation.steering import decoder_layers, o_proj_of
+    from gsmkit.families import attention_output, decoder_layers
 
-    projections = [o_proj_of(decoder_layers(model)[layer]) for layer in layers]
+    blocks = decoder_layers(model)
+    projections = [attention_output(blocks[layer]) for layer in layers]
     device = _device(model)
     cache_arg = cache_argument(model)
     out: list[Any] = [None] * len(prompts)

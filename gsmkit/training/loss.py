@@ -50,7 +50,9 @@ def plain_head(lm: Any) -> Any | None:
     config = getattr(lm, "config", None)
     if config is None or any(getattr(config, name, None) for name in NOT_PLAIN_HEAD):
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from gsmkit.families import text_config
+
+    text = text_config(config)
     if any(getattr(text, name, None) for name in NOT_PLAIN_HEAD):
         return None
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
