@@ -197,9 +197,12 @@ def decoder_layers(model: Any) -> list[Any]:
 
     base = _base(model)
     n = model_family(base).num_layers
-    for module in base.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n:
-            return list(module)
+    found = [(name, module) for name, module in base.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module) == n and n]
+    # a multimodal model may hold another list of n blocks (a vision tower): the language model's comes first
+    found.sort(key=lambda item: any(part in item[0] for part in ("vision", "visual", "audio", "encoder")))
+    for _, module in found:
+        return list(module)
     raise ModelError(f"cannot find the {n} decoder layers of {type(base).__name__}",
                      hint="gsmkit supports causal LMs whose blocks sit in one nn.ModuleList")
 

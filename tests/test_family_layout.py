@@ -92,3 +92,22 @@ def test_transformers_configs_and_their_saved_dicts_give_the_same_layout(family)
     tok = type("Tok", (), {"eos_token_id": 1, "pad_token_id": 0, "__len__": lambda _self: 64})()
     config = family_config(family, tok)
     assert read_family(config) == read_family(config.to_dict())
+
+
+def test_decoder_layers_are_the_language_models_even_after_a_vision_tower_of_as_many_blocks():
+    import torch
+
+    from gsmkit.families import decoder_layers
+
+    class Multimodal(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = {"model_type": "toy", "num_hidden_layers": 2, "hidden_size": 4,
+                           "num_attention_heads": 1}
+            self.vision_tower = torch.nn.Module()
+            self.vision_tower.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+            self.language_model = torch.nn.Module()
+            self.language_model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    model = Multimodal()
+    assert decoder_layers(model) == list(model.language_model.layers)
