@@ -96,8 +96,9 @@ class LoraOptions:
     lora_alpha: int = setting(32, "LoRA alpha.", min=1)
     lora_dropout: float = setting(0.05, "LoRA dropout.", min=0.0, max=0.999)
     target_modules: tuple[str, ...] | None = setting(
-        None, "LoRA target module names (repeatable).",
-        show_default="q/k/v/o/gate/up/down_proj present in the model")
+        None, "LoRA target module names (repeatable), each a linear projection of the model's decoder "
+        "layers (q_proj, qkv_proj, c_attn, ...); the output head never.",
+        show_default="every linear projection of the decoder layers")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -149,6 +149,7 @@ def test_grpo_changes_lora_weights_and_writes_a_loadable_adapter(tmp_path, tiny_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "train grpo" and manifest["resolved"]["reward_weights"] == DEFAULT_WEIGHTS
     assert manifest["resolved"]["removed_fewshot"] > 0
+    assert manifest["resolved"]["lora_module_count"] == 2 * 7  # every projection of the 2 layers
     # the adapter loads in `eval gsm8k`
     res = runner.invoke(app, ["eval", "gsm8k", "--model", str(tiny_model_dir), "--adapter", str(out),
                               "--data", str(small_gsm8k), "--limit", "2", "--max-new-tokens", "4",

@@ -71,6 +71,7 @@ def test_sft_trains_lora_and_never_sees_the_pool(tmp_path, tiny_model_dir, small
     assert manifest["settings"]["k"] == 5 and manifest["command"] == "train sft"
     assert set(manifest["resolved"]["lora_targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"}
+    assert manifest["resolved"]["lora_module_count"] == 2 * 7  # 2 layers
     log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][:3] == [1, 2, 3]
 

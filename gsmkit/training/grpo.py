@@ -239,7 +239,7 @@ def train_grpo(
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from gsmkit.training.lora import find_lora_targets, lean_dropout, lora_config, prepare_base
+    from gsmkit.training.lora import lean_dropout, lora_config, lora_modules, prepare_base, resolve_targets
 
     set_seed(settings.seed)
     loaded = load_model(settings.model_spec(), for_training=True)
@@ -251,8 +251,8 @@ def train_grpo(
     model = prepare_base(loaded.model, settings.load_in_4bit, settings.checkpointing)
     peft_config = None
     if settings.init_adapter is None:
-        targets = find_lora_targets(model, settings.target_modules)
-        peft_config = lora_config(settings, targets)
+        targets = resolve_targets(model, settings.target_modules)
+        peft_config = lora_config(settings, model, targets)
     else:
         from gsmkit.modeling import attach_adapter
 
@@ -296,6 +296,7 @@ def train_grpo(
 
     log_rollout_time(trainer)  # rollout_time beside step_time in trainer_log.jsonl
     lean_dropout(trainer.model)  # the adapter TRL attached, or the --init-adapter one
+    wrapped = lora_modules(trainer.model)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if trainable == 0:  # a bug, never a silent run that trains nothing
         raise RuntimeError("no trainable parameter: the adapter was frozen")
@@ -312,7 +313,8 @@ def train_grpo(
     rewarded = [r for r in logs if "reward" in r]
     resolved = {"style": style, "answer_format": fmt, "k": settings.k, "reward_weights": weights,
                 "rollouts": rollouts, "rollout_engine_stats": getattr(rollout_func, "stats", None),
-                "lora_targets": list(targets), "gradient_checkpointing": settings.checkpointing,
+                "lora_targets": list(targets), "lora_module_count": len(wrapped),
+                "gradient_checkpointing": settings.checkpointing,
                 "dtype": str(loaded.dtype), "device": str(loaded.device),
                 "malloc_mmap_threshold": mmap_threshold,
                 "processes": trainer.accelerator.num_processes, "fewshot_pool": pool.origin,

@@ -3,10 +3,12 @@ ranks (`--rank-pattern`), and the `--init-lora` start of a QLoRA adapter.
 
 In: a loaded base model and the run's settings (LoraOptions: lora_r, lora_alpha, lora_dropout,
 target_modules; `rank_pattern`: a JSON file of per-module ranks, e.g. an `audit-svd` audit.json). Out: the
-projection names present (`find_lora_targets`), the checked pattern (`read_rank_pattern`, before any model
-loads), the PEFT `LoraConfig` (`lora_config`; GRPO hands it to TRL), the PEFT model (`add_lora`, which
-refuses a pattern key that sets no module's rank), the rank and alpha of each module as built
-(`lora_ranks`), and the statistics of the adapter's initialisation (`initialise_lora`, see
+projection names targeted (`resolve_targets`: by default every linear projection of the decoder layers, as
+`gsmkit.families` finds them in any family; `--target-modules` checked against them) and the modules they
+name (`target_modules`), the checked pattern (`read_rank_pattern`, before any model loads), the PEFT
+`LoraConfig` (`lora_config`; GRPO hands it to TRL), the PEFT model (`add_lora`, which refuses a pattern key
+that sets no module's rank), the modules it wraps (`lora_modules`), the rank and alpha of each module as
+built (`lora_ranks`), and the statistics of the adapter's initialisation (`initialise_lora`, see
 `training.lora_init`).
 
 Alpha follows the rank: a module of rank r_m gets alpha_m = lora_alpha * r_m / lora_r, so its scale
@@ -23,30 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gsmkit.errors import ConfigError, DataError
+from gsmkit import families
+from gsmkit.errors import DataError
 from gsmkit.modeling import PEFT_PREFIX
 from gsmkit.training.lora_init import calibration_sample, initialise_adapter
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+def resolve_targets(model: Any, wanted: Sequence[str] | None = None) -> list[str]:
+    """The projection names LoRA targets: by default every linear projection of the decoder layers
+    (`families.lora_targets`), else `--target-modules` checked against them (`families.check_lora_targets`:
+    a one-line ConfigError naming the projections that exist)."""
+    return families.check_lora_targets(model, wanted) if wanted else families.lora_targets(model)
 
 
-def find_lora_targets(model: Any, wanted: tuple[str, ...] | None = None) -> list[str]:
-    """Projection names present as linear layers (plain or bitsandbytes 4-bit) in the model."""
-    present: set[str] = set()
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if "Linear" in type(module).__name__ and leaf in (wanted or LORA_TARGETS):
-            present.add(leaf)
-    if wanted:
-        missing = sorted(set(wanted) - present)
-        if missing:
-            found = ", ".join(sorted(present)) or "none of " + ", ".join(LORA_TARGETS)
-            raise ConfigError(f"--target-modules {', '.join(missing)} not found in the model",
-                              hint=f"present: {found}")
-    if not present:
-        raise ConfigError("no LoRA target modules found (none of q/k/v/o/gate/up/down_proj)",
-                          hint="name them with --target-modules")
-    return sorted(present, key=lambda n: (LORA_TARGETS + (n,)).index(n))
+def target_modules(model: Any, targets: Sequence[str]) -> list[tuple[str, Any]]:
+    """(path, module) of each linear projection of the decoder layers named in `targets`: the modules the
+    adapter wraps, in model order."""
+    return [(path, module) for path, module in families.linear_modules(model)
+            if path.rsplit(".", 1)[-1] in targets]
 
 
 def prepare_base(model: Any, load_in_4bit: bool, checkpointing: bool) -> Any:
@@ -128,8 +124,7 @@ def check_rank_pattern(model: Any, targets: Sequence[str], pattern: RankPattern)
     own rule (the first key, in order, that matches the module path); else DataError naming the key."""
     from peft.utils.other import get_pattern_key
 
-    names = [name for name, module in model.named_modules()
-             if name.rsplit(".", 1)[-1] in targets and "Linear" in type(module).__name__]
+    names = [path for path, _ in target_modules(model, targets)]
     for label, table in (("rank_pattern", pattern.ranks), ("alpha_pattern", pattern.alphas or {})):
         used = {get_pattern_key(list(table), name) for name in names}
         unused = [key for key in table if key not in used]
@@ -141,8 +136,17 @@ def check_rank_pattern(model: Any, targets: Sequence[str], pattern: RankPattern)
                             f"targets {', '.join(targets)}; an earlier key that matches takes precedence")
 
 
-def lora_config(settings: Any, targets: Sequence[str]) -> Any:
-    """A fresh adapter of the run's shape on `targets`, with the run's --rank-pattern when it has one."""
+def lora_config(settings: Any, model: Any, targets: Sequence[str]) -> Any:
+    """A fresh adapter of the run's shape on the projections of `model`'s decoder layers named in `targets`,
+    with the run's --rank-pattern when it has one.
+
+    PEFT matches target names anywhere in the model, so a module of the same name outside the decoder layers
+    (a vision tower's `q_proj`, a head named like a projection) is excluded by its path. GPT-2's `Conv1D`
+    stores its weight transposed: `fan_in_fan_out` says so when every target is one (PEFT would otherwise
+    warn and set it itself). A 4-bit base holds them as bitsandbytes `Linear4bit` (transformers records the
+    class it replaced), which PEFT wraps untransposed whatever the flag says: the flag still follows the
+    architecture, so the adapter loads on the full-precision base as it is.
+    """
     from peft import LoraConfig
 
     patterns: dict[str, Any] = {}
@@ -150,19 +154,43 @@ def lora_config(settings: Any, targets: Sequence[str]) -> Any:
         pattern = read_rank_pattern(settings.rank_pattern)
         patterns = {"rank_pattern": dict(pattern.ranks),
                     "alpha_pattern": pattern.alpha_pattern(settings.lora_r, settings.lora_alpha)}
+    chosen = target_modules(model, targets)
+    inside = {path for path, _ in chosen}
+    outside = [path for path, _ in model.named_modules()
+               if path.rsplit(".", 1)[-1] in targets and path not in inside]
+    if outside:  # a full-match regex of exact paths: a list would also exclude paths that end in one
+        patterns["exclude_modules"] = "|".join(re.escape(path) for path in outside)
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM", **patterns)
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=bool(chosen) and all(_is_conv1d(m) for _, m in chosen),
+                      **patterns)
+
+
+def _is_conv1d(module: Any) -> bool:
+    """A transformers `Conv1D`, or the quantised layer that replaced one (its `source_cls`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    source = getattr(module, "source_cls", None)
+    return isinstance(module, Conv1D) or (isinstance(source, type) and issubclass(source, Conv1D))
 
 
 def add_lora(model: Any, settings: Any) -> tuple[Any, list[str]]:
-    """The PEFT model with a fresh adapter on the targets present (its dropout made lean); and those
-    targets."""
+    """The PEFT model with a fresh adapter on the run's targets (`resolve_targets`; its dropout made lean);
+    and those targets."""
     from peft import get_peft_model
 
-    targets = find_lora_targets(model, settings.target_modules)
+    targets = resolve_targets(model, settings.target_modules)
     if getattr(settings, "rank_pattern", None) is not None:
         check_rank_pattern(model, targets, read_rank_pattern(settings.rank_pattern))
-    return lean_dropout(get_peft_model(model, lora_config(settings, targets))), targets
+    return lean_dropout(get_peft_model(model, lora_config(settings, model, targets))), targets
+
+
+def lora_modules(peft_model: Any) -> list[str]:
+    """The paths of the modules the adapter wraps (PEFT's LoRA layers), as `rank_pattern` keys see them."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name.removeprefix(PEFT_PREFIX) for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer)]
 
 
 def lean_dropout(model: Any) -> Any:

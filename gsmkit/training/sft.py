@@ -124,7 +124,7 @@ def train(
     import torch
     from transformers import Trainer, set_seed
 
-    from gsmkit.training.lora import add_lora, initialise_lora, lora_ranks, prepare_base
+    from gsmkit.training.lora import add_lora, initialise_lora, lora_modules, lora_ranks, prepare_base
     from gsmkit.training.memory import return_freed_memory
 
     set_seed(settings.seed)
@@ -132,6 +132,7 @@ def train(
     mmap_threshold = return_freed_memory(loaded.device)
     model = loaded.model
     targets: list[str] = []
+    wrapped: list[str] = []
     lora_init: dict[str, Any] | None = None
     ranks: dict[str, Any] | None = None
     if settings.full:
@@ -140,6 +141,7 @@ def train(
     else:
         model = prepare_base(model, settings.load_in_4bit, settings.checkpointing)
         model, targets = add_lora(model, settings)
+        wrapped = lora_modules(model)
         ranks = lora_ranks(model, settings)
         if settings.init_lora != "default" and resume_from is None:  # a resumed run restores its adapter
             lora_init = initialise_lora(model, settings, encoded, tokenizer.pad_token_id, on_init)
@@ -185,6 +187,7 @@ def train(
     from gsmkit.training.outputs import publish_on_main
 
     resolved = {"style": style, "k": settings.k, "lora_targets": targets,
+                "lora_module_count": len(wrapped),
                 "gradient_checkpointing": settings.checkpointing, "dtype": str(loaded.dtype),
                 "loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
                 "malloc_mmap_threshold": mmap_threshold,
