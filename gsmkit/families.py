@@ -224,6 +224,15 @@ def linear_modules(model: Any) -> list[tuple[str, Any]]:
     return found
 
 
+def is_conv1d(module: Any) -> bool:
+    """A GPT-2-style `Conv1D` (its weight stored transposed, [in, out]), or the 4-bit layer that replaced one
+    (bitsandbytes keeps the original class as `source_cls`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    source = getattr(module, "source_cls", None)
+    return isinstance(module, Conv1D) or (isinstance(source, type) and issubclass(source, Conv1D))
+
+
 def _inside_lora(path: str) -> bool:
     parts = path.split(".")
     return any(p in ("lora_A", "lora_B", "base_layer", "lora_embedding_A", "lora_embedding_B") for p in parts)

@@ -162,16 +162,8 @@ def lora_config(settings: Any, model: Any, targets: Sequence[str]) -> Any:
         patterns["exclude_modules"] = "|".join(re.escape(path) for path in outside)
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
-                      fan_in_fan_out=bool(chosen) and all(_is_conv1d(m) for _, m in chosen),
+                      fan_in_fan_out=bool(chosen) and all(families.is_conv1d(m) for _, m in chosen),
                       **patterns)
-
-
-def _is_conv1d(module: Any) -> bool:
-    """A transformers `Conv1D`, or the quantised layer that replaced one (its `source_cls`)."""
-    from transformers.pytorch_utils import Conv1D
-
-    source = getattr(module, "source_cls", None)
-    return isinstance(module, Conv1D) or (isinstance(source, type) and issubclass(source, Conv1D))
 
 
 def add_lora(model: Any, settings: Any) -> tuple[Any, list[str]]:
