@@ -7,6 +7,10 @@
   logits are 0 and greedy decoding never picks them (the lm head still multiplies all 151,936 rows, so
   the cost is the real model's); random weights give text without stop strings: both tools generate the
   full budget and the comparison is pure throughput.
+- `ensure_mistral_shaped(dest, tokenizer_dir)`: a Mistral model of Mistral-7B's proportions scaled to run
+  here (head size 128, 4 query heads per KV head, MLP 3.5x hidden, 16 layers of hidden 1024; SmolLM2's
+  vocabulary) with a sliding window of `MISTRAL_WINDOW` positions, shorter than a 5-shot prompt; and
+  `opened_window_copy`, the same weights with the window opened (config `sliding_window: null`).
 - `machine_rates()`: the memory bandwidth (a 1 GiB copy) and float32 matmul rate (a prefill-sized GEMM)
   of this machine, measured in this process.
 - `floor(...)`: the arithmetic floor of a generation run, from those rates.
@@ -26,20 +30,54 @@ QWEN_SHAPE = {
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
 }
 QWEN_SEED = 0
+MISTRAL_WINDOW = 512
+MISTRAL_SHAPE = {
+    "vocab_size": 49152, "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 16,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "sliding_window": MISTRAL_WINDOW, "initializer_range": 0.05,
+}
 
 
 def ensure_qwen_shaped(dest: Path, tokenizer_dir: Path) -> float | None:
     """Build the 0.5B-shaped model once at `dest` (written under a temporary name, then renamed)."""
+    return _ensure_shaped(dest, tokenizer_dir, "Qwen2Config", QWEN_SHAPE)
+
+
+def ensure_mistral_shaped(dest: Path, tokenizer_dir: Path) -> float | None:
+    """Build the windowed Mistral-shaped model once at `dest` (init std 0.05: its greedy text depends on
+    the prompt, so a window that is not applied changes it)."""
+    return _ensure_shaped(dest, tokenizer_dir, "MistralConfig", MISTRAL_SHAPE)
+
+
+def opened_window_copy(src: Path, dest: Path) -> Path:
+    """`src` with its window opened: the same weight files (hard links), config.json's sliding_window null."""
+    if not (dest / "config.json").is_file():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for path in src.iterdir():
+            if path.name != "config.json" and path.is_file():
+                (tmp / path.name).hardlink_to(path)
+        config = json.loads((src / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "sliding_window": None}, indent=2) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+def _ensure_shaped(dest: Path, tokenizer_dir: Path, config_class: str, shape: dict) -> float | None:
     if (dest / "config.json").is_file():
         return None
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(QWEN_SEED)
-    config = Qwen2Config(**QWEN_SHAPE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = getattr(transformers, config_class)(**shape, bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         model.get_input_embeddings().weight[len(tok):] = 0.0
@@ -47,7 +85,7 @@ def ensure_qwen_shaped(dest: Path, tokenizer_dir: Path) -> float | None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "gsmkit_bench.json").write_text(json.dumps({"shape": QWEN_SHAPE, "seed": QWEN_SEED}) + "\n")
+    (tmp / "gsmkit_bench.json").write_text(json.dumps({"shape": shape, "seed": QWEN_SEED}) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return time.perf_counter() - start

