@@ -12,6 +12,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -76,17 +77,53 @@ def ensure_hf_model(dest: Path, gguf: Path | None = None) -> float | None:
     return time.perf_counter() - start
 
 
-def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run `cmd` with stdout+stderr to `log`; return (wall seconds from start to exit, exit code)."""
+TIMED_OUT = 124  # the exit code run_timed gives a command it stopped at its timeout (as timeout(1) does)
+
+
+def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None,
+              timeout: float | None = None) -> tuple[float, int]:
+    """Run `cmd` with stdout+stderr to `log`; return (wall seconds from start to exit, exit code).
+
+    With `timeout` (seconds) the command runs in a session of its own, and it and every process it started
+    are stopped once it runs past it (SIGTERM, then SIGKILL 10 s later); the exit code is then `TIMED_OUT`.
+    Without, the command runs in this process's session, as before."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
     with log.open("w", encoding="utf-8") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         start = time.perf_counter()
-        proc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+        if timeout is None:
+            code = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
+                                  cwd=ROOT).returncode
+        else:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _stop_session(proc)
+                code = TIMED_OUT
+                fh.write(f"\n[run_timed: stopped after {timeout:.0f} s]\n")
+            except BaseException:  # Ctrl-C here: its own session would not get the signal
+                _stop_session(proc)
+                raise
         seconds = time.perf_counter() - start
-    return seconds, proc.returncode
+    return seconds, code
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """Stop `proc` and the processes it started (its session's process group): SIGTERM, then SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def tail(path: Path, lines: int = 30) -> str:
