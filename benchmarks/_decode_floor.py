@@ -51,14 +51,18 @@ def ensure_mistral_shaped(dest: Path, tokenizer_dir: Path) -> float | None:
 
 
 def opened_window_copy(src: Path, dest: Path) -> Path:
-    """`src` with its window opened: the same weight files (hard links), config.json's sliding_window null."""
+    """`src` with its window opened: the same weight files (hard links, else copies), config.json's
+    sliding_window null."""
     if not (dest / "config.json").is_file():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for path in src.iterdir():
             if path.name != "config.json" and path.is_file():
-                (tmp / path.name).hardlink_to(path)
+                try:
+                    (tmp / path.name).hardlink_to(path)
+                except OSError:  # another file system
+                    shutil.copy2(path, tmp / path.name)
         config = json.loads((src / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps({**config, "sliding_window": None}, indent=2) + "\n")
         shutil.rmtree(dest, ignore_errors=True)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, TIMED_OUT, ensure_project_importable, machine_info, package_version, run_timed, tail
-from _decode_floor import QWEN_SHAPE
+from _decode_floor import QWEN_SHAPE, opened_window_copy
 
 STEPS = ("setup", "engine_bf16", "engine_sliding_window", "train_qlora", "train_grpo", "merge",
          "backend_parity")
@@ -181,21 +181,6 @@ def build_model(dest: Path, tok, family: str, shape: dict[str, Any], dtype: str)
             "heads": shape["num_attention_heads"], "kv_heads": shape["num_key_value_heads"],
             "vocab": shape["vocab_size"], "parameters": params, "init_std": shape["initializer_range"],
             "sliding_window": shape.get("sliding_window"), "saved_dtype": dtype}
-
-
-def opened_window_copy(src: Path, dest: Path) -> Path:
-    """`src` with its sliding window opened: the same files (hard links, else copies), config.json's
-    sliding_window null."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.is_file() and path.name != "config.json":
-            try:
-                (dest / path.name).hardlink_to(path)
-            except OSError:
-                shutil.copy2(path, dest / path.name)
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    (dest / "config.json").write_text(json.dumps({**config, "sliding_window": None}, indent=2) + "\n")
-    return dest
 
 
 def few_shot_prompts(rows: list[dict[str, str]], shots: int, n: int) -> list[str]:
