@@ -186,6 +186,18 @@ def test_audit_files_and_numbers_match_dense_svd(adapter_dir, tmp_path):
     assert "## By module type" in md and "model.layers.1.self_attn.v_proj" in md
 
 
+def test_module_types_tell_apart_projections_that_share_a_name():
+    """A type is the module's last name, unless two places in a layer share it (GPT-2's attention and MLP
+    `c_proj`): the summaries then keep them apart instead of one overwriting the other."""
+    from gsmkit.adapters.audit_results import module_types
+
+    llama = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")] + ["lm_head"]
+    assert set(module_types(llama).values()) == {"q_proj", "v_proj", "lm_head"}
+    gpt2 = [f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")]
+    assert module_types(gpt2)["transformer.h.1.attn.c_proj"] == "attn.c_proj"
+    assert set(module_types(gpt2).values()) == {"c_attn", "attn.c_proj", "mlp.c_proj"}
+
+
 def test_default_out_is_inside_the_adapter(adapter_dir, tmp_path):
     copy = tmp_path / "adapter"
     shutil.copytree(adapter_dir, copy)

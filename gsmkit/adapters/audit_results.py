@@ -32,7 +32,8 @@ class ModuleAudit:
     Attributes:
         module: the module path in the base model, as PEFT's `rank_pattern` keys match it: the saved key
             without `base_model.model.` and `.lora_A.weight`
-        type: the last path component: `q_proj`, `v_proj`, ...
+        type: the last path component (`q_proj`, `v_proj`, ...), or, where modules of different places in
+            their layers share it, the path below the layer number (GPT-2's `attn.c_proj` and `mlp.c_proj`)
         layer: the first number in the path (`model.layers.3.*` → 3); null for modules outside the layers,
             such as `lm_head`
         shape: `[d, k]` of `B @ A` (`[out_features, in_features]` for a Linear layer; a Conv kernel is folded
@@ -81,9 +82,9 @@ class AuditResult(Record):
         energy: `--energy`, in (0, 1]
         modules: one per LoRA module, in path order (layer 2 before layer 10). The fields are listed in the
             next table
-        by_type: module type (the last path component: `q_proj`, `v_proj`, ...) → `modules`, `r` (the distinct
-            ranks), `effective_rank_mean`, `effective_rank_max`, `stable_rank_mean`, `spectral_entropy_mean`,
-            `frobenius_norm_mean`, `lora_parameters`, `lora_parameters_suggested`
+        by_type: module type (a module's `type`: `q_proj`, `v_proj`, ...; GPT-2's `attn.c_proj`) → `modules`,
+            `r` (the distinct ranks), `effective_rank_mean`, `effective_rank_max`, `stable_rank_mean`,
+            `spectral_entropy_mean`, `frobenius_norm_mean`, `lora_parameters`, `lora_parameters_suggested`
         by_layer: one per layer (the first number in the module path; `null` for modules outside the layers,
             such as `lm_head`): `layer`, `modules`, `frobenius_norm` (of all the layer's updates together),
             `effective_rank` and `r` (module type → value), `stable_rank_mean`
@@ -115,12 +116,31 @@ def layer_of(path: str) -> int | None:
     return next((int(part) for part in path.split(".") if part.isdigit()), None)
 
 
-def audit_module(module: LoraModule, energy: float) -> ModuleAudit:
+def _in_layer(path: str) -> str:
+    """The path below the layer number (`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj`)."""
+    parts = path.split(".")
+    first = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return path if first is None else ".".join(parts[first + 1:])
+
+
+def module_types(paths: list[str]) -> dict[str, str]:
+    """Each module's type: its last path component, unless modules at different places in their layers
+    share it (GPT-2's `attn.c_proj` and `mlp.c_proj`, two projections); those are told apart by the path
+    below the layer number, so no summary merges them."""
+    places: dict[str, set[str]] = {}
+    for path in paths:
+        places.setdefault(path.rsplit(".", 1)[-1], set()).add(_in_layer(path))
+    return {path: path.rsplit(".", 1)[-1] if len(places[path.rsplit(".", 1)[-1]]) == 1 else _in_layer(path)
+            for path in paths}
+
+
+def audit_module(module: LoraModule, energy: float, kind: str) -> ModuleAudit:
+    """`module`'s audit; `kind` is its type (`module_types`)."""
     a, b = module.matrices()
     values = [float(s) for s in lora_singular_values(a, b, module.scale)]
     eff = effective_rank(values, energy)
     return ModuleAudit(
-        module=module.path, type=module.path.rsplit(".", 1)[-1], layer=layer_of(module.path),
+        module=module.path, type=kind, layer=layer_of(module.path),
         shape=[int(b.shape[0]), int(a.shape[1])], r=module.r, lora_alpha=module.alpha, scale=module.scale,
         singular_values=values, frobenius_norm=math.sqrt(sum(s * s for s in values)), effective_rank=eff,
         stable_rank=stable_rank(values), spectral_entropy=spectral_entropy(values),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.adapters.audit_report import audit_output, write_audit
-from gsmkit.adapters.audit_results import AuditResult, ModuleAudit, audit_module, summaries
+from gsmkit.adapters.audit_results import AuditResult, ModuleAudit, audit_module, module_types, summaries
 from gsmkit.adapters.lora_files import (
     AdapterWeights,
     peft_patterns,
@@ -152,8 +152,9 @@ def audit_adapter(
     if on_start:
         on_start(len(weights.modules))
     audits: list[ModuleAudit] = []
+    kinds = module_types([module.path for module in weights.modules])
     for module in weights.modules:
-        audits.append(audit_module(module, settings.energy))
+        audits.append(audit_module(module, settings.energy, kinds[module.path]))
         if on_progress:
             on_progress(1)
     by_type, by_layer = summaries(audits)
