@@ -32,8 +32,9 @@ Run from the project root (lm-eval is `pip install "lm-eval==0.4.*"`, the `bench
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --models smollm2 --limit 4   # quick check
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --skip-lmeval    # gsmkit half only
     python benchmarks/eval_gsm8k.py --out bench-out/eval_gsm8k --models mistral-window   # windows, ~15 min
-Writes `<out>/results.json` (all numbers, machine facts, exact commands; after each model) and prints
-a table per model.
+Writes `<out>/results.json` (all numbers, machine facts, exact commands; after each model; results of
+models an earlier run into the same folder measured are kept, with their settings) and prints a table
+per model.
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def main() -> int:
         },
         "machine": machine_info(),
         "commands": {},
-        "models": {},
+        "models": earlier_models(out / "results.json", models),
     }
 
     # 1. the models: one float32 HF copy of SmolLM2 for both tools, and the 0.5B-shaped random model
@@ -400,6 +401,16 @@ def main() -> int:
             print_table(key, results["models"][key], results["settings"])
     console.print(f"results: {out / 'results.json'}")
     return 0
+
+
+def earlier_models(path: Path, models: list[str]) -> dict[str, Any]:
+    """The results of models an earlier run into the same folder measured and this one does not, each with
+    the settings it ran under, so `--models` can add a model without losing the others."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    return {key: {**result, "run_settings": result.get("run_settings", earlier.get("settings"))}
+            for key, result in earlier.get("models", {}).items() if key not in models}
 
 
 def gsmkit_eval(name: str, model_dir: Path, out: Path, args: argparse.Namespace, gsm8k_dir: Path,
