@@ -70,21 +70,34 @@ def opened_window_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def _ensure_shaped(dest: Path, tokenizer_dir: Path, config_class: str, shape: dict) -> float | None:
-    if (dest / "config.json").is_file():
-        return None
+def seeded_model(config_class: str, shape: dict[str, Any], tok: Any, seed: int = QWEN_SEED) -> Any:
+    """A float32 model of `config_class` (a name in `transformers`) and `shape`, with seeded random weights
+    and `tok`'s special ids; embedding (and untied head) rows past the tokenizer's tokens are zero, so
+    greedy decoding never picks them."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    start = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(QWEN_SEED)
-    config = getattr(transformers, config_class)(**shape, bos_token_id=tok.bos_token_id,
-                                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    config = getattr(transformers, config_class)(**shape, bos_token_id=bos, eos_token_id=tok.eos_token_id,
+                                                 pad_token_id=tok.pad_token_id)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         model.get_input_embeddings().weight[len(tok):] = 0.0
+        if not config.tie_word_embeddings:
+            model.get_output_embeddings().weight[len(tok):] = 0.0
+    return model
+
+
+def _ensure_shaped(dest: Path, tokenizer_dir: Path, config_class: str, shape: dict) -> float | None:
+    if (dest / "config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = seeded_model(config_class, shape, tok)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

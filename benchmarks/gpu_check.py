@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, TIMED_OUT, ensure_project_importable, machine_info, package_version, run_timed, tail
-from _decode_floor import QWEN_SHAPE, opened_window_copy
+from _decode_floor import QWEN_SHAPE, opened_window_copy, seeded_model
 
 STEPS = ("setup", "engine_bf16", "engine_sliding_window", "train_qlora", "train_grpo", "merge",
          "backend_parity")
@@ -159,21 +159,12 @@ def build_model(dest: Path, tok, family: str, shape: dict[str, Any], dtype: str)
     """A seeded random `family` model saved with `tok` at `dest`; embedding (and head) rows past the
     tokenizer's tokens are zero, so they are never chosen. Returns its facts."""
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
 
     config_class = {"qwen2": "Qwen2Config", "mistral": "MistralConfig"}[family]
     shape = {"vocab_size": len(tok), **shape}
     if family == "qwen2":
         shape.setdefault("use_sliding_window", False)
-    torch.manual_seed(SEED)
-    config = getattr(transformers, config_class)(**shape, bos_token_id=tok.eos_token_id,
-                                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[len(tok):] = 0.0
-        if not shape.get("tie_word_embeddings", True):
-            model.get_output_embeddings().weight[len(tok):] = 0.0
+    model = seeded_model(config_class, shape, tok, SEED)
     params = sum(p.numel() for p in model.parameters())
     model.to(getattr(torch, dtype)).save_pretrained(dest)
     tok.save_pretrained(dest)
