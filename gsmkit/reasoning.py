@@ -1,0 +1,103 @@
+"""One notion of a reasoning section: where it starts and ends in a completion, for every prompt style.
+
+In: a completion's text, the `Section` of its style and template (`section_for`), and whether the prompt
+already opened it (a thinking template that writes `<think>` for the model: `opened_by_prompt`).
+Out: `split_completion` -> `Split` (the reasoning, the answer text after the section, and whether the
+completion ended inside its reasoning). Answer extraction for the metric, trace selection and the GRPO
+rewards reads only `Split.answer`, so a number or a draft `#### n` inside the reasoning never scores.
+
+Sections:
+- thinking templates (Qwen3 and other chat templates with `<think>`): `<think>` ... `</think>`;
+- the reasoning-tags style: `<start_working_out>` ... `<end_working_out>`;
+- plain (and chat templates without thinking): none, and the whole completion is the answer text.
+A completion whose section opened and never closed (cut by `--max-new-tokens` while thinking) has no
+answer text: it "ended in reasoning", which the metrics count apart from wrong answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gsmkit.answers import REASONING_END, REASONING_START
+
+
+@dataclass(frozen=True)
+class Section:
+    """A reasoning section's delimiters, as they appear in the text."""
+
+    name: str  # "think" | "tags"
+    start: str
+    end: str
+
+
+THINK = Section("think", "<think>", "</think>")
+TAGS = Section("tags", REASONING_START, REASONING_END)
+
+
+def thinking_template(tokenizer: Any) -> bool:
+    """The tokenizer's chat template writes a `<think>` section (Qwen3 and its kin)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # several named templates
+        template = " ".join(str(t) for t in template.values())
+    return THINK.start in str(template)
+
+
+def takes_thinking_switch(tokenizer: Any) -> bool:
+    """The chat template reads `enable_thinking` (so `--thinking on|off` can set it)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(str(t) for t in template.values())
+    return "enable_thinking" in str(template)
+
+
+def section_for(style: str, tokenizer: Any) -> Section | None:
+    """The reasoning section of a resolved prompt style with this tokenizer: TAGS for `tags`, THINK for
+    `chat` through a thinking template, None otherwise."""
+    if style == "tags":
+        return TAGS
+    if style == "chat" and thinking_template(tokenizer):
+        return THINK
+    return None
+
+
+def opened_by_prompt(prompt: str, section: Section | None) -> bool:
+    """The rendered prompt ends inside an open section (its last start tag has no end after it), so the
+    completion begins in the reasoning."""
+    if section is None:
+        return False
+    at = prompt.rfind(section.start)
+    return at >= 0 and prompt.find(section.end, at) < 0
+
+
+@dataclass(frozen=True)
+class Split:
+    """A completion cut at its reasoning section.
+
+    reasoning: the text inside the section (None when the completion has no section)
+    answer: the text after the section's end (the whole completion when there is no section; "" when the
+        section never closed)
+    ended_in_reasoning: the section opened and never closed
+    """
+
+    reasoning: str | None
+    answer: str
+    ended_in_reasoning: bool
+
+
+def split_completion(completion: str, section: Section | None, opened: bool = False) -> Split:
+    """`completion` cut at the first section (already open when `opened`): reasoning, answer text after it,
+    and whether it ended inside the reasoning."""
+    if section is None:
+        return Split(None, completion, False)
+    if opened:
+        body_start = 0
+    else:
+        at = completion.find(section.start)
+        if at < 0:
+            return Split(None, completion, False)
+        body_start = at + len(section.start)
+    end = completion.find(section.end, body_start)
+    if end < 0:
+        return Split(completion[body_start:], "", True)
+    return Split(completion[body_start:end], completion[end + len(section.end):], False)
