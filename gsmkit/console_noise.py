@@ -20,6 +20,11 @@ What goes, and why it tells the user nothing:
 - TRL's UserWarning "You are using 'rollout_func', which is an experimental feature": `train grpo`'s
   engine rollouts are that hook, pinned by gsmkit's tests against the TRL it installs; the user chose
   nothing experimental.
+- PEFT's UserWarning "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`", when a
+  GPT-2-style adapter (its `adapter_config.json` says fan_in_fan_out: its base stores `Conv1D` weights
+  transposed) is loaded on a 4-bit base, whose bitsandbytes layers replaced the `Conv1D`s and are not
+  transposed: PEFT then wraps them untransposed, which is right (`training.lora.lora_config` writes the flag
+  from the architecture so the same adapter also loads on the full-precision base).
 - tqdm bars: transformers' "Loading weights", its GGUF reader's "Converting and de-quantizing GGUF
   tensors...", datasets' map bars. gsmkit shows model loading as its own step (`progress.status_step`)
   and draws its own bars for its work. tqdm reads its `TQDM_*` defaults when it is first imported, which
@@ -39,6 +44,7 @@ _WARNINGS = (
     (FutureWarning, r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"),
     (UserWarning, r"Could not find a config file in .* will assume that the vocabulary was not modified"),
     (UserWarning, r"You are using 'rollout_func', which is an experimental feature"),
+    (UserWarning, r"fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"),
 )
 # logger name -> start of the messages to drop from it
 _LOG_RECORDS = {
