@@ -37,6 +37,13 @@ class ConfigError(GsmkitError):
     """Settings that contradict each other or ask for something unavailable here."""
 
 
+class UsageError(ConfigError):
+    """An option that cannot apply to this input, found once the input is read (a tokenizer): a misused
+    option, exit code 2, like those the command line itself rejects."""
+
+    exit_code = 2
+
+
 class ResumeError(GsmkitError):
     """An output folder holds a partial run made with different settings."""
 

@@ -12,6 +12,11 @@ Styles (PROMPT_VERSION is recorded in every manifest; bump it when a rendering c
   training targets are GSM8K solutions rewritten that way (`to_tags`). Its answer is the content of
   the last `<SOLUTION>` tag (`answers.primary_answer`), not `#### n`.
 - `auto`: `chat` when the tokenizer has a chat template, else `plain`.
+
+Thinking (`--thinking on|off|auto`): chat templates with a thinking switch (Qwen3's `enable_thinking`) get
+`enable_thinking=True|False` wherever they are applied (`chat_template_kwargs`); `auto` passes nothing, so
+the template's own default applies. `on`/`off` with a template without the switch, or with `plain`, is a
+misused option (`check_thinking`).
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gsmkit.answers import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, to_tags
-from gsmkit.errors import ConfigError
+from gsmkit.errors import ConfigError, UsageError
+from gsmkit.reasoning import takes_thinking_switch
 
 PROMPT_VERSION = 2  # 2: the `tags` style
 STYLES = ("auto", "chat", "plain", "tags")
+THINKING = ("auto", "on", "off")
 
 # The reasoning-tags style's default system prompt (the wording of the GRPO recipes our users follow).
 TAGS_SYSTEM_PROMPT = (
@@ -43,8 +50,31 @@ class Exemplar:
     answer: str
 
 
-def resolve_style(style: str, tokenizer: Any) -> str:
-    """Turn `auto` into `chat` or `plain`; reject `chat` for a tokenizer without a template."""
+def chat_template_kwargs(thinking: str) -> dict[str, Any]:
+    """The extra variables a chat template is rendered with: `enable_thinking` for `--thinking on|off`,
+    nothing for `auto` (the template's default)."""
+    if thinking not in THINKING:
+        raise ConfigError(f"unknown --thinking '{thinking}'", hint=f"choose one of {', '.join(THINKING)}")
+    return {} if thinking == "auto" else {"enable_thinking": thinking == "on"}
+
+
+def check_thinking(thinking: str, style: str, tokenizer: Any) -> None:
+    """`--thinking on|off` needs a resolved `chat`/`tags` style whose template reads `enable_thinking`:
+    otherwise the flag would change nothing, which is a misused option (exit 2), said in one line."""
+    chat_template_kwargs(thinking)
+    if thinking == "auto":
+        return
+    if style not in ("chat", "tags"):
+        raise UsageError(f"--thinking {thinking} has no effect with the {style} prompt style (no chat "
+                         "template renders it); drop it or use --thinking auto")
+    if not takes_thinking_switch(tokenizer):
+        raise UsageError(f"--thinking {thinking}: this tokenizer's chat template has no thinking switch "
+                         "(it never reads enable_thinking); drop it or use --thinking auto")
+
+
+def resolve_style(style: str, tokenizer: Any, thinking: str = "auto") -> str:
+    """Turn `auto` into `chat` or `plain`; reject `chat` for a tokenizer without a template, and
+    `--thinking on|off` where the rendered prompt cannot take it (`check_thinking`)."""
     if style not in STYLES:
         raise ConfigError(f"unknown prompt style '{style}'", hint=f"choose one of {', '.join(STYLES)}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -55,6 +85,7 @@ def resolve_style(style: str, tokenizer: Any) -> str:
             f"prompt style '{style}' needs a tokenizer with a chat template, and this one has none",
             hint="use --style plain",
         )
+    check_thinking(thinking, style, tokenizer)
     return style
 
 
@@ -104,8 +135,10 @@ def render_prompt(
     exemplars: Sequence[Exemplar] = (),
     tokenizer: Any = None,
     system_prompt: str | None = None,
+    thinking: str = "auto",
 ) -> str:
-    """The text the model continues. `style` must already be resolved (`chat` or `plain`)."""
+    """The text the model continues. `style` must already be resolved (`chat` or `plain`); `thinking`
+    reaches the chat template as `enable_thinking` (`chat_template_kwargs`)."""
     if style == "plain":
         prefix = f"{system_prompt}\n\n" if system_prompt else ""
         return prefix + _plain_prefix(exemplars) + f"Question: {question}\nAnswer:"
@@ -115,15 +148,16 @@ def render_prompt(
                               "and this one has none",
                               hint="use --style plain")
         return tokenizer.apply_chat_template(prompt_messages(style, question, exemplars, system_prompt),
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False, add_generation_prompt=True,
+                                             **chat_template_kwargs(thinking))
     raise ConfigError(f"prompt style '{style}' is not resolved", hint="call resolve_style first")
 
 
 def encode_prompt(style: str, question: str, exemplars: Sequence[Exemplar], tokenizer: Any,
-                  system_prompt: str | None = None) -> tuple[str, tuple[int, ...]]:
+                  system_prompt: str | None = None, thinking: str = "auto") -> tuple[str, tuple[int, ...]]:
     """The prompt text and the token ids the model is fed, tokenized as every generating command does
     (special tokens added for `plain` only: chat templates write their own)."""
-    text = render_prompt(style, question, exemplars, tokenizer, system_prompt)
+    text = render_prompt(style, question, exemplars, tokenizer, system_prompt, thinking)
     return text, tuple(tokenizer(text, add_special_tokens=add_special_tokens_for(style)).input_ids)
 
 

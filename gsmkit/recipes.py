@@ -42,6 +42,7 @@ def evaluate_run(settings: TrainSettings) -> tuple[dict[str, Any], list[dict[str
         es = EvalSettings(model=settings.model_spec(adapter), out=eval_out,
                           data=settings.eval_data or settings.data, split="test", limit=settings.eval_limit,
                           pool=out / POOL, k=settings.k, style=style, system_prompt=settings.system_prompt,
+                          thinking=settings.thinking,
                           max_new_tokens=settings.eval_max_new_tokens, overwrite=True)
         return evaluate_gsm8k(es).to_dict()
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from gsmkit.errors import ConfigError
 from gsmkit.fields import setting
-from gsmkit.prompts import STYLES
+from gsmkit.prompts import STYLES, THINKING
 
 POOL_HELP = "Few-shot pool JSONL written by `gsmkit fewshot`."
 DATA_HELP = "GSM8K source: a Hub id (openai/gsm8k) or a local .jsonl/.json/.parquet file or folder."
@@ -56,6 +56,17 @@ class PromptOptions:
                          "tags (reasoning tags, <SOLUTION>n</SOLUTION>).", choices=STYLES)
     system_prompt: str | None = setting(None, "System prompt (chat) or preamble (plain).",
                                         show_default=False)
+    thinking: str = setting(
+        "auto", "Thinking mode of chat templates with a thinking switch (Qwen3's enable_thinking): on | off "
+        "| auto (the template's own default). on/off is an error with --style plain or a template without "
+        "the switch.", choices=THINKING)
+
+    def check_thinking(self) -> None:
+        """--thinking on|off renders through a chat template: with --style plain it would change nothing.
+        (A template without the switch is found once the tokenizer is read: `prompts.check_thinking`.)"""
+        if self.style == "plain" and self.thinking != "auto":
+            raise ConfigError(f"--thinking {self.thinking} has no effect with --style plain",
+                              hint="drop --thinking, or use --style chat")
 
     def check_pool(self) -> None:
         """Exemplars come from a pool: --k without --pool is a contradiction (train draws a default pool)."""

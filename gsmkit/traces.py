@@ -101,6 +101,7 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
         self.check_steer()
         check_fields(self)
         self.check_pool()
+        self.check_thinking()
         if self.out.suffix != ".jsonl":
             raise ConfigError(f"--out {self.out}: traces are written as JSON Lines",
                               hint="name it like traces.jsonl")

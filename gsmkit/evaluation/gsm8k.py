@@ -53,6 +53,7 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
         self.check_steer()
         check_fields(self)
         self.check_pool()
+        self.check_thinking()
         self.sampling()  # decoding options are checked where they are defined, before any model loads
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:

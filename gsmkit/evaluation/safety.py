@@ -74,6 +74,7 @@ class SafetySettings(SteerOptions, RunOptions):
     seed: int = override(DecodeOptions, "seed")
     style: str = override(PromptOptions, "style")
     system_prompt: str | None = override(PromptOptions, "system_prompt")
+    thinking: str = override(PromptOptions, "thinking")
     max_new_tokens: int = override(DecodeOptions, "max_new_tokens", help="Response budget per prompt.")
     batch_size: int | None = override(DecodeOptions, "batch_size", help="Responses generated together.")
     guard_max_new_tokens: int = setting(64, "Budget of a generative guard's verdict.", min=1)
@@ -93,6 +94,7 @@ class SafetySettings(SteerOptions, RunOptions):
     def __post_init__(self) -> None:
         self.check_steer()
         check_fields(self)
+        PromptOptions.check_thinking(self)  # type: ignore[arg-type]
         if self.guard_threshold >= 1.0:  # no probability is above 1: every response would pass
             raise ConfigError(f"--guard-threshold must be below 1, got {self.guard_threshold:g}")
         if not self.safe_labels or not self.unsafe_labels:
@@ -276,6 +278,7 @@ def evaluate_safety(
     from gsmkit.evaluation.guard_formats import classifier_labels, read_guard_config, resolve_guard_format
     from gsmkit.evaluation.safeguards import SafetyTemplate, single_token_id
     from gsmkit.generation import describe_device
+    from gsmkit.generation.run import check_thinking_early
     from gsmkit.generation.steering import steering_for
     from gsmkit.manifest import build_manifest, sha256_file
     from gsmkit.modeling import load_tokenizer, resolve_device, resolve_dtype
@@ -301,6 +304,7 @@ def evaluate_safety(
         single_token_id(guard_tok, "Yes", guard_dir)
         single_token_id(guard_tok, "No", guard_dir)
     template.check(guard_tok, generation_prompt=fmt != "classifier", guard=guard_dir)
+    check_thinking_early(settings.model, settings.style, settings.thinking)
     fingerprint = settings.fingerprint(sha256_file(settings.prompts), sha256_file(settings.safety_prompt))
     output = run_output(settings)
     state = _resumed(output, output.prepare(fingerprint))
@@ -371,16 +375,16 @@ def _generate(settings, steering, prompts, todo, state, output, fingerprint, tim
     from gsmkit.prompts import encode_prompt, resolve_style, stop_strings
 
     loaded, tok, engine = build_engine(settings.model, "hf", settings.batch_size, steering=steering)
-    style = resolve_style(settings.style, tok)
+    style = resolve_style(settings.style, tok, settings.thinking)
     if state.responses and any(r["style"] != style for r in state.responses.values()):
         raise ResumeError(f"{settings.out}: holds responses made with another prompt style",
                           hint="pass --overwrite to start again")
-    encoded = {p.id: encode_prompt(style, p.text, (), tok, settings.system_prompt) for p in todo}
-    requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
+    encoded = {p.id: encode_prompt(style, p.text, (), tok, settings.system_prompt, settings.thinking)
+               for p in [*todo, *prompts[:ZERO_CHECK_PROBLEMS]]}
+    requests = [GenRequest(p.id, encoded[p.id][1]) for p in todo]
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, stop=stop_strings(style))
     if steering is not None and settings.check_zero:
-        first = [GenRequest(p.id, encode_prompt(style, p.text, (), tok, settings.system_prompt)[1])
-                 for p in prompts[:ZERO_CHECK_PROBLEMS]]
+        first = [GenRequest(p.id, encoded[p.id][1]) for p in prompts[:ZERO_CHECK_PROBLEMS]]
         with torch.inference_mode():
             check_zero_steering(engine, steering, first, sampling)
     # Only now, with prompts, guard checks, model and engine ready, does the output folder come into being.

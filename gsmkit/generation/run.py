@@ -25,6 +25,19 @@ from gsmkit.jsonl import Journal
 from gsmkit.processes import Processes
 from gsmkit.run_folder import RunOutput
 
+
+def check_thinking_early(spec: Any, style: str, thinking: str) -> None:
+    """`--thinking on|off` checked against the tokenizer alone (cheap), before any model loads: a template
+    without the thinking switch, or a style that renders none, is a misused option (`prompts.check_thinking`,
+    exit 2). `auto` needs no check, so nothing extra loads then."""
+    if thinking == "auto":
+        return
+    from gsmkit.modeling import load_tokenizer
+    from gsmkit.prompts import resolve_style
+
+    resolve_style(style, load_tokenizer(spec.model, spec.trust_remote_code), thinking)
+
+
 # A command's progress callbacks: `on_start(total, already_done)` once, `on_progress(n)` per finished row.
 OnStart = Callable[[int, int], None] | None
 OnProgress = Callable[[int], None] | None
@@ -58,6 +71,7 @@ class ProblemRun:
         steering = steering_for(settings)
         problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                          limit, settings.pool, settings.k)
+        check_thinking_early(settings.model, settings.style, settings.thinking)
         procs = Processes.from_env()
         if procs.is_main or not output.overwrite:  # the same checks everywhere; only the main one clears
             output.prepare(settings.fingerprint())
@@ -66,7 +80,7 @@ class ProblemRun:
         done = {row["id"]: row for row in output.journal_rows(journal)}
         loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
                                            settings.prefix_cache, settings.seed, steering)
-        style = resolve_style(settings.style, tok)
+        style = resolve_style(settings.style, tok, settings.thinking)
         run = cls(settings, output, log, problems, exemplars, excluded, done, loaded, tok, engine, style,
                   answer_format(style), settings.sampling(stop_strings(style)), procs, journal)
         if steering is not None and settings.check_zero:
@@ -97,7 +111,7 @@ class ProblemRun:
         from gsmkit.prompts import encode_prompt
 
         return encode_prompt(self.style, question, self.exemplars, self.tokenizer,
-                             self.settings.system_prompt)
+                             self.settings.system_prompt, self.settings.thinking)
 
     def begin(self, on_start: OnStart) -> None:
         """The run starts: its output exists and holds the fingerprint; the bar learns total and done (of

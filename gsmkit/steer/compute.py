@@ -38,13 +38,13 @@ def compute_entries(settings: Any, mode: str, layers: Sequence[int], exemplars: 
     from gsmkit.steer.activation_cache import Entry
 
     loaded, tok, engine = _load(settings, mode)
-    style = resolve_style(settings.style, tok)
+    style = resolve_style(settings.style, tok, settings.thinking)
     if on_start is not None:
         on_start(len(missing), 0)  # the bar starts once the model has loaded
     meta = {"style": style, "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device)}
 
     def prompt(question: str, shots: Sequence[Any]) -> tuple[int, ...]:
-        return tuple(encode_prompt(style, question, shots, tok, settings.system_prompt)[1])
+        return tuple(encode_prompt(style, question, shots, tok, settings.system_prompt, settings.thinking)[1])
 
     per_chunk = max(1, settings.batch_size // 2)  # two sequences per problem
     for start in range(0, len(missing), per_chunk):

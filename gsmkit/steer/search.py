@@ -140,12 +140,13 @@ class Trials:
         self.settings, self.space, self.judge, self.progress = settings, space, judge, progress
         self.loaded, self.tokenizer, self.engine = build_engine(
             settings.model, "hf", settings.batch_size, settings.prefix_cache, settings.seed)
-        self.style = resolve_style(settings.style, self.tokenizer)
+        self.style = resolve_style(settings.style, self.tokenizer, settings.thinking)
         self.answer_format = answer_format(self.style)
         exemplars = _exemplars(settings)
         self.gold = {p.id: p.gold for p in validation}
         self.requests = [GenRequest(p.id, tuple(encode_prompt(self.style, p.question, exemplars,
-                                                              self.tokenizer, settings.system_prompt)[1]))
+                                                              self.tokenizer, settings.system_prompt,
+                                                              settings.thinking)[1]))
                          for p in validation]
         self.sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, seed=settings.seed,
                                          stop=stop_strings(self.style))
@@ -246,6 +247,7 @@ def run_search(settings: SearchSettings, progress: SearchProgress | None = None)
     """Plan, search until the study holds --n-trials, evaluate on test, publish; returns search.json."""
     import torch
 
+    from gsmkit.generation.run import check_thinking_early
     from gsmkit.steer import search_study as st
     from gsmkit.steer.search_final import run_final
     from gsmkit.steer.splits import build_splits
@@ -256,6 +258,7 @@ def run_search(settings: SearchSettings, progress: SearchProgress | None = None)
     space, vector_ids, vector_hashes = load_space(settings)
     splits = build_splits(settings.data, settings.pool, settings.k, vector_ids, vector_hashes,
                           settings.val_limit, settings.test_limit)
+    check_thinking_early(settings.model, settings.style, settings.thinking)
     judge = None
     if settings.objective == "accuracy+safety":
         from gsmkit.steer.search_safety import SafetyJudge

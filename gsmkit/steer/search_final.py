@@ -31,6 +31,7 @@ def eval_settings(settings: Any, out: Path, best: dict[str, Any] | None) -> Any:
         model=settings.model, out=out, data=settings.data, split=TEST_SPLIT, offset=0,
         limit=settings.test_limit,
         pool=settings.pool, k=settings.k, style=settings.style, system_prompt=settings.system_prompt,
+        thinking=settings.thinking,
         max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, seed=settings.seed,
         prefix_cache=settings.prefix_cache, backend="hf", **steer)
 
@@ -50,7 +51,8 @@ def _same_setting(folder: Path, eval_s: Any) -> None:
 
     recorded = read_json(folder / MANIFEST).get("settings", {})
     wanted = to_jsonable(eval_s)
-    for name in ("steer", "steer_layer", "steer_alpha", "steer_positions", "limit", "k", "style"):
+    for name in ("steer", "steer_layer", "steer_alpha", "steer_positions", "limit", "k", "style",
+                 "thinking"):
         if recorded.get(name) != wanted.get(name):
             raise ResumeError(f"{folder}: holds a test evaluation made with another {name} "
                               f"({recorded.get(name)!r}, this search's best is {wanted.get(name)!r})",

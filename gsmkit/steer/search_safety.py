@@ -64,8 +64,8 @@ class SafetyJudge:
         from gsmkit.prompts import encode_prompt, stop_strings
 
         s = self.settings
-        requests = [GenRequest(p.id, tuple(encode_prompt(style, p.text, (), tokenizer, s.system_prompt)[1]))
-                    for p in self.prompts]
+        requests = [GenRequest(p.id, tuple(encode_prompt(style, p.text, (), tokenizer, s.system_prompt,
+                                                         s.thinking)[1])) for p in self.prompts]
         sampling = SamplingSettings(max_new_tokens=s.max_new_tokens, stop=stop_strings(style))
         responses = {r.key: r.text for r in engine.generate(requests, sampling)}
         items = [GuardItem(p.id, p.text, responses[p.id]) for p in self.prompts]

@@ -97,6 +97,7 @@ class SearchSettings(PromptOptions, DecodeOptions, RunOptions):
     def __post_init__(self) -> None:
         check_fields(self)
         self.check_pool()
+        self.check_thinking()
         if self.backend != "hf":
             raise ConfigError("--backend vllm cannot steer: a search needs --backend hf",
                               hint="vLLM runs its own kernels, where gsmkit cannot add the vectors")

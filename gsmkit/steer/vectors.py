@@ -79,6 +79,7 @@ class VectorSettings(ProblemOptions, PromptOptions, RunOptions):
     def __post_init__(self) -> None:
         check_fields(self)
         self.check_pool()
+        self.check_thinking()
         if self.method == "dac":
             if self.k < 1:
                 raise ConfigError("--method dac compares k-shot with zero-shot prompts: it needs --k >= 1",
@@ -161,6 +162,8 @@ def _cache_key(settings: VectorSettings, fingerprints: dict[str, Any], layers: t
         "exemplars": _digest([[ex.question, ex.answer] for ex in exemplars]), "position": settings.position,
         "dtype": spec.dtype, "device": spec.device, "load_in_4bit": spec.load_in_4bit,
     }
+    if settings.thinking != "auto":  # (absent for auto: the keys of caches made before --thinking stay valid)
+        key["thinking"] = settings.thinking
     if settings.method == "dac":
         key["steps"] = settings.steps
     else:
@@ -177,6 +180,7 @@ def make_vectors(settings: VectorSettings, on_start: OnStart = None, on_progress
                  ) -> VectorsResult:
     """Compute (or read from the cache) the activations, average them, write the vector folder."""
     t_wall = time.perf_counter()
+    from gsmkit.generation.run import check_thinking_early
     from gsmkit.generation.steer_files import (
         adapter_sha256,
         model_fingerprint,
@@ -194,6 +198,7 @@ def make_vectors(settings: VectorSettings, on_start: OnStart = None, on_progress
     shape = model_shape(spec.model)
     layers = parse_layers(settings.layers, range(shape.num_layers))
     rows, exemplars, excluded, mode, skipped = _inputs(settings)
+    check_thinking_early(spec, settings.style, settings.thinking)  # even when every entry is cached
     if not rows:
         raise DataError("no problem is left to make vectors from (all are few-shot exemplars, or --offset is "
                         "past the end)", hint="lower --offset, or raise --limit")

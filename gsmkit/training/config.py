@@ -124,6 +124,7 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingO
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.check_thinking()
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")

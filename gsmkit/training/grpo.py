@@ -20,6 +20,7 @@ adapter disabled, i.e. the model before SFT as well.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, GrpoLoraOptions, GrpoTra
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.check_thinking()
         if not any(w != 0 for w in self.weights.values()):
             raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
         if self.resume and self.overwrite:
@@ -222,11 +224,14 @@ def train_grpo(
     weights = {n: w for n, w in settings.weights.items() if w != 0}
 
     from gsmkit.modeling import load_model, load_tokenizer
-    from gsmkit.prompts import answer_format, resolve_style
+    from gsmkit.prompts import answer_format, chat_template_kwargs, resolve_style
 
     rows, removed, pool = training_problems(settings)  # the data is checked before anything loads
     tokenizer = load_tokenizer(settings.model)
-    style = resolve_style(settings.style, tokenizer)
+    style = resolve_style(settings.style, tokenizer, settings.thinking)
+    # TRL applies the chat template to the prompt messages itself: --thinking reaches it through the config
+    template_kwargs = chat_template_kwargs(settings.thinking)  # {} for auto: the template's default
+    switch = {"chat_template_kwargs": template_kwargs} if template_kwargs else {}
     fmt = answer_format(style)
     exemplars = []
     if settings.k:
@@ -238,6 +243,10 @@ def train_grpo(
 
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
+
+    if switch and "chat_template_kwargs" not in inspect.signature(GRPOConfig.__init__).parameters:
+        raise ConfigError(f"--thinking {settings.thinking} needs a TRL whose GRPOConfig takes "
+                          "chat_template_kwargs", hint="pip install -U trl, or use --thinking auto")
 
     from gsmkit.training.lora import lean_dropout, lora_config, lora_modules, prepare_base, resolve_targets
 
@@ -273,6 +282,7 @@ def train_grpo(
         temperature=settings.temperature, top_p=settings.top_p, beta=settings.beta,
         reward_weights=list(weights.values()), use_vllm=rollouts == "vllm", vllm_mode="colocate",
         log_completions=False,  # completions stay out of the terminal; they are in no log either
+        **switch,
     )
     rollout_func = None
     if rollouts == "engine":
@@ -281,7 +291,8 @@ def train_grpo(
         rollout_func = EngineRollouts(tokenizer, max_new_tokens=settings.max_completion_length,
                                       temperature=settings.temperature, top_p=settings.top_p,
                                       seed=settings.seed,
-                                      batch_size=settings.rollout_batch_size)
+                                      batch_size=settings.rollout_batch_size,
+                                      chat_template_kwargs=template_kwargs)
     trainer = GRPOTrainer(
         model=model, reward_funcs=make_reward_funcs(fmt, list(weights)), args=config,
         train_dataset=Dataset.from_list(dataset_rows), processing_class=tokenizer, peft_config=peft_config,

@@ -28,6 +28,7 @@ from gsmkit.errors import ConfigError, DataError, ModelError
 from gsmkit.prompts import (
     add_special_tokens_for,
     build_messages,
+    chat_template_kwargs,
     render_prompt,
     render_target,
     style_system_prompt,
@@ -44,8 +45,10 @@ def _has_template(tokenizer: Any) -> bool:
 
 
 def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None,
-                style: str = "chat") -> tuple[str, str]:
-    """(prompt text, whole text) through the chat template (`chat` or `tags` style)."""
+                style: str = "chat", thinking: str = "auto") -> tuple[str, str]:
+    """(prompt text, whole text) through the chat template (`chat` or `tags` style), both rendered with
+    the same `--thinking` (`enable_thinking`), as at evaluation."""
+    switch = chat_template_kwargs(thinking)
     if not _has_template(tokenizer):
         raise ConfigError(f"prompt style '{style}' needs a tokenizer with a chat template, "
                           "and this one has none", hint="use --style plain")
@@ -61,8 +64,8 @@ def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None,
                                   "and a system prompt was also given",
                                   hint="drop --system-prompt, or the rows' system messages")
             context.insert(0, {"role": "system", "content": system_prompt})
-        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template([*context, reply], tokenize=False)
+        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True, **switch)
+        whole = tokenizer.apply_chat_template([*context, reply], tokenize=False, **switch)
         hint = ("this chat template renders earlier turns differently once a reply follows (some drop "
                 "reasoning from past turns); use a template that does not, "
                 "or question/answer rows with --style plain")
@@ -72,10 +75,10 @@ def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None,
         question = ex.question if ex.kind == "qa" else ex.prompt
         answer = ex.answer if ex.kind == "qa" else ex.response
         # render_prompt is what `eval gsm8k` sends, so training and evaluation prompts cannot drift.
-        prompt = render_prompt(style, question, (), tokenizer, system_prompt)
+        prompt = render_prompt(style, question, (), tokenizer, system_prompt, thinking)
         reply = {"role": "assistant", "content": render_target(style, answer)}
         whole = tokenizer.apply_chat_template([*build_messages(question, (), system_prompt), reply],
-                                              tokenize=False)
+                                              tokenize=False, **switch)
         hint = "use --style plain"
     if not whole.startswith(prompt):
         raise ConfigError(f"{ex.where}: the chat template's generation prompt is not a prefix of the "
@@ -103,16 +106,18 @@ def encode_example(
     style: str,
     max_length: int,
     system_prompt: str | None = None,
+    thinking: str = "auto",
 ) -> Encoded:
     """Tokenise one example with labels on its response only, cut to at most `max_length` tokens.
 
     Truncation cuts prompt tokens from the left first, so the response stays whole; a response longer
     than `max_length` keeps its first `max_length` tokens. `truncated` says whether anything was cut.
+    `thinking` (`--thinking`) reaches a chat template as `enable_thinking`; plain ignores it.
     """
     if max_length < 1:
         raise ConfigError(f"maximum sequence length must be at least 1, got {max_length}")
     if style in ("chat", "tags"):
-        prompt, whole = _chat_texts(ex, tokenizer, system_prompt, style)
+        prompt, whole = _chat_texts(ex, tokenizer, system_prompt, style, thinking)
         # The template writes its own special tokens, as at evaluation (add_special_tokens_for("chat")).
         prompt_ids, response_ids = tokenize_split(tokenizer, prompt, whole)
     elif style == "plain":

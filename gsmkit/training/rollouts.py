@@ -49,13 +49,15 @@ def resolve_rollouts(choice: str, use_vllm: bool, device_type: str) -> str:
     return "vllm" if device_type == "cuda" and importlib.util.find_spec("vllm") is not None else "engine"
 
 
-def prompt_token_ids(prompt: Any, tokenizer: Any) -> list[int]:
+def prompt_token_ids(prompt: Any, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None
+                     ) -> list[int]:
     """The ids TRL feeds the model for one dataset prompt: chat messages through the chat template with the
-    generation prompt, text through the tokenizer with its special tokens (`grpo_prompt` makes either equal
-    `eval gsm8k`'s prompt)."""
+    generation prompt (and `chat_template_kwargs`, as TRL passes its config's: `enable_thinking`), text
+    through the tokenizer with its special tokens (`grpo_prompt` makes either equal `eval gsm8k`'s prompt)."""
     if isinstance(prompt, list):
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+                                                  return_dict=True,
+                                                  **(chat_template_kwargs or {}))["input_ids"])
     return list(tokenizer(text=[prompt])["input_ids"][0])
 
 
@@ -66,8 +68,9 @@ class EngineRollouts:
     over the run, for logs and benchmarks."""
 
     def __init__(self, tokenizer: Any, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                 batch_size: int = 64):
+                 batch_size: int = 64, chat_template_kwargs: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
+        self.chat_template_kwargs = chat_template_kwargs or {}
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -82,7 +85,7 @@ class EngineRollouts:
         from gsmkit.generation import GenRequest, HFEngine, SamplingSettings
 
         check_whole_weights(trainer)
-        ids = [prompt_token_ids(p, self.tokenizer) for p in prompts]
+        ids = [prompt_token_ids(p, self.tokenizer, self.chat_template_kwargs) for p in prompts]
         groups = _groups(ids)
         step, rank = trainer.state.global_step, trainer.accelerator.process_index
         requests = [GenRequest(f"{step}/{rank}/{j}", tuple(ids[start]), num_samples=n)

@@ -84,8 +84,9 @@ def prepare_examples(
     from gsmkit.training.masking import encode_example
 
     examples, removed, pool = rows if rows is not None else training_rows(settings)
-    style = resolve_style(settings.style, tokenizer)
-    encoded = [encode_example(ex, tokenizer, style, settings.max_length, settings.system_prompt)
+    style = resolve_style(settings.style, tokenizer, settings.thinking)
+    encoded = [encode_example(ex, tokenizer, style, settings.max_length, settings.system_prompt,
+                              settings.thinking)
                for ex in examples]
     return encoded, removed, pool.origin, style
 
