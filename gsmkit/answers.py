@@ -3,7 +3,8 @@
 In: free text, either a model completion or a GSM8K solution (worked steps ending in ``#### <n>``).
 Out: a canonical answer string (``"1000"``, ``"-3"``, ``"0.5"``) or ``None`` when the text holds no
 extractable answer.  The metric, the RL rewards and trace filtering all go through this module, so
-their notion of "correct" cannot drift apart.
+their notion of "correct" cannot drift apart; they hand it the text after a completion's reasoning section
+(`gsmkit.reasoning.read_answer` and `score`, which also own what a reasoning section is).
 
 Extraction copies lm-evaluation-harness's ``gsm8k`` task filters exactly (same regexes, same choice of
 match), because a benchmark compares our extracted answers with lm-eval's problem by problem:
@@ -40,7 +41,6 @@ __all__ = [
     "extract_solution_tag",
     "extract_strict",
     "gold_from_solution",
-    "has_reasoning_section",
     "normalize_number",
     "primary_answer",
     "score_completion",
@@ -71,7 +71,6 @@ _PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _TRAILING_PERIODS = re.compile(r"(?<=[0-9])\.+\Z")
 
 _SOLUTION_TAG = re.compile(re.escape(SOLUTION_START) + r"(.*?)" + re.escape(SOLUTION_END), re.DOTALL)
-_REASONING_SECTION = re.compile(re.escape(REASONING_START) + r"(.*?)" + re.escape(REASONING_END), re.DOTALL)
 
 _GOLD_MARKER = "####"
 
@@ -201,12 +200,6 @@ def extract_solution_tag(text: str) -> str | None:
     "<SOLUTION>about 5</SOLUTION>" yields "about 5", which is not a number and never scores."""
     matches = _SOLUTION_TAG.findall(text)
     return normalize_number(matches[-1]) if matches else None
-
-
-def has_reasoning_section(text: str) -> bool:
-    """True when the text has ``<start_working_out>`` ... ``<end_working_out>`` in that order with
-    some non-blank reasoning between (an empty section would let a format reward be gamed)."""
-    return any(body.strip() for body in _REASONING_SECTION.findall(text))
 
 
 def to_tags(solution: str) -> str:

@@ -19,7 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gsmkit.answers import REASONING_END, REASONING_START
+from gsmkit.answers import (
+    REASONING_END,
+    REASONING_START,
+    ExtractedAnswers,
+    answers_equal,
+    extract_flexible,
+    primary_answer,
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,12 @@ class Split:
     answer: str
     ended_in_reasoning: bool
 
+    @property
+    def has_reasoning(self) -> bool:
+        """The completion had a reasoning section with some non-blank text in it, closed or not (an empty
+        `<think></think>` is no reasoning)."""
+        return bool(self.reasoning and self.reasoning.strip())
+
 
 def split_completion(completion: str, section: Section | None, opened: bool = False) -> Split:
     """`completion` cut at the first section (already open when `opened`): reasoning, answer text after it,
@@ -101,3 +114,40 @@ def split_completion(completion: str, section: Section | None, opened: bool = Fa
     if end < 0:
         return Split(completion[body_start:], "", True)
     return Split(completion[body_start:end], completion[end + len(section.end):], False)
+
+
+def has_reasoning_section(completion: str, section: Section | None = TAGS, opened: bool = False) -> bool:
+    """The completion has a whole reasoning section: opened, non-blank, and closed (what the tags style's
+    format rewards ask for; an empty section would let them be gamed)."""
+    split = split_completion(completion, section, opened)
+    return split.has_reasoning and not split.ended_in_reasoning
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A completion read as the metric, trace selection and the rewards read it: its split, both answers
+    (taken from `split.answer` only) and whether each equals the gold."""
+
+    split: Split
+    answers: ExtractedAnswers
+    correct_strict: bool
+    correct_flexible: bool
+
+
+def read_answer(completion: str, answer_format: str = "hash", section: Section | None = None,
+                opened: bool = False) -> str | None:
+    """The format's own answer (`answers.primary_answer`: `#### n` or `<SOLUTION>n</SOLUTION>`) read after
+    the reasoning section; None when there is none or the completion ended inside its reasoning. The
+    metric's strict column, trace selection and the correctness reward all use this one function."""
+    return primary_answer(split_completion(completion, section, opened).answer, answer_format)
+
+
+def score(completion: str, gold: str | None, answer_format: str = "hash", section: Section | None = None,
+          opened: bool = False) -> Scored:
+    """Both answers of a completion, read after its reasoning section (`read_answer` for strict, lm-eval's
+    last number for flexible), and whether each equals `gold`. Without a section the whole completion is
+    read, exactly as `answers.score_completion` reads it."""
+    split = split_completion(completion, section, opened)
+    answers = ExtractedAnswers(strict=primary_answer(split.answer, answer_format),
+                               flexible=extract_flexible(split.answer))
+    return Scored(split, answers, answers_equal(answers.strict, gold), answers_equal(answers.flexible, gold))

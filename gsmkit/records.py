@@ -17,7 +17,8 @@ from gsmkit.answers import gold_from_solution, normalize_gold
 from gsmkit.errors import DataError
 from gsmkit.fields import Record, field_types
 
-SCHEMA_VERSION = 1
+# 2: predictions gained `reasoning`, `ended_in_reasoning`, `reasoning_tokens` and `answer_tokens`.
+SCHEMA_VERSION = 2
 
 
 def normalize_text(text: str) -> str:
@@ -148,11 +149,13 @@ class Prediction(Record):
     Attributes:
         id: problem id
         prompt_sha256: SHA-256 (hex) of the exact prompt text given to the model (UTF-8)
-        completion: the generated text, special tokens removed, cut before the first stop string
+        completion: the generated text, special tokens removed, cut before the first stop string (the whole
+            text, reasoning section included)
         strict: the answer found by strict-match, the first `#### <number>`, normalised (for the `tags` style,
-            the last `<SOLUTION>n</SOLUTION>`). null if there is none
-        flexible: the answer found by flexible-extract, the last number in the text, normalised. null if there
-            is none
+            the last `<SOLUTION>n</SOLUTION>`), read only after the reasoning section. null if there is none
+            or the completion ended in its reasoning
+        flexible: the answer found by flexible-extract, the last number in the text after the reasoning
+            section, normalised. null if there is none or the completion ended in its reasoning
         gold: the normalised gold answer
         correct_strict: `strict` equals `gold` numerically
         correct_flexible: `flexible` equals `gold` numerically
@@ -160,6 +163,15 @@ class Prediction(Record):
         num_tokens: tokens generated (with the `hf` backend, an end-of-sequence token that ended the
             completion isn't counted)
         finish_reason: `"stop"` (a stop string or end of sequence) or `"length"` (hit `--max-new-tokens`)
+        reasoning: the text inside the completion's reasoning section (`<think>...</think>` of a thinking
+            template, `<start_working_out>...<end_working_out>` of the `tags` style), tags left out; null when
+            the completion has none. Optional on read: null
+        ended_in_reasoning: the section opened (in the completion, or already in the prompt) and never
+            closed, so the completion has no answer. Optional on read: false
+        reasoning_tokens: tokens of `reasoning`, counted by the model's tokenizer on that text (no special
+            tokens); null without a section. Optional on read: null
+        answer_tokens: tokens of the answer text (after the section; the whole completion without one),
+            counted the same way; null when the completion ended in its reasoning. Optional on read: null
     """
 
     id: str
@@ -173,10 +185,19 @@ class Prediction(Record):
     num_prompt_tokens: int
     num_tokens: int
     finish_reason: str
+    reasoning: str | None = None
+    ended_in_reasoning: bool = False
+    reasoning_tokens: int | None = None
+    answer_tokens: int | None = None
+
+    # Added in schema 2: files written before them still read, with these defaults.
+    OPTIONAL: ClassVar[dict[str, Any]] = {"reasoning": None, "ended_in_reasoning": False,
+                                          "reasoning_tokens": None, "answer_tokens": None}
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], where: str) -> Prediction:
         names = [f.name for f in fields(cls)]
+        obj = {**cls.OPTIONAL, **obj}
         missing = [n for n in names if n not in obj]
         if missing:
             raise DataError(f"{where}: missing field '{missing[0]}'",

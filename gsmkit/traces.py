@@ -9,8 +9,9 @@ Semantics (the same as sampling attempts one after another until one is right):
   (seed, problem id, i), so what attempt i says does not depend on batching or on interruptions;
 - the kept trace is the lowest-numbered correct attempt; `attempts` is its number (1-based), or K
   when none of the K is correct, in which case the gold solution is kept (`source: fallback`);
-- "correct" is `answers.primary_answer` equal to the gold: the same extractor as the metric's strict
-  column and the GRPO correctness reward (`#### n`, or `<SOLUTION>n</SOLUTION>` in the tags style).
+- "correct" is `reasoning.read_answer` equal to the gold: the same extractor as the metric's strict
+  column and the GRPO correctness reward (`#### n`, or `<SOLUTION>n</SOLUTION>` in the tags style, read
+  only after the reasoning section; an attempt that ended inside its reasoning has no answer).
 
 Speed: all K attempts of a problem enter the engine together and share one encoding of its prompt
 (the few-shot prefix shared by every problem is encoded once per run); once attempt i is known
@@ -231,16 +232,21 @@ def summarize(rows: list[dict[str, Any]], max_attempts: int, all_attempts: bool,
     )
 
 
-def cut_after_answer(text: str, answer_format: str) -> str:
+def cut_after_answer(text: str, answer_format: str, section: Any = None, opened: bool = False) -> str:
     """The completion up to the end of the marker its answer was read from (`#### n` line or the last
-    `</SOLUTION>`), so a kept trace ends in its answer and not in whatever the model wrote next."""
+    `</SOLUTION>`), looked for only after its reasoning section (`reasoning.split_completion`), so a kept
+    trace keeps its reasoning and ends in its answer, not in a draft inside the reasoning nor in whatever
+    the model wrote next."""
     from gsmkit.answers import SOLUTION_END, STRICT_PATTERN
+    from gsmkit.reasoning import split_completion
 
+    answer = split_completion(text, section, opened).answer
+    head = text[: len(text) - len(answer)]  # the answer text is the completion's tail
     if answer_format == "tags":
-        end = text.rfind(SOLUTION_END)
-        return text[: end + len(SOLUTION_END)].strip() if end != -1 else text.strip()
-    match = STRICT_PATTERN.search(text)
-    return text[: match.end()].rstrip(".,").strip() if match else text.strip()
+        end = answer.rfind(SOLUTION_END)
+        return (head + answer[: end + len(SOLUTION_END)]).strip() if end != -1 else text.strip()
+    match = STRICT_PATTERN.search(answer)
+    return (head + answer[: match.end()]).rstrip(".,").strip() if match else text.strip()
 
 
 class _Problem:
@@ -275,15 +281,22 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
                     on_progress: OnProgress = None) -> TraceStats:
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
-    from gsmkit.answers import answers_equal, primary_answer, to_tags
+    from gsmkit.answers import answers_equal, to_tags
     from gsmkit.generation import GenRequest
     from gsmkit.generation.run import ProblemRun
+    from gsmkit.reasoning import opened_by_prompt, read_answer, section_for
 
     run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.num_samples)
     fmt = run.answer_format
+    section = section_for(run.style, run.tokenizer)  # answers are read after it (the metric's rule)
     by_id = {p.id: p for p in run.problems}
     todo = run.todo
-    requests = [GenRequest(p.id, run.encode(p.question)[1], num_samples=settings.max_attempts) for p in todo]
+    encoded = {p.id: run.encode(p.question) for p in todo}
+    opened = {pid: opened_by_prompt(text, section) for pid, (text, _) in encoded.items()}
+    requests = [GenRequest(p.id, encoded[p.id][1], num_samples=settings.max_attempts) for p in todo]
+
+    def answer_of(pid: str, text: str) -> str | None:
+        return read_answer(text, fmt, section, opened[pid])
     # Only now, with data, model and engine ready, does anything appear beside --out.
     run.begin(on_start)
 
@@ -298,7 +311,8 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
         p, st = by_id[pid], state[pid]
         attempts = st.first_correct + 1 if st.first_correct is not None else settings.max_attempts
         if st.first_correct is not None:
-            answer, source = cut_after_answer(st.results[st.first_correct][1].text, fmt), "model"
+            answer = cut_after_answer(st.results[st.first_correct][1].text, fmt, section, opened[pid])
+            source = "model"
         else:
             answer, source = (to_tags(p.answer) if fmt == "tags" else p.answer), "fallback"
         row: dict[str, Any] = {"id": p.id, "question": p.question, "answer": answer, "source": source,
@@ -308,7 +322,7 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
         if settings.keep_attempts:
             shown = range(settings.max_attempts) if settings.all_attempts else range(attempts)
             row["attempt_texts"] = [
-                {"text": st.results[i][1].text, "answer": primary_answer(st.results[i][1].text, fmt),
+                {"text": st.results[i][1].text, "answer": answer_of(pid, st.results[i][1].text),
                  "correct": st.results[i][0], "finish_reason": st.results[i][1].finish_reason} for i in shown
             ]
         counts["attempts"] += settings.max_attempts if settings.all_attempts else attempts
@@ -322,7 +336,7 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
             if res.key in finished or not state[res.key].needed(res.sample_index):
                 continue  # finished in the same step as the attempt that made it unnecessary
             p = by_id[res.key]
-            correct = answers_equal(primary_answer(res.text, fmt), p.gold)
+            correct = answers_equal(answer_of(p.id, res.text), p.gold)
             state[res.key].add(res.sample_index, correct, res)
             if state[res.key].decided():
                 run.record(res.key, decide(res.key))

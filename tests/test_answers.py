@@ -23,10 +23,10 @@ from gsmkit.answers import (
     extract_solution_tag,
     extract_strict,
     gold_from_solution,
-    has_reasoning_section,
     normalize_number,
     score_completion,
 )
+from gsmkit.reasoning import has_reasoning_section
 
 GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 

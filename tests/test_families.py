@@ -312,7 +312,8 @@ def varied_reward():
     from gsmkit.training import rewards
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rewards, "correctness", lambda text, _gold, _fmt: float(len(text) % 2))
+        mp.setattr(rewards, "correctness", lambda text, _gold, _fmt, _section=None, _opened=False:
+                   float(len(text) % 2))
         yield
 
 

@@ -119,7 +119,8 @@ def _lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 def varied_reward(monkeypatch):
     """A random tiny model never answers right, so every reward is 0 and GRPO has no signal; this makes
     correctness depend on the completion's length parity so groups have reward variance."""
-    monkeypatch.setattr(rewards, "correctness", lambda text, _gold, _fmt: float(len(text) % 2))
+    monkeypatch.setattr(rewards, "correctness", lambda text, _gold, _fmt, _section=None, _opened=False:
+                        float(len(text) % 2))
 
 
 def _settings(model, data, out, **kw) -> GrpoSettings:

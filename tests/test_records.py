@@ -199,7 +199,13 @@ PRED = {
     "num_prompt_tokens": 40,
     "num_tokens": 9,
     "finish_reason": "stop",
+    "reasoning": None,
+    "ended_in_reasoning": False,
+    "reasoning_tokens": None,
+    "answer_tokens": 8,
 }
+# A row written before schema 2 (no reasoning fields): still read, with the documented defaults.
+PRED_V1 = {k: v for k, v in PRED.items() if k not in Prediction.OPTIONAL}
 
 
 def test_prediction_round_trip():
@@ -212,7 +218,22 @@ def test_prediction_fixture_covers_every_field():
     assert set(PRED) == {f.name for f in fields(Prediction)}
 
 
-@pytest.mark.parametrize("field", sorted(PRED))
+def test_prediction_of_schema_1_reads_with_defaults():
+    pred = Prediction.from_dict(PRED_V1, WHERE)
+    assert pred.to_dict() == {**PRED_V1, "reasoning": None, "ended_in_reasoning": False,
+                              "reasoning_tokens": None, "answer_tokens": None}
+    thinking = {**PRED, "reasoning": "3 + 4 = 7, #### 6", "ended_in_reasoning": True, "strict": None,
+                "flexible": None, "reasoning_tokens": 11, "answer_tokens": None}
+    assert Prediction.from_dict(thinking, WHERE).to_dict() == thinking
+
+
+@pytest.mark.parametrize(("field", "value"), [("reasoning", 3), ("ended_in_reasoning", None),
+                                              ("ended_in_reasoning", 1), ("reasoning_tokens", "4")])
+def test_prediction_optional_fields_are_typed(field, value):
+    assert _error({**PRED, field: value}, Prediction).startswith(f"{WHERE}: field '{field}' must be")
+
+
+@pytest.mark.parametrize("field", sorted(PRED_V1))
 def test_prediction_requires_every_field(field):
     row = {k: v for k, v in PRED.items() if k != field}
     assert _error(row, Prediction) == f"{WHERE}: missing field '{field}'"

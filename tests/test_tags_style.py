@@ -15,6 +15,7 @@ from gsmkit.prompts import (
     render_target,
     resolve_style,
 )
+from gsmkit.reasoning import TAGS, score
 from gsmkit.records import Prediction
 from gsmkit.tokenization import IGNORE_INDEX
 from gsmkit.training.data import TrainExample
@@ -86,17 +87,19 @@ def test_tags_training_trains_the_tagged_answer_and_end_of_turn(chatml):
 
 
 def _pred(i: int, completion: str) -> Prediction:
-    answers, strict, flexible = score_completion(completion, "72", "tags")
+    scored = score(completion, "72", "tags", TAGS)
     return Prediction(id=f"gsm8k-{i:016x}", prompt_sha256="0" * 64, completion=completion,
-                      strict=answers.strict, flexible=answers.flexible, gold="72", correct_strict=strict,
-                      correct_flexible=flexible, num_prompt_tokens=10, num_tokens=5, finish_reason="stop")
+                      strict=scored.answers.strict, flexible=scored.answers.flexible, gold="72",
+                      correct_strict=scored.correct_strict, correct_flexible=scored.correct_flexible,
+                      num_prompt_tokens=10, num_tokens=5, finish_reason="stop",
+                      reasoning=scored.split.reasoning, ended_in_reasoning=scored.split.ended_in_reasoning)
 
 
 def test_eval_summary_reports_reasoning_and_extractable_shares():
     preds = [_pred(0, TAGGED), _pred(1, "<start_working_out>  <end_working_out><SOLUTION>9</SOLUTION>"),
              _pred(2, "just 72"), _pred(3, "<start_working_out>hmm<end_working_out> no tag")]
-    m = summarize(preds, 0, "tags", {})
-    assert m.answer_format == "tags"
+    m = summarize(preds, 0, "tags", {}, TAGS)
+    assert m.answer_format == "tags" and m.reasoning_section == "tags"
     assert m.with_reasoning_section == pytest.approx(2 / 4)  # an empty section does not count
     assert m.extractable == pytest.approx(2 / 4)
     assert m.accuracy_strict == pytest.approx(1 / 4)

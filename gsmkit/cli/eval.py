@@ -56,8 +56,13 @@ def gsm8k(settings: EvalSettings, json_out: JsonOpt = False) -> None:
     table.add_row("no answer", f"{metrics.no_answer_strict:.1%}", f"{metrics.no_answer_flexible:.1%}")
     console.print(table)
     if metrics.with_reasoning_section is not None:
-        console.print(f"reasoning-tags format: {metrics.with_reasoning_section:.1%} with a reasoning "
-                      f"section, {metrics.extractable:.1%} with a <SOLUTION> answer (the strict column)")
+        console.print(f"reasoning section ({metrics.reasoning_section}): "
+                      f"{metrics.with_reasoning_section:.1%} "
+                      "[{:.1%}-{:.1%}] with one, ".format(*metrics.ci95_reasoning_section)
+                      + f"{metrics.ended_in_reasoning:.1%} "
+                      "[{:.1%}-{:.1%}] ended inside it (no answer); ".format(*metrics.ci95_ended_in_reasoning)
+                      + f"mean tokens: reasoning {metrics.mean_reasoning_tokens}, answer "
+                      f"{metrics.mean_answer_tokens}; {metrics.extractable:.1%} with a strict answer")
     console.print(
         f"{metrics.generated_this_run} generated in {metrics.generation_s:.1f}s: "
         f"{metrics.problems_per_s:.2f} problems/s, {metrics.tokens_per_s:.1f} tokens/s; truncated at "

@@ -202,6 +202,24 @@ def grpo_prompt(style: str, question: str, exemplars, tokenizer, system_prompt: 
     return render_prompt(style, question, exemplars, tokenizer, system_prompt)
 
 
+def reasoning_columns(dataset_rows: list[dict[str, Any]], rows: list[dict[str, Any]], style: str, exemplars,
+                      tokenizer, settings: GrpoSettings):
+    """The style's reasoning section (`reasoning.section_for`), which the rewards read answers after, and each
+    dataset row's `opened` column: whether its rendered prompt already opened the section (TRL gives the
+    rewards the generated text only, and the dataset's columns)."""
+    from gsmkit.prompts import render_prompt
+    from gsmkit.reasoning import opened_by_prompt, section_for
+
+    section = section_for(style, tokenizer)
+    if section is None:
+        return None
+    for row, r in zip(dataset_rows, rows, strict=True):
+        prompt = render_prompt(style, r["question"], exemplars, tokenizer, settings.system_prompt,
+                               settings.thinking)
+        row["opened"] = opened_by_prompt(prompt, section)
+    return section
+
+
 def train_grpo(
     settings: GrpoSettings,
     on_start: Callable[[int], None] | None = None,
@@ -240,6 +258,7 @@ def train_grpo(
         exemplars = pool_exemplars(pool.examples, settings.k, pool.origin)
     dataset_rows = [{"prompt": grpo_prompt(style, r["question"], exemplars, tokenizer,
                                            settings.system_prompt), "gold": r["gold"]} for r in rows]
+    section = reasoning_columns(dataset_rows, rows, style, exemplars, tokenizer, settings)
 
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -294,7 +313,7 @@ def train_grpo(
                                       batch_size=settings.rollout_batch_size,
                                       chat_template_kwargs=template_kwargs)
     trainer = GRPOTrainer(
-        model=model, reward_funcs=make_reward_funcs(fmt, list(weights)), args=config,
+        model=model, reward_funcs=make_reward_funcs(fmt, list(weights), section), args=config,
         train_dataset=Dataset.from_list(dataset_rows), processing_class=tokenizer, peft_config=peft_config,
         rollout_func=rollout_func,
         callbacks=log_callbacks(log_path, on_log, on_step) + time_limit_callbacks(settings.time_limit_s),
