@@ -242,7 +242,10 @@ def test_compare_describes_both_runs(runs):
     a, b = (load_evaluation(p) for p in runs)
     result = compare(a, b, n_boot=200, seed=0, metric="flexible")
     assert result["a"] == {"path": str(runs[0]), "predictions": str(runs[0] / PREDICTIONS),
-                           "model": "tiny-model", "adapter": None, "style": "plain", "n": N}
+                           "model": "tiny-model", "adapter": None, "style": "plain", "n": N,
+                           # plain: no reasoning section, so no reasoning shares
+                           "reasoning_section": None, "with_reasoning_section": None,
+                           "ended_in_reasoning": None}
     assert result["b"]["adapter"] == "runs/sft"
     settings = (result["metric"], result["n_boot"], result["seed"], result["confidence"])
     assert settings == ("flexible", 200, 0, 0.95)

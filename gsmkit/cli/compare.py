@@ -103,6 +103,14 @@ def _tables(result: dict[str, Any], show: int) -> list[Any]:
     for label, values in rows:
         table.add_row(label, *values)
     tables = [table]
+    for side in ("a", "b"):  # a run with a reasoning section: how many had one, and ended inside it
+        run = result[side]
+        if run.get("ended_in_reasoning") is not None:
+            had, ended = run["with_reasoning_section"], run["ended_in_reasoning"]
+            tables.append(Text(f"{side.upper()} reasoning ({run['reasoning_section']}): "
+                               f"{had['count']}/{had['n']} with a section {_ci(had['ci95'])}, "
+                               f"{ended['count']}/{ended['n']} ended inside it {_ci(ended['ci95'])} "
+                               "(95% Wilson)"))
     changed = result[chosen]["changed"]
     if show and changed:
         listed = Table(title=f"{len(changed)} problem{'' if len(changed) == 1 else 's'} changed ({chosen})"

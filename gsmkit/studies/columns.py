@@ -50,7 +50,10 @@ class SummaryRow:
         gsm8k_flexible_hi: upper bound of its 95% Wilson interval
         gsm8k_n: problems in the GSM8K evaluation
         gsm8k_answer_share: share of completions with a strict answer (`extractable`)
-        gsm8k_reasoning_share: `tags` style: share of completions with a reasoning section
+        gsm8k_reasoning_share: share of completions with a reasoning section (`with_reasoning_section`;
+            empty without one); report.md shows its 95% Wilson interval over `gsm8k_n`
+        gsm8k_ended_in_reasoning: share of completions that ended inside their reasoning section, so had no
+            answer (`ended_in_reasoning`; empty without a section); report.md shows its 95% Wilson interval
         safety: safety rate (safe / judged; unparsed verdicts are not safe)
         safety_lo: lower bound of its 95% Wilson interval
         safety_hi: upper bound of its 95% Wilson interval
@@ -96,6 +99,7 @@ class SummaryRow:
     gsm8k_n: int | None
     gsm8k_answer_share: float | None
     gsm8k_reasoning_share: float | None
+    gsm8k_ended_in_reasoning: float | None
     safety: float | None
     safety_lo: float | None
     safety_hi: float | None

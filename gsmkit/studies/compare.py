@@ -126,6 +126,27 @@ class MetricComparison(Record):
 
 
 @dataclass(frozen=True)
+class Share(Record):
+    """A share of an evaluation's completions, with its sample and interval.
+
+    Attributes:
+        count: completions counted
+        n: completions in the evaluation
+        share: `count / n`
+        ci95: 95% Wilson score interval of `share`
+    """
+
+    count: int
+    n: int
+    share: float
+    ci95: tuple[float, float]
+
+    @classmethod
+    def of(cls, count: int, n: int) -> Share:
+        return cls(count=count, n=n, share=count / n if n else 0.0, ci95=wilson_interval(count, n))
+
+
+@dataclass(frozen=True)
 class Compared(Record):
     """One of the two evaluations compared.
 
@@ -136,6 +157,12 @@ class Compared(Record):
         adapter: the adapter path its manifest records (null: the bare model, or no manifest)
         style: the prompt style of its metrics.json (null without one)
         n: problems in its predictions
+        reasoning_section: the reasoning section its answers were read after (`think`, `tags`), from its
+            metrics.json; null without one (or without a metrics.json)
+        with_reasoning_section: completions with a non-blank reasoning section (the predictions' `reasoning`);
+            null when the run has no reasoning section
+        ended_in_reasoning: completions that ended inside their reasoning, so had no answer (the
+            predictions' `ended_in_reasoning`); null when the run has no reasoning section
     """
 
     path: str
@@ -144,6 +171,9 @@ class Compared(Record):
     adapter: str | None
     style: str | None
     n: int
+    reasoning_section: str | None = None
+    with_reasoning_section: Share | None = None
+    ended_in_reasoning: Share | None = None
 
 
 @dataclass(frozen=True)
@@ -174,10 +204,18 @@ class Comparison(Record):
 def _described(ev: Evaluation) -> Compared:
     manifest, metrics = ev.manifest or {}, ev.metrics or {}
     model = (manifest.get("settings") or {}).get("model")
+    section = metrics.get("reasoning_section")
+    rows = list(ev.rows.values())
+    # Rows read before schema 2 have no reasoning fields: they read as none (Prediction.OPTIONAL).
+    sectioned = section is not None or any(r.get("reasoning") is not None for r in rows)
+    had = sum(bool((r.get("reasoning") or "").strip()) for r in rows)  # reasoning.Split.has_reasoning
+    ended = sum(bool(r.get("ended_in_reasoning")) for r in rows)
     return Compared(path=str(ev.path), predictions=str(ev.predictions),
                     model=model.get("model") if isinstance(model, dict) else model,
                     adapter=(recorded_adapter(manifest) or {}).get("path"), style=metrics.get("style"),
-                    n=ev.n)
+                    n=ev.n, reasoning_section=section,
+                    with_reasoning_section=Share.of(had, len(rows)) if sectioned else None,
+                    ended_in_reasoning=Share.of(ended, len(rows)) if sectioned else None)
 
 
 def compare_metric(a: Evaluation, b: Evaluation, metric: str, *, n_boot: int = 10000,

@@ -97,13 +97,15 @@ def render_markdown(rows: list[Row], checks: list[Check], groups: list[dict[str,
              (f"{len(rows)} rows ({trained} training runs); intervals are 95% Wilson score intervals of the "
               "proportion, n is the number of problems (GSM8K) or prompts (safety).\n")]
     headers = ["run", "method", "data", "preset", "train rows", "steps", "checkpoint", "GSM8K strict",
-               "GSM8K flexible", "answer share", "reasoning share", "safety", "unparsed", "ppl"]
+               "GSM8K flexible", "answer share", "reasoning share", "ended in reasoning", "safety",
+               "unparsed", "ppl"]
     lines = [[str(r.values["run"]), _num(r.values.get("method")), _num(r.values.get("data")),
               _num(r.values.get("preset")),
               _num(r.values.get("train_rows")), _num(r.values.get("steps")),
               _num(r.values.get("chosen_checkpoint")), _ci(r, "gsm8k_strict", "gsm8k_n"),
               _ci(r, "gsm8k_flexible", "gsm8k_n"), _share(r, "gsm8k_answer_share", "gsm8k_n"),
-              _share(r, "gsm8k_reasoning_share", "gsm8k_n"), _ci(r, "safety", "safety_n"),
+              _share(r, "gsm8k_reasoning_share", "gsm8k_n"), _share(r, "gsm8k_ended_in_reasoning", "gsm8k_n"),
+              _ci(r, "safety", "safety_n"),
               _share(r, "safety_unparsed", "safety_n"), _num(r.values.get("ppl"), 4)] for r in rows]
     shown = [i for i in range(len(headers)) if i == 0 or any(line[i] != "-" for line in lines)]  # none empty
     parts += ["## Summary\n",

@@ -152,7 +152,8 @@ def _bounds(ci: Any) -> tuple[float | None, float | None]:
 
 def gsm8k_values(metrics: dict[str, Any]) -> dict[str, float | None]:
     """An `eval gsm8k` metrics.json as metric values: strict and flexible accuracy with their 95% Wilson
-    bounds, n, the share of completions with an answer and with a reasoning section."""
+    bounds, n, the share of completions with an answer, with a reasoning section and that ended inside it
+    (both null where the style has no reasoning section)."""
     values: dict[str, float | None] = {"gsm8k.n": metrics.get("n")}
     for name in ("strict", "flexible"):
         lo, hi = _bounds(metrics.get(f"ci95_{name}"))
@@ -160,6 +161,7 @@ def gsm8k_values(metrics: dict[str, Any]) -> dict[str, float | None]:
                        f"gsm8k.{name}.hi": hi})
     values["gsm8k.answer_share"] = metrics.get("extractable")
     values["gsm8k.reasoning_share"] = metrics.get("with_reasoning_section")
+    values["gsm8k.ended_in_reasoning"] = metrics.get("ended_in_reasoning")  # absent before schema 2: null
     return values
 
 

@@ -24,7 +24,7 @@ METRICS: dict[str, str] = {
     "gsm8k.flexible": "gsm8k_flexible", "gsm8k.flexible.lo": "gsm8k_flexible_lo",
     "gsm8k.flexible.hi": "gsm8k_flexible_hi",
     "gsm8k.n": "gsm8k_n", "gsm8k.answer_share": "gsm8k_answer_share",
-    "gsm8k.reasoning_share": "gsm8k_reasoning_share",
+    "gsm8k.reasoning_share": "gsm8k_reasoning_share", "gsm8k.ended_in_reasoning": "gsm8k_ended_in_reasoning",
     "safety": "safety", "safety.lo": "safety_lo", "safety.hi": "safety_hi", "safety.n": "safety_n",
     "safety.unparsed": "safety_unparsed",
     "ppl": "ppl", "ppl.tokens": "ppl_tokens",
