@@ -272,3 +272,29 @@ def test_predictions_written_before_the_reasoning_fields_still_read(tmp_path, ti
     assert json.loads(res.stdout)["a"]["ended_in_reasoning"] is None
     res = runner.invoke(app, ["report", str(tmp_path / "old"), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
+
+
+def test_steering_negatives_are_wrong_by_the_answer_after_the_reasoning():
+    """`steer vectors`' sampled negatives read answers as the metric does: a sample whose reasoning holds the
+    gold but whose answer is wrong is a negative; one that reasons wrongly and answers right is not."""
+    import types
+
+    from gsmkit.generation import GenRequest
+    from gsmkit.steer.activations import sample_negatives
+
+    texts = {"a": "<think>12, so #### 12</think>#### 3", "b": "<think>#### 3</think>#### 12"}
+
+    class Engine:
+        tokenizer = types.SimpleNamespace(decode=lambda ids: "")
+
+        def generate(self, requests, _settings):
+            for r in requests:
+                yield GenResult(r.key, 0, (1,), texts[r.key], "stop", 1)
+
+    requests = [GenRequest("a", (1, 2)), GenRequest("b", (1, 2))]
+    found = sample_negatives(Engine(), requests, ["12", "12"], "hash", 1, 8, 0, (), THINK)
+    assert found["a"] is not None and found["a"][0] == texts["a"]
+    assert found["b"] is None
+    # without the section, both completions hold the gold somewhere: neither would be a negative
+    unsectioned = sample_negatives(Engine(), requests, ["12", "12"], "hash", 1, 8, 0, (), None)
+    assert unsectioned["a"] is None

@@ -13,7 +13,7 @@ arrays, one row per layer:
   it has not ended (end-of-sequence token or stop string) before t. Prompts are left-padded into batches
   and decoded with the KV cache.
 - `sample_negatives`: for each pair, the first of a few seeded samples (the HF engine) that is wrong by
-  both extractors (`answers.score_completion`); None when every sample was right.
+  both extractors, after the reasoning section (`reasoning.score`); None when every sample was right.
 """
 
 from __future__ import annotations
@@ -161,23 +161,26 @@ def o_proj_steps(model: Any, tokenizer: Any, layers: Sequence[int], prompts: Seq
 
 
 def sample_negatives(engine: Any, requests: Sequence[Any], golds: Sequence[str | None], answer_format: str,
-                     attempts: int, max_new_tokens: int, seed: int, stop: tuple[str, ...]
-                     ) -> dict[str, tuple[str, tuple[int, ...], int] | None]:
-    """key -> (text, token ids, sample index) of the first wrong sample of that request, or None."""
+                     attempts: int, max_new_tokens: int, seed: int, stop: tuple[str, ...],
+                     section: Any = None) -> dict[str, tuple[str, tuple[int, ...], int] | None]:
+    """key -> (text, token ids, sample index) of the first wrong sample of that request, or None. Answers are
+    read after the reasoning `section` (`reasoning.score`; one the prompt opened counts as open)."""
     import torch
 
-    from gsmkit.answers import score_completion
     from gsmkit.generation import GenRequest, SamplingSettings
+    from gsmkit.reasoning import opened_by_prompt, score
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, do_sample=True, seed=seed, stop=stop,
                                 **SAMPLING)
     gold = {r.key: g for r, g in zip(requests, golds, strict=True)}
     wrong: dict[str, dict[int, Any]] = {r.key: {} for r in requests}
     asked = [GenRequest(r.key, r.prompt_ids, num_samples=attempts) for r in requests]
+    opened = {r.key: section is not None and opened_by_prompt(engine.tokenizer.decode(r.prompt_ids), section)
+              for r in requests}
     with torch.inference_mode():
         for res in engine.generate(asked, settings):
-            _, strict_ok, flexible_ok = score_completion(res.text, gold[res.key] or "", answer_format)
-            if gold[res.key] is None or not (strict_ok or flexible_ok):
+            scored = score(res.text, gold[res.key] or "", answer_format, section, opened[res.key])
+            if gold[res.key] is None or not (scored.correct_strict or scored.correct_flexible):
                 wrong[res.key][res.sample_index] = res
     found: dict[str, tuple[str, tuple[int, ...], int] | None] = {}
     for key, by_index in wrong.items():

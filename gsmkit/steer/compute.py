@@ -75,6 +75,7 @@ def _completion_ids(tok: Any, style: str, solution: str, where: str) -> tuple[in
 def _caa_chunk(settings: Any, model: Any, tok: Any, engine: Any, style: str, layers: Sequence[int],
                chunk: Sequence[Any], prompts: list[tuple[int, ...]]) -> list[tuple[dict, dict]]:
     from gsmkit.prompts import answer_format, stop_strings
+    from gsmkit.reasoning import section_for
     from gsmkit.steer.activations import residual_means, sample_negatives
     from gsmkit.steer.pairs import corrupt_solution
 
@@ -86,7 +87,7 @@ def _caa_chunk(settings: Any, model: Any, tok: Any, engine: Any, style: str, lay
         requests = [GenRequest(str(n), ids) for n, ids in enumerate(prompts)]
         sampled = sample_negatives(engine, requests, [i.pair.gold for i in chunk], answer_format(style),
                                    settings.attempts, settings.max_new_tokens, settings.seed,
-                                   stop_strings(style))
+                                   stop_strings(style), section_for(style, tok))
     for n, item in enumerate(chunk):
         pair = item.pair
         if pair.negative is not None:

@@ -136,6 +136,7 @@ class Trials:
                  progress: SearchProgress):
         from gsmkit.generation import GenRequest, SamplingSettings, build_engine
         from gsmkit.prompts import answer_format, encode_prompt, resolve_style, stop_strings
+        from gsmkit.reasoning import opened_by_prompt, section_for
 
         self.settings, self.space, self.judge, self.progress = settings, space, judge, progress
         self.loaded, self.tokenizer, self.engine = build_engine(
@@ -144,19 +145,22 @@ class Trials:
         self.answer_format = answer_format(self.style)
         exemplars = _exemplars(settings)
         self.gold = {p.id: p.gold for p in validation}
-        self.requests = [GenRequest(p.id, tuple(encode_prompt(self.style, p.question, exemplars,
-                                                              self.tokenizer, settings.system_prompt,
-                                                              settings.thinking)[1]))
-                         for p in validation]
+        encoded = [(p.id, encode_prompt(self.style, p.question, exemplars, self.tokenizer,
+                                        settings.system_prompt, settings.thinking)) for p in validation]
+        # answers are read after the reasoning section, as eval gsm8k reads them (reasoning.score)
+        self.section = section_for(self.style, self.tokenizer)
+        self.opened = {key: opened_by_prompt(text, self.section) for key, (text, _) in encoded}
+        self.requests = [GenRequest(key, tuple(ids)) for key, (_, ids) in encoded]
         self.sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, seed=settings.seed,
                                          stop=stop_strings(self.style))
         if judge is not None:
             judge.load()
 
     def correct(self, res: Any) -> bool:
-        from gsmkit.answers import score_completion
+        from gsmkit.reasoning import score
 
-        return score_completion(res.text, self.gold[res.key], self.answer_format)[1]
+        return score(res.text, self.gold[res.key], self.answer_format, self.section,
+                     self.opened[res.key]).correct_strict
 
     def zero_check(self) -> dict[str, Any]:
         """`check_zero_steering` for each method on every validation problem; returns the unsteered
