@@ -285,7 +285,7 @@ def test_steering_negatives_are_wrong_by_the_answer_after_the_reasoning():
     texts = {"a": "<think>12, so #### 12</think>#### 3", "b": "<think>#### 3</think>#### 12"}
 
     class Engine:
-        tokenizer = types.SimpleNamespace(decode=lambda ids: "")
+        tokenizer = types.SimpleNamespace(decode=lambda _ids: "")
 
         def generate(self, requests, _settings):
             for r in requests:
