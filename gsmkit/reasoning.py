@@ -77,6 +77,14 @@ def opened_by_prompt(prompt: str, section: Section | None) -> bool:
     return at >= 0 and prompt.find(section.end, at) < 0
 
 
+def opening_in_prompt(prompt: str, section: Section | None) -> str:
+    """The tail of a prompt that opened the section (`<think>\n` at the end of a thinking template's
+    generation prompt), else "": what a kept completion needs in front of it to hold its whole section."""
+    if not opened_by_prompt(prompt, section):
+        return ""
+    return prompt[prompt.rfind(section.start):]
+
+
 @dataclass(frozen=True)
 class Split:
     """A completion cut at its reasoning section.

@@ -284,7 +284,7 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
     from gsmkit.answers import answers_equal, to_tags
     from gsmkit.generation import GenRequest
     from gsmkit.generation.run import ProblemRun
-    from gsmkit.reasoning import opened_by_prompt, read_answer, section_for
+    from gsmkit.reasoning import opened_by_prompt, opening_in_prompt, read_answer, section_for
 
     run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.num_samples)
     fmt = run.answer_format
@@ -293,6 +293,9 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
     todo = run.todo
     encoded = {p.id: run.encode(p.question) for p in todo}
     opened = {pid: opened_by_prompt(text, section) for pid, (text, _) in encoded.items()}
+    # a kept trace holds its whole section: the opening tag a thinking template wrote into the prompt goes in
+    # front of the completion, so SFT on the trace teaches it (and the template reads the section back)
+    opening = {pid: opening_in_prompt(text, section) for pid, (text, _) in encoded.items()}
     requests = [GenRequest(p.id, encoded[p.id][1], num_samples=settings.max_attempts) for p in todo]
 
     def answer_of(pid: str, text: str) -> str | None:
@@ -311,7 +314,8 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
         p, st = by_id[pid], state[pid]
         attempts = st.first_correct + 1 if st.first_correct is not None else settings.max_attempts
         if st.first_correct is not None:
-            answer = cut_after_answer(st.results[st.first_correct][1].text, fmt, section, opened[pid])
+            answer = opening[pid] + cut_after_answer(st.results[st.first_correct][1].text, fmt, section,
+                                                     opened[pid])
             source = "model"
         else:
             answer, source = (to_tags(p.answer) if fmt == "tags" else p.answer), "fallback"

@@ -220,6 +220,22 @@ def test_traces_choose_by_the_answer_after_the_reasoning(tmp_path, tiny_model_di
     assert rows[1]["attempt_texts"][0]["answer"] is None  # ended in its reasoning, whose draft was right
 
 
+def test_a_trace_of_a_prompt_that_opened_the_section_keeps_its_opening_tag(tmp_path, tiny_model_dir,
+                                                                           small_gsm8k, scripted):
+    """The template wrote `<think>` into the prompt, so the completion starts inside the section: the kept
+    trace gets the tag in front, a whole section SFT can learn from."""
+    scripted(think_script, OPENING, split="train")
+    out = tmp_path / "traces.jsonl"
+    generate_traces(TraceSettings(model=ModelSpec(str(tiny_model_dir)), out=out, data=str(small_gsm8k),
+                                  num_samples=4, max_attempts=2, max_new_tokens=8, batch_size=4,
+                                  style="chat"))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    problems = _problems(small_gsm8k, "train")[:4]
+    assert rows[0]["source"] == "model"
+    assert rows[0]["answer"] == "<think>\n" + think_script(problems[0].gold, opened=True)[0][0]
+    assert read_answer(rows[0]["answer"], "hash", THINK) == problems[0].gold  # read back as a whole section
+
+
 def test_report_and_compare_show_the_shares(tmp_path, tiny_model_dir, small_gsm8k, scripted):
     scripted(think_script, THINKING)
     _eval(tiny_model_dir, small_gsm8k, tmp_path / "think", "chat")
