@@ -152,6 +152,27 @@ def test_training_masks_the_prompt_the_switch_renders(thinking, tok):
     assert (EMPTY_THINK in response) == (thinking == "on")  # off: the template's empty section is prompt
 
 
+def test_a_reply_with_its_own_reasoning_is_trained_whole_and_the_prompt_never(tok):
+    """Issue 28, check 4: thinking on, a reply that carries `<think>reasoning</think>` then the answer: every
+    reasoning and answer token is trained, no prompt token is. With off the template writes an empty section
+    before the reply, which a reply with reasoning contradicts: that row is refused by name, never
+    mis-masked."""
+    from gsmkit.errors import ConfigError
+    from gsmkit.tokenization import IGNORE_INDEX
+    from gsmkit.training.data import TrainExample
+    from gsmkit.training.masking import encode_example
+
+    reply = "<think>\nI add 2 and 3.\n</think>\n\n2 + 3 = 5\n#### 5"
+    ex = TrainExample(where="row 1", question="What is 2 + 3?", answer=reply)
+    enc = encode_example(ex, tok, "chat", 512, None, "on")
+    prompt_ids = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label == IGNORE_INDEX]
+    trained = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
+    assert tok.decode(prompt_ids) == _render(tok, "on")
+    assert tok.decode(trained).removesuffix("\n") == reply + "<|im_end|>"
+    with pytest.raises(ConfigError, match="row 1: the chat template's generation prompt is not a prefix"):
+        encode_example(ex, tok, "chat", 512, None, "off")
+
+
 def test_show_masking_passes_the_switch(tmp_path, thinking_model, small_gsm8k, pool):
     """`train sft --show-masking`: the same rows, the empty section trained with on, masked with off."""
     counts = {}
