@@ -103,7 +103,13 @@ class Split:
     def has_reasoning(self) -> bool:
         """The completion had a reasoning section with some non-blank text in it, closed or not (an empty
         `<think></think>` is no reasoning)."""
-        return bool(self.reasoning and self.reasoning.strip())
+        return holds_reasoning(self.reasoning)
+
+
+def holds_reasoning(reasoning: str | None) -> bool:
+    """A section's text (`Split.reasoning`, or a prediction's `reasoning` field) counts as reasoning: it
+    exists and is not blank."""
+    return bool(reasoning and reasoning.strip())
 
 
 def split_completion(completion: str, section: Section | None, opened: bool = False) -> Split:

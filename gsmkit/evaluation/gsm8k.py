@@ -23,7 +23,7 @@ from gsmkit.fields import Record, check_fields, setting
 from gsmkit.generation import SamplingSettings
 from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
-from gsmkit.reasoning import Section, Split
+from gsmkit.reasoning import Section, Split, holds_reasoning
 from gsmkit.records import Prediction
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import (
@@ -174,7 +174,7 @@ def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any
     gen_s = timing.get("generation_s", 0.0)
     done = timing.get("generated_this_run", 0)
     toks = timing.get("tokens_this_run", 0)
-    had = sum(bool((p.reasoning or "").strip()) for p in preds)  # the rule of reasoning.Split.has_reasoning
+    had = sum(holds_reasoning(p.reasoning) for p in preds)
     with_section, ci_section = _share(had, n, section)
     ended, ci_ended = _share(sum(p.ended_in_reasoning for p in preds), n, section)
     return EvalMetrics(
