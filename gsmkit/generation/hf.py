@@ -148,11 +148,12 @@ class HFEngine:
             extra["shared_prefix"] = prefix
             prefix.set_queries(position_ids)
         first = prefix.layers[0][0].shape[-2] if prefix is not None else 0  # the rows' first own position
-        self._layer_masks.set(mask_bool, position_ids, first, additive)
+        full = additive(mask_bool)[:, None]
+        self._layer_masks.set(mask_bool, full, position_ids, first, additive)
         with split.using_shared_prefix(self.model) if prefix is not None else contextlib.nullcontext():
             try:
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                                 attention_mask=additive(mask_bool)[:, None], logits_to_keep=1, **extra)
+                                 attention_mask=full, logits_to_keep=1, **extra)
             finally:
                 self._layer_masks.clear()
         if prefix is not None and prefix.take_calls() != self.num_layers:

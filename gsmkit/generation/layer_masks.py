@@ -40,10 +40,11 @@ class LayerMasks:
         self.active = bool(family.windows)
         self._masks: list[Any] | None = None
 
-    def set(self, mask_bool: Any, position_ids: Any, first_position: int,
+    def set(self, mask_bool: Any, full: Any, position_ids: Any, first_position: int,
             additive: Callable[[Any], Any]) -> None:
         """The masks of the next forward pass: `mask_bool` [B, Q, T] (the last query of a row sees all its
-        real slots), `position_ids` [B, Q], `additive` turns a boolean mask into the model's additive one."""
+        real slots), `full` its additive form [B, 1, Q, T] (what full-attention layers get), `position_ids`
+        [B, Q], `additive` turns a boolean mask into the model's additive one."""
         import torch
 
         if not self.active:
@@ -53,7 +54,7 @@ class LayerMasks:
         slot_position = first_position + real.long().cumsum(-1) - 1  # [B, T], right for real slots
         own = torch.zeros(Q, T, dtype=torch.bool, device=mask_bool.device)
         own[:, T - Q:] = torch.eye(Q, dtype=torch.bool, device=mask_bool.device)  # padding sees itself
-        by_window: dict[int | None, Any] = {None: additive(mask_bool)[:, None]}
+        by_window: dict[int | None, Any] = {None: full}
         for window in sorted({w for w in self.windows if w}):
             near = slot_position[:, None, :] > position_ids[:, :, None] - window
             by_window[window] = additive(mask_bool & (near | own))[:, None]
