@@ -27,6 +27,7 @@ from gsmkit.answers import (
     extract_flexible,
     primary_answer,
 )
+from gsmkit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,14 @@ def score(completion: str, gold: str | None, answer_format: str = "hash", sectio
     answers = ExtractedAnswers(strict=primary_answer(split.answer, answer_format),
                                flexible=extract_flexible(split.answer))
     return Scored(split, answers, answers_equal(answers.strict, gold), answers_equal(answers.flexible, gold))
+
+
+def check_budget(budget: int, max_new_tokens: int) -> None:
+    """A reasoning budget (`--thinking-budget`) leaves room for the end tag and an answer: 0 <= budget <
+    max_new_tokens."""
+    if budget < 0:
+        raise ConfigError(f"--thinking-budget must be >= 0, got {budget}")
+    if budget >= max_new_tokens:
+        raise ConfigError(f"--thinking-budget {budget} leaves no room for an answer within --max-new-tokens "
+                          f"{max_new_tokens}", hint="give a budget below --max-new-tokens, or raise "
+                          "--max-new-tokens")

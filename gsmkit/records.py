@@ -18,7 +18,8 @@ from gsmkit.errors import DataError
 from gsmkit.fields import Record, field_types
 
 # 2: predictions gained `reasoning`, `ended_in_reasoning`, `reasoning_tokens` and `answer_tokens`.
-SCHEMA_VERSION = 2
+# 3: predictions gained `budget_forced` (`--thinking-budget`).
+SCHEMA_VERSION = 3
 
 
 def normalize_text(text: str) -> str:
@@ -172,6 +173,8 @@ class Prediction(Record):
             tokens); null without a section. Optional on read: null
         answer_tokens: tokens of the answer text (after the section; the whole completion without one),
             counted the same way; null when the completion ended in its reasoning. Optional on read: null
+        budget_forced: the reasoning section reached `--thinking-budget` tokens and its end tag was written
+            for the model, which then answered. Optional on read: false
     """
 
     id: str
@@ -189,10 +192,12 @@ class Prediction(Record):
     ended_in_reasoning: bool = False
     reasoning_tokens: int | None = None
     answer_tokens: int | None = None
+    budget_forced: bool = False
 
-    # Added in schema 2: files written before them still read, with these defaults.
+    # Added in schemas 2 and 3: files written before them still read, with these defaults.
     OPTIONAL: ClassVar[dict[str, Any]] = {"reasoning": None, "ended_in_reasoning": False,
-                                          "reasoning_tokens": None, "answer_tokens": None}
+                                          "reasoning_tokens": None, "answer_tokens": None,
+                                          "budget_forced": False}
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], where: str) -> Prediction:

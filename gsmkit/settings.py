@@ -1,7 +1,8 @@
 """Option groups shared by several commands' settings: one declaration of each default, bound and help.
 
 In: nothing. Out: keyword-only dataclass mixins (`ProblemOptions`, `PromptOptions`, `DecodeOptions`,
-`LoraOptions`, `RunOptions`, ...) that a command's settings dataclass inherits, so `eval gsm8k`,
+`LoraOptions`, `RunOptions`, ...; `ProblemRunOptions` gathers those of a run that answers problems) that a
+command's settings dataclass inherits, so `eval gsm8k`,
 `generate-traces`, `eval safety`, `train ...` take the same option under the same name with the same
 help. A command that needs another default for a shared option redeclares it with `override(...)`,
 which keeps the group's help and bounds.
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.fields import setting
+from gsmkit.fields import check_fields, setting
 from gsmkit.prompts import STYLES, THINKING
+from gsmkit.reasoning import check_budget
 
 POOL_HELP = "Few-shot pool JSONL written by `gsmkit fewshot`."
 DATA_HELP = "GSM8K source: a Hub id (openai/gsm8k) or a local .jsonl/.json/.parquet file or folder."
@@ -88,6 +90,30 @@ class DecodeOptions:
     prefix_cache: bool = setting(True, "Encode the shared few-shot prefix once.",
                                  flag="--prefix-cache/--no-prefix-cache")
     backend: str = setting("hf", "hf (transformers) or vllm (needs vllm and a GPU).", choices=("hf", "vllm"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetOptions:
+    """A reasoning budget for commands that generate answers (eval gsm8k, generate-traces); it reads the
+    prompt style, --max-new-tokens and --backend of the command's other groups."""
+
+    thinking_budget: int | None = setting(
+        None, "Close each reasoning section (<think> of a thinking template, the tags style's working out) "
+        "after N tokens by writing its end tag; the answer follows within --max-new-tokens.", min=0,
+        show_default="no budget")
+
+    def check_thinking_budget(self) -> None:
+        """What can be told from the options alone; a template without a section is found with the tokenizer
+        (`generation.run.check_thinking_early`)."""
+        budget, style = self.thinking_budget, getattr(self, "style", "auto")
+        if budget is None:
+            return
+        if style == "plain":
+            raise ConfigError(f"--thinking-budget {budget} has no effect with --style plain (no reasoning "
+                              "section)", hint="drop --thinking-budget, or use --style chat or tags")
+        check_budget(budget, self.max_new_tokens)
+        if getattr(self, "backend", "hf") != "hf":
+            raise ConfigError("--thinking-budget is applied by the hf backend only", hint="use --backend hf")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +208,22 @@ class SteerOptions:
             object.__setattr__(self, "steer_alpha", 1.0)
         if self.steer_positions is None:
             object.__setattr__(self, "steer_positions", "generated")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProblemRunOptions(ProblemOptions, PromptOptions, BudgetOptions, DecodeOptions, SamplingOptions,
+                        SteerOptions, RunOptions):
+    """Every option group of a run that generates answers to GSM8K problems (`eval gsm8k`, `generate-traces`:
+    `generation.run.ProblemRun`), and the checks they share (its resume fingerprint is
+    `generation.run.problem_run_fingerprint`)."""
+
+    def check_options(self) -> None:
+        """Each group's own checks and every field's bounds, before anything loads."""
+        self.check_steer()
+        check_fields(self)
+        self.check_pool()
+        self.check_thinking()
+        self.check_thinking_budget()
 
 
 def _read_best(path: Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.fields import Record, check_fields, setting
+from gsmkit.fields import Record, setting
 from gsmkit.generation import SamplingSettings
 from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
@@ -45,10 +45,8 @@ from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import (
     DecodeOptions,
     ProblemOptions,
-    PromptOptions,
-    RunOptions,
+    ProblemRunOptions,
     SamplingOptions,
-    SteerOptions,
     override,
 )
 
@@ -72,7 +70,7 @@ def resolve_data(data: str, split: str | None) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, SteerOptions, RunOptions):
+class TraceSettings(ProblemRunOptions):
     model: ModelSpec
     out: Path = setting(Path("traces.jsonl"), "Traces file to write (JSONL); stats go to <stem>.stats.json.",
                         short="-o", path={"dir_okay": False})
@@ -99,10 +97,7 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
         data, split = resolve_data(self.data, self.split)
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "split", split)
-        self.check_steer()
-        check_fields(self)
-        self.check_pool()
-        self.check_thinking()
+        self.check_options()
         if self.out.suffix != ".jsonl":
             raise ConfigError(f"--out {self.out}: traces are written as JSON Lines",
                               hint="name it like traces.jsonl")
@@ -115,11 +110,9 @@ class TraceSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOption
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""
-        from gsmkit.generation.steering import steer_fingerprint
-        from gsmkit.manifest import run_fingerprint
+        from gsmkit.generation.run import problem_run_fingerprint
 
-        return {**run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend",
-                                         "check_zero")), **steer_fingerprint(self)}
+        return problem_run_fingerprint(self)
 
 
 def run_output(settings: TraceSettings) -> RunOutput:
@@ -284,11 +277,11 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
     from gsmkit.answers import answers_equal, to_tags
     from gsmkit.generation import GenRequest
     from gsmkit.generation.run import ProblemRun
-    from gsmkit.reasoning import opened_by_prompt, opening_in_prompt, read_answer, section_for
+    from gsmkit.reasoning import opened_by_prompt, opening_in_prompt, read_answer
 
     run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.num_samples)
     fmt = run.answer_format
-    section = section_for(run.style, run.tokenizer)  # answers are read after it (the metric's rule)
+    section = run.section  # answers are read after it (the metric's rule)
     by_id = {p.id: p for p in run.problems}
     todo = run.todo
     encoded = {p.id: run.encode(p.question) for p in todo}

@@ -203,6 +203,7 @@ PRED = {
     "ended_in_reasoning": False,
     "reasoning_tokens": None,
     "answer_tokens": 8,
+    "budget_forced": False,
 }
 # A row written before schema 2 (no reasoning fields): still read, with the documented defaults.
 PRED_V1 = {k: v for k, v in PRED.items() if k not in Prediction.OPTIONAL}
@@ -221,14 +222,19 @@ def test_prediction_fixture_covers_every_field():
 def test_prediction_of_schema_1_reads_with_defaults():
     pred = Prediction.from_dict(PRED_V1, WHERE)
     assert pred.to_dict() == {**PRED_V1, "reasoning": None, "ended_in_reasoning": False,
-                              "reasoning_tokens": None, "answer_tokens": None}
+                              "reasoning_tokens": None, "answer_tokens": None, "budget_forced": False}
     thinking = {**PRED, "reasoning": "3 + 4 = 7, #### 6", "ended_in_reasoning": True, "strict": None,
                 "flexible": None, "reasoning_tokens": 11, "answer_tokens": None}
     assert Prediction.from_dict(thinking, WHERE).to_dict() == thinking
+    schema_2 = {k: v for k, v in thinking.items() if k != "budget_forced"}
+    assert Prediction.from_dict(schema_2, WHERE).to_dict() == {**schema_2, "budget_forced": False}
+    forced = {**PRED, "reasoning": "3 + 4", "budget_forced": True, "reasoning_tokens": 4}
+    assert Prediction.from_dict(forced, WHERE).to_dict() == forced
 
 
 @pytest.mark.parametrize(("field", "value"), [("reasoning", 3), ("ended_in_reasoning", None),
-                                              ("ended_in_reasoning", 1), ("reasoning_tokens", "4")])
+                                              ("ended_in_reasoning", 1), ("reasoning_tokens", "4"),
+                                              ("budget_forced", None), ("budget_forced", 0)])
 def test_prediction_optional_fields_are_typed(field, value):
     assert _error({**PRED, field: value}, Prediction).startswith(f"{WHERE}: field '{field}' must be")
 

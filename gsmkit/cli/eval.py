@@ -63,6 +63,10 @@ def gsm8k(settings: EvalSettings, json_out: JsonOpt = False) -> None:
                       "[{:.1%}-{:.1%}] ended inside it (no answer); ".format(*metrics.ci95_ended_in_reasoning)
                       + f"mean tokens: reasoning {metrics.mean_reasoning_tokens}, answer "
                       f"{metrics.mean_answer_tokens}; {metrics.extractable:.1%} with a strict answer")
+    if metrics.budget_forced is not None:
+        console.print(f"thinking budget {metrics.thinking_budget} tokens: reached by "
+                      f"{metrics.budget_forced:.1%} " + "[{:.1%}-{:.1%}]".format(*metrics.ci95_budget_forced)
+                      + f" of n={metrics.n} (their end tag was written for the model)")
     console.print(
         f"{metrics.generated_this_run} generated in {metrics.generation_s:.1f}s: "
         f"{metrics.problems_per_s:.2f} problems/s, {metrics.tokens_per_s:.1f} tokens/s; truncated at "

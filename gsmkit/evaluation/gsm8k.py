@@ -19,21 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.evaluation.stats import wilson_interval
-from gsmkit.fields import Record, check_fields, setting
+from gsmkit.fields import Record, setting
 from gsmkit.generation import SamplingSettings
 from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
 from gsmkit.reasoning import Section, Split, holds_reasoning
 from gsmkit.records import Prediction
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
-from gsmkit.settings import (
-    DecodeOptions,
-    ProblemOptions,
-    PromptOptions,
-    RunOptions,
-    SamplingOptions,
-    SteerOptions,
-)
+from gsmkit.settings import ProblemRunOptions
 
 PREDICTIONS = "predictions.jsonl"
 PARTIAL = "predictions.partial.jsonl"
@@ -41,7 +34,7 @@ METRICS = "metrics.json"
 
 
 @dataclass(frozen=True)
-class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions, SteerOptions, RunOptions):
+class EvalSettings(ProblemRunOptions):
     model: ModelSpec
     out: Path = setting(Path("runs/eval-gsm8k"), "Output folder.", short="-o",
                         path={"file_okay": False, "dir_okay": True})
@@ -50,10 +43,7 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
     stop: tuple[str, ...] = setting((), "Extra stop string (repeatable).")
 
     def __post_init__(self) -> None:
-        self.check_steer()
-        check_fields(self)
-        self.check_pool()
-        self.check_thinking()
+        self.check_options()
         self.sampling()  # decoding options are checked where they are defined, before any model loads
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingSettings:
@@ -65,11 +55,9 @@ class EvalSettings(ProblemOptions, PromptOptions, DecodeOptions, SamplingOptions
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes predictions)."""
-        from gsmkit.generation.steering import steer_fingerprint
-        from gsmkit.manifest import run_fingerprint
+        from gsmkit.generation.run import problem_run_fingerprint
 
-        return {**run_fingerprint(self, ("out", "overwrite", "batch_size", "prefix_cache", "backend",
-                                         "check_zero")), **steer_fingerprint(self)}
+        return problem_run_fingerprint(self)
 
 
 @dataclass
@@ -104,6 +92,11 @@ class EvalMetrics(Record):
             null without a section
         ci95_ended_in_reasoning: 95% Wilson score interval of `ended_in_reasoning` (n = `n`); null without
             a section
+        thinking_budget: `--thinking-budget` (tokens of reasoning before its end tag is forced); null
+            without one
+        budget_forced: fraction of completions whose reasoning reached the budget and had its end tag forced;
+            null without a budget
+        ci95_budget_forced: 95% Wilson score interval of `budget_forced` (n = `n`); null without a budget
         mean_reasoning_tokens: mean `reasoning_tokens` of the predictions whose completion had a reasoning
             section, blank ones included (tokens of the text inside it, tags left out, counted by the model's
             tokenizer on that text, no special tokens), rounded to 3 decimals; null when none has one
@@ -140,6 +133,9 @@ class EvalMetrics(Record):
     ci95_reasoning_section: tuple[float, float] | None
     ended_in_reasoning: float | None
     ci95_ended_in_reasoning: tuple[float, float] | None
+    thinking_budget: int | None
+    budget_forced: float | None
+    ci95_budget_forced: tuple[float, float] | None
     mean_reasoning_tokens: float | None
     mean_answer_tokens: float | None
     generated_this_run: int
@@ -150,9 +146,10 @@ class EvalMetrics(Record):
     engine: dict[str, Any] = field(default_factory=dict)
 
 
-def _share(count: int, n: int, section: Section | None) -> tuple[float | None, tuple[float, float] | None]:
-    """A share of the `n` completions with its Wilson interval; (None, None) without a section."""
-    if section is None:
+def _share(count: int, n: int, applies: Any) -> tuple[float | None, tuple[float, float] | None]:
+    """A share of the `n` completions with its Wilson interval; (None, None) where it does not apply (no
+    reasoning section, no budget)."""
+    if applies is None:
         return None, None
     return (count / n if n else 0.0), wilson_interval(count, n)
 
@@ -162,9 +159,9 @@ def _mean(values: list[int]) -> float | None:
 
 
 def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any],
-              section: Section | None = None) -> EvalMetrics:
+              section: Section | None = None, thinking_budget: int | None = None) -> EvalMetrics:
     """metrics.json from the predictions; `section`: the reasoning section their answers were read after
-    (`reasoning.section_for` of the resolved style and the tokenizer)."""
+    (`reasoning.section_for` of the resolved style and the tokenizer); `thinking_budget`: the run's."""
     from gsmkit.prompts import answer_format
 
     fmt = answer_format(style)
@@ -177,6 +174,7 @@ def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any
     had = sum(holds_reasoning(p.reasoning) for p in preds)
     with_section, ci_section = _share(had, n, section)
     ended, ci_ended = _share(sum(p.ended_in_reasoning for p in preds), n, section)
+    forced, ci_forced = _share(sum(p.budget_forced for p in preds), n, thinking_budget)
     return EvalMetrics(
         n=n,
         accuracy_strict=cs / n if n else 0.0,
@@ -197,6 +195,9 @@ def summarize(preds: list[Prediction], k: int, style: str, timing: dict[str, Any
         ci95_reasoning_section=ci_section,
         ended_in_reasoning=ended,
         ci95_ended_in_reasoning=ci_ended,
+        thinking_budget=thinking_budget,
+        budget_forced=forced,
+        ci95_budget_forced=ci_forced,
         mean_reasoning_tokens=_mean([p.reasoning_tokens for p in preds if p.reasoning_tokens is not None]),
         mean_answer_tokens=_mean([p.answer_tokens for p in preds
                                   if p.answer_tokens is not None and not p.ended_in_reasoning]),
@@ -233,10 +234,10 @@ def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
     t_wall = time.perf_counter()
     from gsmkit.generation import GenRequest
     from gsmkit.generation.run import ProblemRun
-    from gsmkit.reasoning import opened_by_prompt, score, section_for
+    from gsmkit.reasoning import opened_by_prompt, score
 
     run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.limit)
-    section = section_for(run.style, run.tokenizer)
+    section = run.section
     # Only the problems still to generate are rendered and tokenized (a resumed run has the rest).
     encoded = {p.id: run.encode(p.question) for p in run.todo}
     prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, (text, _) in encoded.items()}
@@ -256,6 +257,7 @@ def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
                 correct_strict=scored.correct_strict, correct_flexible=scored.correct_flexible,
                 num_prompt_tokens=res.num_prompt_tokens, num_tokens=len(res.token_ids),
                 finish_reason=res.finish_reason, **split_fields(scored.split, run.tokenizer),
+                budget_forced=res.budget_forced,
             )
             run.record(p.id, pred.to_dict())
             if on_progress is not None:
@@ -271,7 +273,7 @@ def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
         "tokens_this_run": sum(r["num_tokens"] for r in new),
         "wall_s": time.perf_counter() - t_wall, "engine": dict(run.engine.stats),
     }
-    metrics = summarize(preds, settings.k, run.style, timing, section)
+    metrics = summarize(preds, settings.k, run.style, timing, section, settings.thinking_budget)
     manifest = run.manifest("eval gsm8k", processes=processes)
     run.publish({PREDICTIONS: jsonl_writer(pr.to_dict() for pr in preds),
                         METRICS: json_writer({**metrics.to_dict(), "manifest": manifest}),

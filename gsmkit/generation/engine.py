@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from gsmkit.errors import ConfigError
+from gsmkit.generation.budget import ThinkingBudget
+from gsmkit.reasoning import check_budget
 
 BACKENDS = ("hf", "vllm")
 
@@ -28,6 +30,7 @@ class SamplingSettings:
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: bool = False  # also return each sampled token's log-probability (GenResult.logprobs)
+    thinking_budget: ThinkingBudget | None = None  # close each reasoning section after N tokens (`budget`)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -38,6 +41,8 @@ class SamplingSettings:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.thinking_budget is not None:
+            check_budget(self.thinking_budget.tokens, self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class GenResult:
     end_token: int | None = None  # the end-of-sequence token that ended it (left out of token_ids)
     # with SamplingSettings.logprobs: log softmax(logits / temperature) of token_ids, then of end_token
     logprobs: tuple[float, ...] | None = None
+    budget_forced: bool = False  # its reasoning section was closed by `SamplingSettings.thinking_budget`
 
 
 # The callbacks of `Engine.generate`: each result as it is yielded; is (key, sample_index) still wanted?
@@ -77,6 +83,8 @@ class Engine(Protocol):
     - with `settings.logprobs`, `logprobs` holds log softmax(logits / temperature) of each token of
       `token_ids` and then of `end_token`: what a re-scoring pass of the same model computes (TRL's GRPO
       loss); a backend that cannot refuses with a ConfigError;
+    - with `settings.thinking_budget`, a row's reasoning section ends after that many tokens: its end tag is
+      forced (`budget`), and `budget_forced` says so; a backend that cannot refuses with a ConfigError;
     - `on_result(result)` is called just before each result is yielded;
     - `cancelled(key, i)` returning True means the caller no longer wants that sample: it is never
       yielded. How much compute that saves is the backend's own (see its docstring).

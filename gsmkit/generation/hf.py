@@ -12,7 +12,9 @@ Why it is fast on few-shot prompts:
   attention the split cannot serve (no attention interface, sinks: `families`) copy it into each row,
   and say so once.
 - Rows admitted together are prefilled in passes of at most 16, longest first, so little is padding.
-- A stop string is looked for in the newest tokens' text each step, not in the whole row's.
+- A stop string is looked for in the newest tokens' text each step, not in the whole row's (`row_end`).
+- A reasoning budget (`--thinking-budget`, `budget`) puts a row's end tag in place of its picks; the row
+  stays in the batch.
 - Rows leave the batch the moment they finish (stop string, end-of-sequence or length) and waiting
   requests are admitted in their place (continuous refill), so the batch stays full.
 - Requests are admitted longest-suffix first, so rows prefilled together have similar lengths.
@@ -42,6 +44,7 @@ from gsmkit.errors import ConfigError
 from gsmkit.families import model_family
 from gsmkit.generation import prefix_attention as split  # the shared prefix read from one copy
 from gsmkit.generation.batch_size import auto_batch_size
+from gsmkit.generation.budget import RowBudget, budgets_for, forced_tokens
 from gsmkit.generation.engine import (
     Cancelled,
     GenRequest,
@@ -50,12 +53,11 @@ from gsmkit.generation.engine import (
     SamplingSettings,
     checked_requests,
     common_prefix_length,
-    cut_at_stop,
     describe_device,
-    row_seed,
 )
 from gsmkit.generation.layer_masks import LayerMasks
-from gsmkit.generation.sampling import choose
+from gsmkit.generation.row_end import RowEnd
+from gsmkit.generation.sampling import choose, row_generator
 from gsmkit.generation.slot_cache import (
     cache_argument,
     contiguous_input,
@@ -73,6 +75,7 @@ class _Row:
     generator: Any
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # with SamplingSettings.logprobs
+    budget: RowBudget | None = None  # with SamplingSettings.thinking_budget
 
 
 class HFEngine:
@@ -213,6 +216,7 @@ class HFEngine:
         if not requests:
             return
 
+        budgets = budgets_for(settings.thinking_budget, self.tokenizer)
         P, prefix_kv = self._shared_prefix(requests)
         batch = self._batch_for(requests, P, prefix_kv, settings.max_new_tokens)
         # Admit new rows once this share of the batch is free: one prefill for several rows is cheaper
@@ -233,37 +237,14 @@ class HFEngine:
         def ended(row: _Row, body: list[int], text: str, reason: str, end: int | None = None) -> GenResult:
             return GenResult(row.request.key, row.sample_index, tuple(body), text, reason,
                              len(row.request.prompt_ids), end_token=end,
-                             logprobs=tuple(row.logprobs) if settings.logprobs else None)
+                             logprobs=tuple(row.logprobs) if settings.logprobs else None,
+                             budget_forced=row.budget is not None and row.budget.forced_at is not None)
 
-        # A stop string the newest token completes lies within the last `tail` tokens (a token decodes to at
-        # least one character, but for special tokens and pieces of a multi-byte character: hence the
-        # margin), so each step decodes those, not the whole row; a hit is then cut on the whole row.
-        tail = max((len(s) for s in settings.stop), default=0) + 8
+        row_end = RowEnd(self.tokenizer, self.stop_token_ids, settings)
 
         def finish_check(row: _Row) -> GenResult | None:
-            last = row.tokens[-1]
-            if last in self.stop_token_ids:
-                body = row.tokens[:-1]
-                text = self.tokenizer.decode(body, skip_special_tokens=True)
-                return ended(row, body, cut_at_stop(text, settings.stop)[0], "stop", end=last)
-            full = len(row.tokens) >= settings.max_new_tokens
-            if not settings.stop and not full:
-                return None  # no stop string to look for: nothing to decode until the row ends
-            if not full and not any(s in self.tokenizer.decode(row.tokens[-tail:], skip_special_tokens=True)
-                                    for s in settings.stop):
-                return None  # no stop string ends in the newest tokens: the row goes on
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            text, hit = cut_at_stop(text, settings.stop)
-            if hit or full:
-                return ended(row, row.tokens, text, "stop" if hit else "length")
-            return None
-
-        def make_generator(key: str, sample_index: int):
-            if not settings.do_sample:
-                return None
-            g = torch.Generator(device="cpu" if self.device.type != "cuda" else self.device)
-            g.manual_seed(row_seed(settings.seed, key, sample_index))
-            return g
+            end = row_end.check(row.tokens)
+            return None if end is None else ended(row, *end)
 
         while queue or rows:
             # ---- admission: prefill new rows' suffixes on top of the shared prefix ----
@@ -274,10 +255,12 @@ class HFEngine:
                     req, s = queue.popleft()
                     if cancelled is not None and cancelled(req.key, s):
                         continue
-                    group.append(_Row(req, s, make_generator(req.key, s)))
+                    group.append(_Row(req, s, row_generator(settings, req.key, s, self.device),
+                                      budget=budgets.row(req.prompt_ids) if budgets else None))
                 if group:
                     new_cache, new_mask, new_pos, logits = self._prefill(group, P, prefix_kv)
-                    first, first_logprobs = choose(logits, [r.generator for r in group], settings)
+                    first, first_logprobs = choose(logits, [r.generator for r in group], settings,
+                                                   forced_tokens([r.budget for r in group]))
                     cache, mask, positions = merge_rows(cache, mask, positions, new_cache, new_mask, new_pos)
                     rows.extend(group)
                     next_tokens.extend(first)
@@ -293,6 +276,8 @@ class HFEngine:
                 row.tokens.append(tok)
                 if settings.logprobs:
                     row.logprobs.append(next_logprobs[i])
+                if row.budget is not None:
+                    row.budget.saw(row.tokens)
                 self.stats["generated_tokens"] += 1
                 result = finish_check(row)
                 if result is None:
@@ -324,7 +309,8 @@ class HFEngine:
                                             step_mask[:, None, :])
             mask = step_mask
             positions = positions + 1
-            next_tokens, next_logprobs = choose(logits, [r.generator for r in rows], settings)
+            next_tokens, next_logprobs = choose(logits, [r.generator for r in rows], settings,
+                                                forced_tokens([r.budget for r in rows]))
             self.stats["decode_steps"] += 1
 
     def next_token_logprobs(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gsmkit.jsonl import Journal
@@ -26,16 +26,37 @@ from gsmkit.processes import Processes
 from gsmkit.run_folder import RunOutput
 
 
-def check_thinking_early(spec: Any, style: str, thinking: str) -> None:
-    """`--thinking on|off` checked against the tokenizer alone (cheap), before any model loads: a template
-    without the thinking switch, or a style that renders none, is a misused option (`prompts.check_thinking`,
-    exit 2). `auto` needs no check, so nothing extra loads then."""
-    if thinking == "auto":
+def check_thinking_early(spec: Any, style: str, thinking: str, budget: int | None = None) -> None:
+    """`--thinking on|off` and `--thinking-budget` checked against the tokenizer alone (cheap), before any
+    model loads: a template without the thinking switch, or a style that renders none, is a misused option
+    (`prompts.check_thinking`, exit 2), and so is a budget where the prompts have no reasoning section.
+    `auto` without a budget needs no check, so nothing extra loads then."""
+    if thinking == "auto" and budget is None:
         return
+    from gsmkit.errors import UsageError
     from gsmkit.modeling import load_tokenizer
     from gsmkit.prompts import resolve_style
+    from gsmkit.reasoning import section_for
 
-    resolve_style(style, load_tokenizer(spec.model, spec.trust_remote_code), thinking)
+    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+    resolved = resolve_style(style, tokenizer, thinking)
+    if budget is not None and section_for(resolved, tokenizer) is None:
+        raise UsageError(f"--thinking-budget {budget}: the {resolved} prompts of this tokenizer have no "
+                         "reasoning section (its chat template never writes <think>); drop it, or use "
+                         "--style tags")
+
+
+def problem_run_fingerprint(settings: Any) -> dict[str, Any]:
+    """What must match for a partial `eval gsm8k` or `generate-traces` run to be resumed: every setting that
+    changes its rows (not where they go, nor how fast they are made). A run without --thinking-budget
+    leaves it out, so partial runs from before the option resume."""
+    from gsmkit.generation.steering import steer_fingerprint
+    from gsmkit.manifest import run_fingerprint
+
+    ignore = ("out", "overwrite", "batch_size", "prefix_cache", "backend", "check_zero")
+    if settings.thinking_budget is None:
+        ignore += ("thinking_budget",)
+    return {**run_fingerprint(settings, ignore), **steer_fingerprint(settings)}
 
 
 # A command's progress callbacks: `on_start(total, already_done)` once, `on_progress(n)` per finished row.
@@ -56,8 +77,9 @@ class ProblemRun:
     tokenizer: Any
     engine: Any  # generation.Engine
     style: str  # resolved (never "auto")
+    section: Any  # reasoning.Section the answers are read after (None: the whole completion)
     answer_format: str  # "hash" or "tags"
-    sampling: Any  # generation.SamplingSettings, with the style's stop strings
+    sampling: Any  # generation.SamplingSettings, with the style's stop strings and --thinking-budget
     processes: Processes  # of this launch; each generates its shard of the problems
     journal_role: str
 
@@ -65,13 +87,15 @@ class ProblemRun:
     def start(cls, settings: Any, output: RunOutput, journal: str, limit: int | None) -> ProblemRun:
         from gsmkit.data.fewshot import problems_for_run
         from gsmkit.generation import build_engine
+        from gsmkit.generation.budget import ThinkingBudget
         from gsmkit.generation.steering import steering_for
         from gsmkit.prompts import answer_format, resolve_style, stop_strings
+        from gsmkit.reasoning import section_for
 
         steering = steering_for(settings)
         problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                          limit, settings.pool, settings.k)
-        check_thinking_early(settings.model, settings.style, settings.thinking)
+        check_thinking_early(settings.model, settings.style, settings.thinking, settings.thinking_budget)
         procs = Processes.from_env()
         if procs.is_main or not output.overwrite:  # the same checks everywhere; only the main one clears
             output.prepare(settings.fingerprint())
@@ -81,8 +105,12 @@ class ProblemRun:
         loaded, tok, engine = build_engine(settings.model, settings.backend, settings.batch_size,
                                            settings.prefix_cache, settings.seed, steering)
         style = resolve_style(settings.style, tok, settings.thinking)
+        section = section_for(style, tok)
+        sampling = settings.sampling(stop_strings(style))
+        if settings.thinking_budget is not None:  # (a section exists: check_thinking_early)
+            sampling = replace(sampling, thinking_budget=ThinkingBudget(settings.thinking_budget, section))
         run = cls(settings, output, log, problems, exemplars, excluded, done, loaded, tok, engine, style,
-                  answer_format(style), settings.sampling(stop_strings(style)), procs, journal)
+                  section, answer_format(style), sampling, procs, journal)
         if steering is not None and settings.check_zero:
             run.check_zero()
         return run

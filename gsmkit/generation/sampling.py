@@ -1,7 +1,8 @@
 """The next token of each row from its logits: greedy, or sampled with temperature, top-k and top-p.
 
 In: logits [B, V] (float32), one `torch.Generator` per row (None for greedy) and `SamplingSettings`.
-Out: `choose`, the picked token ids and (with `settings.logprobs`) their log-probabilities.
+Out: `row_generator`, each row's seeded generator; `choose`, the picked token ids and (with
+`settings.logprobs`) their log-probabilities.
 """
 
 from __future__ import annotations
@@ -9,18 +10,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gsmkit.generation.engine import SamplingSettings
+from gsmkit.generation.engine import SamplingSettings, row_seed
 
 
-def choose(logits: Any, generators: Sequence[Any],
-           settings: SamplingSettings) -> tuple[list[int], list[float]]:
-    """The next token of each row, and (with `settings.logprobs`, else []) its log-probability under
-    softmax(logits / temperature), before top-k or top-p: what a re-scoring pass computes."""
+def row_generator(settings: SamplingSettings, key: str, sample_index: int, device: Any) -> Any:
+    """The generator sample `sample_index` of request `key` draws from, seeded by `row_seed` (None for
+    greedy): on the GPU for a CUDA model, else on the CPU."""
     import torch
 
     if not settings.do_sample:
-        picks = logits.argmax(dim=-1)
-        return picks.tolist(), _logprobs(logits, picks, settings)
+        return None
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    g.manual_seed(row_seed(settings.seed, key, sample_index))
+    return g
+
+
+def choose(logits: Any, generators: Sequence[Any], settings: SamplingSettings,
+           forced: Sequence[int | None] | None = None) -> tuple[list[int], list[float]]:
+    """The next token of each row, and (with `settings.logprobs`, else []) its log-probability under
+    softmax(logits / temperature), before top-k or top-p: what a re-scoring pass computes. A row whose
+    `forced` entry is a token id takes that token (a reasoning budget's end tag, `budget`); a sampled row
+    draws from its generator all the same, so its later draws do not depend on the forcing."""
+    import torch
+
+    if not settings.do_sample:
+        picks = _forced(logits.argmax(dim=-1).tolist(), forced)
+        return picks, _logprobs(logits, picks, settings)
     tempered = logits / settings.temperature
     scores = tempered
     if settings.top_k > 0:
@@ -36,11 +51,20 @@ def choose(logits: Any, generators: Sequence[Any],
     picks = []
     for i, generator in enumerate(generators):
         picks.append(int(torch.multinomial(probs[i], 1, generator=generator).item()))
-    return picks, _logprobs(tempered, torch.tensor(picks, device=logits.device), settings)
+    picks = _forced(picks, forced)
+    return picks, _logprobs(tempered, picks, settings)
 
-def _logprobs(scores, picks, settings: SamplingSettings) -> list[float]:
+
+def _forced(picks: list[int], forced: Sequence[int | None] | None) -> list[int]:
+    if forced is None:
+        return picks
+    return [pick if force is None else force for pick, force in zip(picks, forced, strict=True)]
+
+
+def _logprobs(scores, picks: list[int], settings: SamplingSettings) -> list[float]:
     import torch
 
     if not settings.logprobs:
         return []
-    return torch.log_softmax(scores, dim=-1).gather(-1, picks[:, None]).squeeze(-1).tolist()
+    index = torch.tensor(picks, device=scores.device)[:, None]
+    return torch.log_softmax(scores, dim=-1).gather(-1, index).squeeze(-1).tolist()

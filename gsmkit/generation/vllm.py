@@ -102,6 +102,9 @@ class VLLMEngine:
         if settings.logprobs:
             raise ConfigError("per-token log-probabilities are not returned by the vLLM engine backend",
                               hint="use the hf backend (GRPO's vLLM rollouts go through TRL's own path)")
+        if settings.thinking_budget is not None:
+            raise ConfigError("--thinking-budget is not applied by the vLLM engine backend",
+                              hint="use --backend hf")
         jobs = [(r, s) for r in checked_requests(requests) for s in range(r.num_samples)
                 if cancelled is None or not cancelled(r.key, s)]
         if not jobs:
