@@ -169,8 +169,9 @@ def test_a_reply_with_its_own_reasoning_is_trained_whole_and_the_prompt_never(to
     trained = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
     assert tok.decode(prompt_ids) == _render(tok, "on")
     assert tok.decode(trained).removesuffix("\n") == reply + "<|im_end|>"
-    with pytest.raises(ConfigError, match="row 1: the chat template's generation prompt is not a prefix"):
+    with pytest.raises(ConfigError, match="row 1: the reply has its own <think> reasoning") as refused:
         encode_example(ex, tok, "chat", 512, None, "off")
+    assert "--thinking on" in refused.value.hint
 
 
 def test_show_masking_passes_the_switch(tmp_path, thinking_model, small_gsm8k, pool):

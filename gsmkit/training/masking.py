@@ -33,6 +33,7 @@ from gsmkit.prompts import (
     render_target,
     style_system_prompt,
 )
+from gsmkit.reasoning import THINK
 from gsmkit.tokenization import IGNORE_INDEX, Encoded, special_prefix, tokenize_split
 from gsmkit.training.data import TrainExample
 
@@ -81,6 +82,10 @@ def _chat_texts(ex: TrainExample, tokenizer: Any, system_prompt: str | None,
                                               tokenize=False, **switch)
         hint = "use --style plain"
     if not whole.startswith(prompt):
+        if thinking == "off" and THINK.start in str(reply["content"]):
+            raise ConfigError(f"{ex.where}: the reply has its own {THINK.start} reasoning, and --thinking "
+                              f"off writes an empty {THINK.start}{THINK.end} before every reply",
+                              hint="train with --thinking on (or auto), or drop the reasoning from the rows")
         raise ConfigError(f"{ex.where}: the chat template's generation prompt is not a prefix of the "
                           "rendered conversation, so the reply cannot be located", hint=hint)
     return prompt, whole
