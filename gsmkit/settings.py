@@ -104,7 +104,7 @@ class BudgetOptions:
 
     def check_thinking_budget(self) -> None:
         """What can be told from the options alone; a template without a section is found with the tokenizer
-        (`generation.run.check_thinking_early`)."""
+        (`evaluation.run.check_thinking_early`)."""
         budget, style = self.thinking_budget, getattr(self, "style", "auto")
         if budget is None:
             return
@@ -214,8 +214,8 @@ class SteerOptions:
 class ProblemRunOptions(ProblemOptions, PromptOptions, BudgetOptions, DecodeOptions, SamplingOptions,
                         SteerOptions, RunOptions):
     """Every option group of a run that generates answers to GSM8K problems (`eval gsm8k`, `generate-traces`:
-    `generation.run.ProblemRun`), and the checks they share (its resume fingerprint is
-    `generation.run.problem_run_fingerprint`)."""
+    `evaluation.run.ProblemRun`), and the checks they share (its resume fingerprint is
+    `evaluation.run.problem_run_fingerprint`)."""
 
     def check_options(self) -> None:
         """Each group's own checks and every field's bounds, before anything loads."""

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.evaluation.run import OnProgress, OnStart
 from gsmkit.fields import Record, setting
 from gsmkit.generation import SamplingSettings
-from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import (
@@ -110,7 +110,7 @@ class TraceSettings(ProblemRunOptions):
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""
-        from gsmkit.generation.run import problem_run_fingerprint
+        from gsmkit.evaluation.run import problem_run_fingerprint
 
         return problem_run_fingerprint(self)
 
@@ -275,8 +275,8 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
     from gsmkit.answers import answers_equal, to_tags
+    from gsmkit.evaluation.run import ProblemRun
     from gsmkit.generation import GenRequest
-    from gsmkit.generation.run import ProblemRun
     from gsmkit.reasoning import opened_by_prompt, opening_in_prompt, read_answer
 
     run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.num_samples)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsmkit.evaluation.run import OnProgress, OnStart
 from gsmkit.evaluation.stats import wilson_interval
 from gsmkit.fields import Record, setting
 from gsmkit.generation import SamplingSettings
-from gsmkit.generation.run import OnProgress, OnStart
 from gsmkit.modeling import ModelSpec
 from gsmkit.reasoning import Section, Split, holds_reasoning
 from gsmkit.records import Prediction
@@ -55,7 +55,7 @@ class EvalSettings(ProblemRunOptions):
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes predictions)."""
-        from gsmkit.generation.run import problem_run_fingerprint
+        from gsmkit.evaluation.run import problem_run_fingerprint
 
         return problem_run_fingerprint(self)
 
@@ -232,8 +232,8 @@ def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
                    on_progress: OnProgress = None) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
+    from gsmkit.evaluation.run import ProblemRun
     from gsmkit.generation import GenRequest
-    from gsmkit.generation.run import ProblemRun
     from gsmkit.reasoning import opened_by_prompt, score
 
     run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.limit)

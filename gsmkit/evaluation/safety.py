@@ -276,9 +276,9 @@ def evaluate_safety(
     t_wall = time.perf_counter()
     from gsmkit.data.safety_prompts import load_safety_prompts, select_safety_prompts
     from gsmkit.evaluation.guard_formats import classifier_labels, read_guard_config, resolve_guard_format
+    from gsmkit.evaluation.run import check_thinking_early
     from gsmkit.evaluation.safeguards import SafetyTemplate, single_token_id
     from gsmkit.generation import describe_device
-    from gsmkit.generation.run import check_thinking_early
     from gsmkit.generation.steering import steering_for
     from gsmkit.manifest import build_manifest, sha256_file
     from gsmkit.modeling import load_tokenizer, resolve_device, resolve_dtype

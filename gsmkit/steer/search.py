@@ -251,7 +251,7 @@ def run_search(settings: SearchSettings, progress: SearchProgress | None = None)
     """Plan, search until the study holds --n-trials, evaluate on test, publish; returns search.json."""
     import torch
 
-    from gsmkit.generation.run import check_thinking_early
+    from gsmkit.evaluation.run import check_thinking_early
     from gsmkit.steer import search_study as st
     from gsmkit.steer.search_final import run_final
     from gsmkit.steer.splits import build_splits

@@ -180,7 +180,7 @@ def make_vectors(settings: VectorSettings, on_start: OnStart = None, on_progress
                  ) -> VectorsResult:
     """Compute (or read from the cache) the activations, average them, write the vector folder."""
     t_wall = time.perf_counter()
-    from gsmkit.generation.run import check_thinking_early
+    from gsmkit.evaluation.run import check_thinking_early
     from gsmkit.generation.steer_files import (
         adapter_sha256,
         model_fingerprint,

@@ -64,7 +64,7 @@ if CRASH:
 
 CRASH_ROWS = os.environ.get("DDP_TEST_CRASH_ROWS")
 if CRASH_ROWS:  # every process of `eval gsm8k` / `generate-traces` fails after journalling N rows
-    from gsmkit.generation import run as problem_run
+    from gsmkit.evaluation import run as problem_run
 
     real_record = problem_run.ProblemRun.record
 
