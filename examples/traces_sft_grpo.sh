@@ -24,7 +24,7 @@ gsmkit fewshot --data "$DATA" --out "$WORK/pool.jsonl"
 # 2. Up to 5 sampled attempts per problem; the first correct one is kept, else the gold solution.
 [ -f "$WORK/traces.jsonl" ] || gsmkit generate-traces --model "$MODEL" --data "$DATA" --num-samples "$PROBLEMS" --max-attempts 5 \
     --pool "$WORK/pool.jsonl" --k 3 --max-new-tokens 256 --out "$WORK/traces.jsonl"
-python -m json.tool "$WORK/traces.stats.json"
+python -m json.tool "$WORK/traces.jsonl.stats.json"
 
 # 3. SFT on the traces (the pool is removed again, by content hash).
 [ -f "$WORK/sft/adapter_config.json" ] || gsmkit train sft --overwrite --model "$MODEL" --data "$WORK/traces.jsonl" --pool "$WORK/pool.jsonl" \

@@ -23,8 +23,12 @@ from gsmkit.fields import check_fields, setting
 from gsmkit.prompts import STYLES, THINKING
 from gsmkit.reasoning import check_budget
 
+DEFAULT_SOURCE = "openai/gsm8k"  # GSM8K on the Hub: every command's default --data
+BATCH_CAPS = {"cpu": 64, "cuda": 256}  # --batch-size auto's most rows per device (generation.batch_size)
+STEER_ALPHA = 1.0  # --steer-alpha when neither the flag nor a best.json gives one
+STEER_POSITIONS = ("generated", "all")  # --steer-positions; the first is the default
 POOL_HELP = "Few-shot pool JSONL written by `gsmkit fewshot`."
-DATA_HELP = "GSM8K source: a Hub id (openai/gsm8k) or a local .jsonl/.json/.parquet file or folder."
+DATA_HELP = f"GSM8K source: a Hub id ({DEFAULT_SOURCE}) or a local .jsonl/.json/.parquet file or folder."
 
 
 def override(cls: type, name: str, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
@@ -42,7 +46,7 @@ def override(cls: type, name: str, default: Any = dataclasses.MISSING, **changes
 class ProblemOptions:
     """Which GSM8K problems a run reads."""
 
-    data: str = setting("openai/gsm8k", DATA_HELP)
+    data: str = setting(DEFAULT_SOURCE, DATA_HELP)
     split: str = setting("test", "Split to read: train or test (file <split>.jsonl in a folder).")
     offset: int = setting(0, "Skip this many problems first.", min=0)
 
@@ -84,8 +88,8 @@ class DecodeOptions:
     max_new_tokens: int = setting(256, "Generation budget per problem.", min=1)
     batch_size: int | None = setting(
         None, "Rows generated together.", min=1,
-        show_default="auto: as many as a KV cache in half the free memory holds, at most 64 on a CPU, "
-        "256 on a GPU")
+        show_default=f"auto: as many as a KV cache in half the free memory holds, at most "
+        f"{BATCH_CAPS['cpu']} on a CPU, {BATCH_CAPS['cuda']} on a GPU")
     seed: int = setting(0, "Random seed.")
     prefix_cache: bool = setting(True, "Encode the shared few-shot prefix once.",
                                  flag="--prefix-cache/--no-prefix-cache")
@@ -165,7 +169,6 @@ class TrainingOptions:
     resume: bool = setting(False, "Continue an interrupted run from its last checkpoint.")
 
 
-STEER_POSITIONS = ("generated", "all")
 BEST_FORMAT = "gsmkit-steer-best"  # best.json, as `gsmkit steer search` writes it
 
 
@@ -180,16 +183,15 @@ class SteerOptions:
     steer_layer: str | None = setting(None, "Layers to steer: L, L,L or L-L.",
                                       show_default="every layer in the vectors")
     steer_alpha: float | None = setting(None, "Steering strength: CAA's multiplier of the vector; DAC's cap "
-                                        "on its per-step alpha.", show_default="1.0")
+                                        "on its per-step alpha.", show_default=f"{STEER_ALPHA:g}")
     steer_positions: str | None = setting(
         None, "CAA: steer the positions that produce tokens (generated) or every position, the prompt "
-        "included (all).", choices=STEER_POSITIONS, show_default="generated")
+        "included (all).", choices=STEER_POSITIONS, show_default=STEER_POSITIONS[0])
     check_zero: bool = setting(False, "Before a steered run, check that the hooks at alpha = 0 reproduce the "
                                "unsteered greedy outputs token for token on the first problems.")
 
     def check_steer(self) -> None:
-        """--steer-* flags need --steer; a best.json is read here, so the settings (manifest, resume
-        fingerprint) hold the vectors folder, layer, alpha and positions it chose."""
+        """--steer-* flags need --steer (checked as the settings are built; nothing is read)."""
         if self.steer is None:
             given = [f for f in ("steer_layer", "steer_alpha", "steer_positions")
                      if getattr(self, f) is not None]
@@ -197,17 +199,29 @@ class SteerOptions:
                 flag = "--" + (given[0] if given else "check_zero").replace("_", "-")
                 raise ConfigError(f"{flag} needs --steer", hint="pass --steer with a vector folder or a "
                                   "best.json from `gsmkit steer search`")
-            return
+
+    def resolved_steer(self) -> dict[str, Any]:
+        """The steering fields as a run uses them: a best.json's vectors folder, layer, alpha and positions
+        (explicit flags win), then the defaults; {} without --steer. For `resolved()`, so the settings
+        (manifest, resume fingerprint) hold what the run steers with."""
+        if self.steer is None:
+            return {}
+        names = ("steer", "steer_layer", "steer_alpha", "steer_positions")
+        values = {name: getattr(self, name) for name in names}
         if self.steer.is_file():
             best = _read_best(self.steer)
-            object.__setattr__(self, "steer", Path(best["steer"]))
-            for name in ("steer_layer", "steer_alpha", "steer_positions"):
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, best[name])
-        if self.steer_alpha is None:
-            object.__setattr__(self, "steer_alpha", 1.0)
-        if self.steer_positions is None:
-            object.__setattr__(self, "steer_positions", "generated")
+            values = {name: best[name] if value is None else value for name, value in values.items()}
+            values["steer"] = Path(best["steer"])
+        if values["steer_alpha"] is None:
+            values["steer_alpha"] = STEER_ALPHA
+        if values["steer_positions"] is None:
+            values["steer_positions"] = STEER_POSITIONS[0]
+        return values
+
+    def resolved(self) -> Any:
+        """These settings with what they read resolved (`resolved_steer`): a new object; idempotent. A
+        command's library entry point calls it first."""
+        return dataclasses.replace(self, **self.resolved_steer())
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,8 @@
 """Self-generated reasoning traces: up to K sampled attempts per problem, keep the first correct one.
 
 In: `TraceSettings` (model + adapter, GSM8K problems, few-shot pool and k, prompt style, sampling
-options, K). Out: `<out>` (traces JSONL in dataset order), `<out>.stats.json` and
-`<out>.manifest.json`; returns `TraceStats`.
+options, K). Out: `<out>` (traces JSONL in dataset order), `<out>.stats.json` (`traces.jsonl.stats.json`,
+the name the SFT-vs-GRPO protocol's readers expect) and `<stem>.manifest.json`; returns `TraceStats`.
 
 Semantics (the same as sampling attempts one after another until one is right):
 - attempt i of a problem is the i-th sample of its prompt, drawn from a generator seeded by
@@ -24,12 +24,14 @@ Resumable (`gsmkit.run_folder`, file layout): decided problems are appended to `
 next to `<stem>.run.json` (the settings fingerprint); a rerun skips them, and the final files are
 written atomically at the end.
 
-`--data gsm8k:train` / `gsm8k:test` name a split of the Hub dataset; the settings hold it resolved
-(`data` openai/gsm8k, `split` train), so manifests and fingerprints name the source as it was read.
+`--data gsm8k:train` / `gsm8k:test` name a split of the Hub dataset; resolved settings
+(`TraceSettings.resolved()`) hold it as read (`data` openai/gsm8k, `split` train), so manifests and
+fingerprints name the source as it was read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from gsmkit.generation import SamplingSettings
 from gsmkit.modeling import ModelSpec
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer, jsonl_writer
 from gsmkit.settings import (
+    DEFAULT_SOURCE,
     DecodeOptions,
     ProblemOptions,
     ProblemRunOptions,
@@ -50,10 +53,13 @@ from gsmkit.settings import (
     override,
 )
 
-STATS = "stats.json"  # sidecars of the traces file: <stem>.stats.json, <stem>.partial.jsonl
+# Sidecars of the traces file (`RunOutput.file` names them `<stem>.<sidecar>`): the stats are
+# `traces.jsonl.stats.json` (the whole file name, then .stats.json: --out always ends in .jsonl), the journal
+# `traces.partial.jsonl` (runs before 2026-12 wrote their stats as `<stem>.stats.json`).
+STATS = "jsonl.stats.json"
 PARTIAL = "partial.jsonl"
 HUB_SPLITS = "gsm8k:"  # --data gsm8k:train | gsm8k:test: a split of the Hub dataset
-HUB_DATASET = "openai/gsm8k"
+HUB_DATASET = DEFAULT_SOURCE
 DEFAULT_SPLIT = "train"
 
 
@@ -93,10 +99,7 @@ class TraceSettings(ProblemRunOptions):
     batch_size: int | None = override(DecodeOptions, "batch_size", help="Attempts generated together.")
 
     def __post_init__(self) -> None:
-        # Held resolved (frozen, so set once here): `data` is the source read, `split` the split.
-        data, split = resolve_data(self.data, self.split)
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "split", split)
+        resolve_data(self.data, self.split)  # a --data split that --split contradicts is refused here
         self.check_options()
         if self.out.suffix != ".jsonl":
             raise ConfigError(f"--out {self.out}: traces are written as JSON Lines",
@@ -107,6 +110,12 @@ class TraceSettings(ProblemRunOptions):
         return SamplingSettings(max_new_tokens=self.max_new_tokens, do_sample=True,
                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                 seed=self.seed, stop=stop)
+
+    def resolved(self) -> TraceSettings:
+        """These settings as the run reads them (a new object; idempotent): `data` the source and `split` the
+        split (`resolve_data`), steering as `SteerOptions.resolved_steer` resolves it."""
+        data, split = resolve_data(self.data, self.split)
+        return dataclasses.replace(self, data=data, split=split, **self.resolved_steer())
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""
@@ -133,13 +142,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass
 class TraceStats(Record):
-    """`<stem>.stats.json` of `generate-traces`: computed from the trace rows themselves, so the two agree.
+    """`<out>.stats.json` of `generate-traces` (`traces.jsonl.stats.json`; the SFT-vs-GRPO protocol's keys,
+    then gsmkit's): computed from the trace rows themselves, so the two agree.
 
     Attributes:
         total_samples: problems in the traces file
-        successes: rows with `source` `model`: the kept trace is the model's own
+        grpo_successes: rows with `source` `model`: the kept trace is the model's own (the protocol's name;
+            before it, `successes`)
         fallback_count: rows with `source` `fallback`: the gold solution was kept
-        success_rate: `successes / total_samples`
+        success_rate: `grpo_successes / total_samples`
         success_rate_ci95: 95% Wilson score interval of `success_rate`
         avg_attempts_for_successes: mean `attempts` over `model` rows (null when there are none)
         avg_attempts_overall: mean `attempts` over all rows
@@ -165,7 +176,7 @@ class TraceStats(Record):
     """
 
     total_samples: int
-    successes: int
+    grpo_successes: int
     fallback_count: int
     success_rate: float
     success_rate_ci95: tuple[float, float]
@@ -207,7 +218,7 @@ def summarize(rows: list[dict[str, Any]], max_attempts: int, all_attempts: bool,
         passes[str(k)] = sum(vals) / n if n else 0.0
     gen_s = timing.get("generation_s", 0.0)
     return TraceStats(
-        total_samples=n, successes=len(wins), fallback_count=n - len(wins),
+        total_samples=n, grpo_successes=len(wins), fallback_count=n - len(wins),
         success_rate=len(wins) / n if n else 0.0, success_rate_ci95=wilson_interval(len(wins), n),
         avg_attempts_for_successes=sum(r["attempts"] for r in wins) / len(wins) if wins else None,
         avg_attempts_overall=sum(r["attempts"] for r in rows) / n if n else 0.0,
@@ -274,6 +285,7 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
                     on_progress: OnProgress = None) -> TraceStats:
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
+    settings = settings.resolved()
     from gsmkit.answers import answers_equal, to_tags
     from gsmkit.evaluation.run import ProblemRun
     from gsmkit.generation import GenRequest

@@ -99,7 +99,7 @@ def test_generate_traces(tmp_path, tiny_model_dir, damaged, problems):
     out = tmp_path / "traces.jsonl"
     _assert_rejected(["generate-traces", "--model", str(tiny_model_dir), "--adapter", str(damaged),
                       "--data", str(problems), "--max-new-tokens", "2", "--out", str(out)],
-                     out, tmp_path / "traces.stats.json")
+                     out, tmp_path / "traces.jsonl.stats.json")
 
 
 @pytest.mark.usefixtures("no_loading")

@@ -56,15 +56,18 @@ def test_best_json_supplies_the_setting_and_explicit_flags_override_it(caa, tmp_
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"format": "gsmkit-steer-best", "version": 1, "steer": str(caa),
                                 "steer_layer": "1", "steer_alpha": 2.5, "steer_positions": "all"}))
-    s = EvalSettings(model=ModelSpec(model="m"), steer=best)
+    given = EvalSettings(model=ModelSpec(model="m"), steer=best)
+    assert given.steer == best and given.steer_alpha is None  # building the settings reads nothing
+    s = given.resolved()
     assert (s.steer, s.steer_layer, s.steer_alpha, s.steer_positions) == (caa, "1", 2.5, "all")
-    s = EvalSettings(model=ModelSpec(model="m"), steer=best, steer_alpha=-1.0)
+    assert s.resolved() == s and s is not given  # a new object; resolving again changes nothing
+    s = EvalSettings(model=ModelSpec(model="m"), steer=best, steer_alpha=-1.0).resolved()
     assert s.steer_alpha == -1.0 and s.steer_layer == "1"
-    plain = EvalSettings(model=ModelSpec(model="m"), steer=caa)
+    plain = EvalSettings(model=ModelSpec(model="m"), steer=caa).resolved()
     assert (plain.steer_alpha, plain.steer_positions, plain.steer_layer) == (1.0, "generated", None)
     best.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ConfigError, match="field 'format' is not 'gsmkit-steer-best'"):
-        EvalSettings(model=ModelSpec(model="m"), steer=best)
+        EvalSettings(model=ModelSpec(model="m"), steer=best).resolved()
 
 
 def test_a_changed_steering_setting_is_not_resumed_into_another_runs_folder(tiny_model_dir, small_gsm8k, caa):

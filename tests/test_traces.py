@@ -109,11 +109,16 @@ def test_first_correct_attempt_is_kept_and_later_ones_are_cancelled(tmp_path, ti
     # attempts 0 and 1 still ran (either could have come first).
     started = [s for key, s in holder["engine"].started if key == problems[0].id]
     assert started == [4, 2, 1, 0]
-    assert stats.successes == 3 and stats.fallback_count == 3 and stats.total_samples == 6
+    assert stats.grpo_successes == 3 and stats.fallback_count == 3 and stats.total_samples == 6
     assert stats.avg_attempts_for_successes == 3 and stats.avg_attempts_overall == (3 * 3 + 3 * 5) / 6
     assert stats.pass_at_k == {"1": 0.0, "2": 0.0, "3": 0.5, "4": 0.5, "5": 0.5}
-    on_disk = json.loads(out.with_name("traces.stats.json").read_text())
-    assert on_disk["successes"] == sum(r["source"] == "model" for r in rows)
+    # beside the traces as <traces file name>.stats.json, with the SFT-vs-GRPO protocol's keys
+    on_disk = json.loads(out.with_name("traces.jsonl.stats.json").read_text())
+    protocol = {"total_samples", "grpo_successes", "fallback_count", "success_rate",
+                "avg_attempts_for_successes", "avg_attempts_overall"}
+    assert protocol <= set(on_disk)
+    assert not out.with_name("traces.stats.json").exists()
+    assert on_disk["grpo_successes"] == sum(r["source"] == "model" for r in rows)
     assert on_disk["total_attempts"] == sum(r["attempts"] for r in rows)
     manifest = json.loads(out.with_name("traces.manifest.json").read_text())
     assert manifest["command"] == "generate-traces"
@@ -156,7 +161,7 @@ def test_summarize_arithmetic():
     rows = [{"source": "model", "attempts": 1}, {"source": "model", "attempts": 4},
             {"source": "fallback", "attempts": 4}, {"source": "fallback", "attempts": 4}]
     s = summarize(rows, 4, False, {"generation_s": 2.0, "attempts": 13, "problems": 4, "tokens": 100})
-    assert (s.total_samples, s.successes, s.fallback_count) == (4, 2, 2)
+    assert (s.total_samples, s.grpo_successes, s.fallback_count) == (4, 2, 2)
     assert s.success_rate == 0.5 and s.avg_attempts_for_successes == 2.5 and s.avg_attempts_overall == 13 / 4
     assert s.pass_at_k == {"1": 0.25, "2": 0.25, "3": 0.25, "4": 0.5}
     assert s.attempts_per_s == 6.5 and s.tokens_per_s == 50.0
@@ -293,5 +298,5 @@ def test_json_summary(tmp_path, tiny_model_dir, small_gsm8k):
              "--max-attempts", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "t.jsonl"), "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["total_samples"] == 2 and summary["stats"].endswith("t.stats.json")
-    assert math.isclose(summary["success_rate"], summary["successes"] / 2)
+    assert summary["total_samples"] == 2 and summary["stats"].endswith("t.jsonl.stats.json")
+    assert math.isclose(summary["success_rate"], summary["grpo_successes"] / 2)

@@ -42,7 +42,7 @@ def generate_traces(settings: TraceSettings, json_out: JsonOpt = False) -> None:
     table = Table(title=f"Traces ({stats.total_samples} problems, up to {stats.max_attempts} attempts)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("solved by the model", f"{stats.successes} ({stats.success_rate:.1%}, 95% CI "
+    table.add_row("solved by the model", f"{stats.grpo_successes} ({stats.success_rate:.1%}, 95% CI "
                   "{:.1%}-{:.1%})".format(*stats.success_rate_ci95))
     table.add_row("gold fallback", str(stats.fallback_count))
     avg = stats.avg_attempts_for_successes

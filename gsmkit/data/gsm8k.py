@@ -15,8 +15,8 @@ from typing import Any
 from gsmkit.errors import ConfigError, DataError
 from gsmkit.jsonl import parse_line
 from gsmkit.records import Problem
+from gsmkit.settings import DEFAULT_SOURCE
 
-DEFAULT_SOURCE = "openai/gsm8k"
 DEFAULT_CONFIG = "main"
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
 

@@ -232,6 +232,7 @@ def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
                    on_progress: OnProgress = None) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
+    settings = settings.resolved()
     from gsmkit.evaluation.run import ProblemRun
     from gsmkit.generation import GenRequest
     from gsmkit.reasoning import opened_by_prompt, score

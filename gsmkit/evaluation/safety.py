@@ -274,6 +274,7 @@ def evaluate_safety(
     """Generate, judge, summarise. `on_stage(stage, total, already_done)` opens the stage ("generate" or
     "score") and `on_progress(stage, n)` advances it; both drive progress bars and never see a text."""
     t_wall = time.perf_counter()
+    settings = settings.resolved()
     from gsmkit.data.safety_prompts import load_safety_prompts, select_safety_prompts
     from gsmkit.evaluation.guard_formats import classifier_labels, read_guard_config, resolve_guard_format
     from gsmkit.evaluation.run import check_thinking_early

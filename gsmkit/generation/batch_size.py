@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CAPS = {"cpu": 64, "cuda": 256}  # rows; other devices get the CPU's
+from gsmkit.settings import BATCH_CAPS as CAPS  # rows; other devices get the CPU's
+
 KV_SHARE = 0.5  # of free memory for the rows' KV cache: the rest is left to activations and the prefill
 
 

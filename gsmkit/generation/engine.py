@@ -14,33 +14,33 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from gsmkit.errors import ConfigError
+from gsmkit.fields import check_fields
 from gsmkit.generation.budget import ThinkingBudget
 from gsmkit.reasoning import check_budget
+from gsmkit.settings import DecodeOptions, SamplingOptions, override
 
 BACKENDS = ("hf", "vllm")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingSettings:
-    max_new_tokens: int = 256
+    """How the engine decodes. Defaults and bounds are the option groups' (`settings.DecodeOptions`,
+    `settings.SamplingOptions`): declared there once, checked here by `check_fields`."""
+
+    max_new_tokens: int = override(DecodeOptions, "max_new_tokens")
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    temperature: float = override(SamplingOptions, "temperature")
+    top_p: float = override(SamplingOptions, "top_p")
+    top_k: int = override(SamplingOptions, "top_k")
+    seed: int = override(DecodeOptions, "seed")
     stop: tuple[str, ...] = ()
     logprobs: bool = False  # also return each sampled token's log-probability (GenResult.logprobs)
     thinking_budget: ThinkingBudget | None = None  # close each reasoning section after N tokens (`budget`)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check_fields(self)
         if self.do_sample and self.temperature <= 0:
             raise ConfigError("sampling needs --temperature > 0", hint="drop --do-sample for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
         if self.thinking_budget is not None:
             check_budget(self.thinking_budget.tokens, self.max_new_tokens)
 

@@ -17,6 +17,7 @@ from gsmkit.fields import check_fields, setting
 from gsmkit.modeling import ModelSpec
 from gsmkit.settings import (
     DATA_HELP,
+    DEFAULT_SOURCE,
     STEER_POSITIONS,
     DecodeOptions,
     PromptOptions,
@@ -50,7 +51,7 @@ class SearchSettings(PromptOptions, DecodeOptions, RunOptions):
         show_default=False, path={"exists": True, "file_okay": False, "dir_okay": True})
     out: Path = setting(Path("runs/steer-search"), "Output folder.", short="-o",
                         path={"file_okay": False, "dir_okay": True})
-    data: str = setting("openai/gsm8k", DATA_HELP + " Validation comes from its train split, test from its "
+    data: str = setting(DEFAULT_SOURCE, DATA_HELP + " Validation comes from its train split, test from its "
                         "test split.")
     val_limit: int = setting(32, "Validation problems: the first N train problems that are neither vector "
                              "problems, few-shot exemplars nor test problems.", min=1)
