@@ -1,9 +1,11 @@
 """Field declarations for settings, records and metrics: the one home of each default, bound and help text.
 
-In: `setting(default, help, min=..., choices=..., flag=...)` in a settings dataclass. Out: ordinary
+In: `setting(default, help, min=..., choices=..., flag=...)` in a settings dataclass. Out:
 `dataclasses.Field`s whose metadata
 the CLI (`gsmkit.cli.options.command_from`) turns into Typer options, `check_fields` turns into
-`ConfigError`s, and `scripts/gen_format_docs.py` turns into the field tables of docs/formats.md.
+`ConfigError`s, and `scripts/gen_format_docs.py` turns into the field tables of docs/formats.md. Each
+field remembers the dataclass that declares it (`group_of`): the CLI shows an option in that group's help
+panel.
 A record or metrics dataclass says what each field holds under `Attributes:` in its docstring
 (`field_help` reads both).
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,22 +43,46 @@ def setting(
     parse: Callable[[Any], Any] | None = None,
     show_default: bool | str = True,
     path: dict[str, bool] | None = None,
+    panel: str | None = _MISSING,  # type: ignore[assignment]
     default_factory: Any = _MISSING,
 ) -> Any:
     """A settings field. `help` is the option's help and the docs' meaning; `min`/`max`/`choices` are
     checked by Typer (exit 2) and again by `check_fields` (library use); `flag` defaults to
     `--field-name`; `cli=False` keeps the field out of the command line; `cli_type` and `parse` let the
     option take another form than the field (a comma list, minutes) and convert it; `path` holds
-    Typer's path checks (`exists`, `dir_okay`, `file_okay`)."""
+    Typer's path checks (`exists`, `dir_okay`, `file_okay`); `panel` names the option's help panel instead
+    of its group's (None: the command's first panel)."""
     metadata = {
         "help": help, "flag": flag, "aliases": tuple(aliases), "hidden_aliases": tuple(hidden_aliases),
         "short": short, "min": min, "max": max, "min_open": min_open,
         "choices": tuple(choices) if choices is not None else None, "cli": cli, "cli_type": cli_type,
         "parse": parse, "show_default": show_default, "path": path or {},
     }
+    if panel is not _MISSING:
+        metadata["panel"] = panel
     if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        f = dataclasses.field(default_factory=default_factory, metadata=metadata)
+    else:
+        f = dataclasses.field(default=default, metadata=metadata)
+    f.__class__ = _Setting  # the same layout: only __set_name__ differs
+    return f
+
+
+class _Setting(dataclasses.Field):
+    """A `setting(...)` field: when its class is created it records that class in its metadata as "group".
+    A field redeclared with `settings.override` copies the metadata, so it keeps the group it came from."""
+
+    __slots__ = ()
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        super().__set_name__(owner, name)
+        if "group" not in self.metadata:
+            self.metadata = types.MappingProxyType({**self.metadata, "group": owner})
+
+
+def group_of(f: dataclasses.Field, cls: type) -> type:
+    """The dataclass that declared field `f` with `setting(...)` (for a plain field: `cls`, where it is)."""
+    return f.metadata.get("group", cls)
 
 
 class Record:

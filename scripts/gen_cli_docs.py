@@ -14,6 +14,7 @@ fails the test run.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 from enum import Enum
@@ -86,9 +87,9 @@ def _base_type_label(annotation: Any, param: Any) -> str:
         kind = getattr(desc, "path_type", "path") if desc is not None else "path"
         return {"file": "file", "dir": "folder", "directory": "folder"}.get(kind, "path")
     if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return " \\| ".join(str(m.value) for m in annotation)
+        return " | ".join(str(m.value) for m in annotation)
     if get_origin(annotation) is Literal:  # a field declared with choices=
-        return " \\| ".join(str(c) for c in get_args(annotation))
+        return " | ".join(str(c) for c in get_args(annotation))
     if type(None) in get_args(annotation):  # X | None: the option is just not given
         return _base_type_label(next(a for a in get_args(annotation) if a is not type(None)), param)
     return {int: "integer", float: "number", str: "text", bool: "boolean"}.get(annotation, str(annotation))
@@ -105,7 +106,7 @@ def _click_type_label(param: Any) -> str:
             return "folder"
         return "path"
     if name == "choice":
-        return " \\| ".join(str(c) for c in getattr(ptype, "choices", ()))
+        return " | ".join(str(c) for c in getattr(ptype, "choices", ()))
     return {"integer range": "integer", "float range": "number", "float": "number", "boolean": "boolean"}.get(
         name, name
     )
@@ -138,15 +139,31 @@ def type_label(param: Any) -> str:
     return label
 
 
-def default_label(param: Any) -> str:
+# A default the help states in words ("[default: on with a 4-bit base]"): gsmkit.cli.options writes it
+# there for an option whose own default is None (a preset or --config may set it) or is described.
+DESCRIBED_DEFAULT = re.compile(r"\s*\\?\[default: (?P<text>[^\]]*)\]\s*$")
+
+
+def split_help(help_text: str | None) -> tuple[str, str | None]:
+    """(the help without a trailing `[default: ...]`, the default it describes or None)."""
+    help_text = help_text or ""
+    found = DESCRIBED_DEFAULT.search(help_text)
+    if found is None:
+        return help_text, None
+    return help_text[: found.start()], found["text"]
+
+
+def default_label(param: Any, described: str | None = None) -> str:
+    """The default column: `required`; the default the help describes, as it says it (a value in code,
+    words as words); a flag's `on`/`off` (nothing for an unset one: what applies is not a value); the
+    value of any other option."""
     if getattr(param, "required", False):
         return "required"
+    if described is not None:
+        return f"`{described}`" if " " not in described.strip() else _cell(described)
     default = getattr(param, "default", None)
     if getattr(param, "is_flag", False):
-        secondary = getattr(param, "secondary_opts", None) or []
-        if secondary:
-            return f"`{param.opts[0] if default else secondary[0]}`"
-        return "on" if default else "off"
+        return "" if default is None else ("on" if default else "off")
     if getattr(param, "show_default", True) is False or default is None or callable(default):
         return ""
     if isinstance(default, list | tuple):
@@ -213,18 +230,30 @@ def render_command(cmd: Any, ctx: Any) -> list[str]:
                 lines.append(f"| [`{full}`](#{anchor}) | {_cell(summary)} |")
             lines.append("")
     params = [p for p in cmd.params if not getattr(p, "hidden", False)]
-    if params:
+    panels = _panels(params)
+    for title, members in panels.items():
+        if len(panels) > 1:
+            lines += [f"**{title}**", ""]
         lines += ["| option | type | default | help |", "|---|---|---|---|"]
-        for p in params:
+        for p in members:
             if getattr(p, "param_type_name", "option") == "argument":
                 name = f"`{p.name.upper()}` (argument)"
             else:
                 name = names_label(p)
-            lines.append(
-                f"| {name} | {_cell(type_label(p))} | {default_label(p)} | {_cell(getattr(p, 'help', ''))} |"
-            )
+            help_text, described = split_help(getattr(p, "help", ""))
+            default = default_label(p, described)
+            lines.append(f"| {name} | {_cell(type_label(p))} | {default} | {_cell(help_text)} |")
         lines.append("")
     return lines
+
+
+def _panels(params: list[Any]) -> dict[str, list[Any]]:
+    """The options by help panel (`rich_help_panel`) as `--help` shows them: the first panel (arguments and
+    the command's own options), then the others in the order of their first option."""
+    panels: dict[str, list[Any]] = {"Options": []}
+    for p in params:
+        panels.setdefault(getattr(p, "rich_help_panel", None) or "Options", []).append(p)
+    return {title: members for title, members in panels.items() if members}
 
 
 def render() -> str:

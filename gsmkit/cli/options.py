@@ -1,18 +1,47 @@
 """The commands built from settings dataclasses (Typer checks paths before any model loads), and the
-`--json` option they share."""
+`--json` option they share.
+
+Each option shows in the help panel of the option group (dataclass) that declares its field: `PANELS`
+names them, a group not named there gets a title from its class name, `setting(panel=...)` overrides
+both, and a command's own fields come first, in Typer's "Options" panel. The panels' layout at any
+terminal width is `gsmkit.cli.help_layout`'s.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
+import re
 import typing
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from gsmkit.fields import default_of, field_types, flag_of
+from gsmkit.cli import help_layout
+from gsmkit.fields import default_of, field_types, flag_of, group_of
+
+help_layout.install()
+
+# The help panel of each option group, by class name, in the order the panels are shown; None: the
+# command's first panel (--overwrite beside --out). tests/test_help_width.py checks that each name here is
+# a group some command has, so a renamed group is noticed.
+PANELS: dict[str, str | None] = {
+    "ModelSpec": "Model",
+    "ProblemOptions": "Data",
+    "PromptOptions": "Prompt",
+    "DecodeOptions": "Generation",
+    "BudgetOptions": "Generation",
+    "SamplingOptions": "Sampling",
+    "SteerOptions": "Steering",
+    "LoraOptions": "LoRA",
+    "TrainingOptions": "Optimisation",
+    "PairedOptions": "Paired comparison",
+    "RunOptions": None,
+}
+_PANEL_ORDER = list(dict.fromkeys(title for title in PANELS.values() if title))  # other panels come after
 
 # --json: the one option every command takes that is not a settings field (it shapes the output only)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
@@ -40,6 +69,23 @@ class _Option:
     cls: type  # the dataclass that declares the field
     field_type: Any
     aliases: tuple[str, ...]  # names of hidden alias parameters
+    panel: str | None  # its help panel (None: the first)
+
+
+def panel_of(field: dataclasses.Field, cls: type, command_cls: type) -> str | None:
+    """The help panel of a field of `cls` (the command's settings `command_cls` or a group nested in it):
+    `setting(panel=...)`, else its group's in `PANELS`, else a title made from the group's class name
+    ("BaseModelOptions": "Base model"); None for the command's own fields (Typer's first panel)."""
+    if "panel" in field.metadata:
+        return field.metadata["panel"]
+    group = group_of(field, cls)
+    if group.__name__ in PANELS:
+        return PANELS[group.__name__]
+    if group is command_cls or (group in command_cls.__mro__ and not group.__name__.endswith("Options")):
+        return None  # declared by the command's settings (or the settings class it extends)
+    name = re.sub(r"(Options|Spec)$", "", group.__name__)
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+", name)
+    return " ".join([words[0], *(w if w.isupper() else w.lower() for w in words[1:])]) if words else None
 
 
 def _cli_type(field_type: Any, meta: dict) -> Any:
@@ -69,7 +115,9 @@ def _own_fields_first(cls: type) -> list[dataclasses.Field]:
     return sorted(dataclasses.fields(cls), key=declared_in)
 
 
-def _options(cls: type, exclude: tuple[str, ...], owner: str | None = None) -> list[_Option]:
+def _options(cls: type, exclude: tuple[str, ...], owner: str | None = None,
+             command_cls: type | None = None) -> list[_Option]:
+    command_cls = command_cls or cls
     types = field_types(cls)
     found: list[_Option] = []
     for f in _own_fields_first(cls):
@@ -77,12 +125,12 @@ def _options(cls: type, exclude: tuple[str, ...], owner: str | None = None) -> l
             continue
         ftype = types[f.name]
         if dataclasses.is_dataclass(ftype):  # a settings group (ModelSpec, ...): its fields are options too
-            found += _options(ftype, exclude, owner=f.name)
+            found += _options(ftype, exclude, owner=f.name, command_cls=command_cls)
             continue
         if not f.metadata:
             continue  # a field the command line never sets (no help, no flag)
-        found.append(_Option(f.name, f, owner, cls, ftype, tuple(
-            f"{f.name}__alias{i}" for i in range(len(f.metadata.get("hidden_aliases", ()))))))
+        aliases = tuple(f"{f.name}__alias{i}" for i in range(len(f.metadata.get("hidden_aliases", ()))))
+        found.append(_Option(f.name, f, owner, cls, ftype, aliases, panel_of(f, cls, command_cls)))
     return found
 
 
@@ -102,7 +150,8 @@ def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
     missing = default is dataclasses.MISSING
     show = meta.get("show_default", True)
     cli_type = _cli_type(opt.field_type, meta)
-    kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+    # The help is rich markup to Typer: a field's own text is escaped ("[batch, length, vocab]" stays).
+    kwargs: dict[str, Any] = {"help": escape(meta.get("help", "")), "rich_help_panel": opt.panel}
     if as_flags and not missing:
         # A preset or --config file may set this too: the flag overrides them only when given, so the
         # option's own default is None and the help says what applies when nothing sets it.
@@ -133,12 +182,28 @@ def _parameters(opt: _Option, as_flags: bool) -> list[inspect.Parameter]:
     decls = [flag_of(f), *meta.get("aliases", ())] + ([meta["short"]] if meta.get("short") else [])
     params = [inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=param_default,
                                 annotation=Annotated[cli_type, typer.Option(*decls, **kwargs)])]
-    hidden = {k: v for k, v in kwargs.items() if k not in ("help", "show_default")}
+    hidden = {k: v for k, v in kwargs.items() if k not in ("help", "show_default", "rich_help_panel")}
     for alias_name, alias in zip(opt.aliases, meta.get("hidden_aliases", ()), strict=True):
         option = typer.Option(alias, hidden=True, help=f"Old name of {flag_of(f)}.", **hidden)
         params.append(inspect.Parameter(alias_name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[_optional(cli_type), option]))
     return params
+
+
+def paragraphs(doc: str | None) -> str | None:
+    """A command's docstring as its help: each paragraph on one line, which the terminal (and Markdown)
+    wraps, with blank lines between them; an `Example:` paragraph keeps its command on a line of its
+    own, and a paragraph that starts with \\b keeps its lines."""
+    if not doc:
+        return doc
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        if not para.startswith("\b"):
+            para = " ".join(para.split())
+            if para.startswith("Example:"):
+                para = "Example:\n" + para.removeprefix("Example:").strip()
+        out.append(para)
+    return "\n\n".join(p for p in out if p)
 
 
 class SettingsCommand:
@@ -154,7 +219,7 @@ class SettingsCommand:
                  fixed: dict[str, Any]):
         self.fn, self.cls, self.exclude, self.as_flags, self.fixed = fn, cls, exclude, as_flags, fixed
         self.__name__, self.__qualname__ = fn.__name__, fn.__qualname__
-        self.__module__, self.__doc__ = fn.__module__, fn.__doc__
+        self.__module__, self.__doc__ = fn.__module__, paragraphs(fn.__doc__)
         self._signature: tuple[tuple, inspect.Signature] | None = None
 
     def _own(self) -> list[inspect.Parameter]:
@@ -163,7 +228,10 @@ class SettingsCommand:
         return [p.replace(kind=keyword) for p in own if p.name not in ("settings", "flags")]
 
     def options(self) -> list[_Option]:
-        return _options(self.cls, self.exclude + tuple(self.fixed))
+        """The options in help order: the command's own, then each panel's in `PANELS` order."""
+        found = _options(self.cls, self.exclude + tuple(self.fixed))
+        rank = {p: i for i, p in enumerate([None, *_PANEL_ORDER])}
+        return sorted(found, key=lambda opt: rank.get(opt.panel, len(rank)))
 
     @property
     def __signature__(self) -> inspect.Signature:
