@@ -36,6 +36,7 @@ def print_options_panel(*, name: str, params: list[Any], ctx: Any, markup_mode: 
     """One panel (`name`) of options or arguments, in the signature of the function it replaces."""
     if not params:
         return
+    from rich.padding import Padding
     from rich.panel import Panel
     from rich.table import Table
     from typer import rich_utils
@@ -56,8 +57,6 @@ def print_options_panel(*, name: str, params: list[Any], ctx: Any, markup_mode: 
         cell = _names_cell(lines, type_text, width if not stacked else inner)
         help_cell = _help(param, ctx, markup_mode)
         if stacked:
-            from rich.padding import Padding
-
             table.add_row(cell)
             table.add_row(Padding(help_cell, (0, 0, 0, 4)))
         else:
