@@ -39,8 +39,8 @@ class EvalSettings(ProblemRunOptions):
     out: Path = setting(Path("runs/eval-gsm8k"), "Output folder.", short="-o",
                         path={"file_okay": False, "dir_okay": True})
     limit: int | None = setting(None, "Evaluate at most this many problems.", min=1, show_default=False)
-    do_sample: bool = setting(False, "Sample instead of greedy decoding.")
-    stop: tuple[str, ...] = setting((), "Extra stop string (repeatable).")
+    do_sample: bool = setting(False, "Sample instead of greedy decoding.", panel="Sampling")
+    stop: tuple[str, ...] = setting((), "Extra stop string (repeatable).", panel="Generation")
 
     def __post_init__(self) -> None:
         self.check_options()

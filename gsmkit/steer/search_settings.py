@@ -31,6 +31,7 @@ DEFAULT_STUDY = "steer-search"
 STUDY_FILE = "study.db"
 
 # what never changes a trial's result: left out of both fingerprints
+SAFETY_PANEL = "Safety objective"
 _RUN_ONLY = ("out", "overwrite", "batch_size", "prefix_cache", "backend", "heartbeat")
 
 
@@ -75,25 +76,26 @@ class SearchSettings(PromptOptions, DecodeOptions, RunOptions):
                               "each chunk, and the median pruner stops weak trials there.", min=1)
     storage: str | None = setting(None, "Optuna storage URL; the same URL continues the study, and several "
                                   "processes or machines can share one (a database they all reach).",
-                                  show_default="sqlite:///OUT/study.db")
-    study_name: str = setting(DEFAULT_STUDY, "Name of the study in --storage.")
+                                  show_default="sqlite:///OUT/study.db", panel="Study")
+    study_name: str = setting(DEFAULT_STUDY, "Name of the study in --storage.", panel="Study")
     heartbeat: int = setting(30, "Seconds between a running trial's heartbeats in the storage; a trial "
                              "silent for twice as long (its process was killed) is marked FAIL and never "
-                             "counted.", min=1)
+                             "counted.", min=1, panel="Study")
     seed: int = override(DecodeOptions, "seed", 42, help="Seed of the TPE sampler (trial n samples with a "
                          "seed made from this and n).")
     safety_prompts: Path | None = setting(
         None, "accuracy+safety: harmful prompts (the AILuminate CSV, or JSONL), as `eval safety --prompts`.",
-        show_default=False, path={"exists": True, "dir_okay": False})
-    safety_limit: int = setting(16, "accuracy+safety: a seeded sample of this many prompts.", min=1)
+        show_default=False, path={"exists": True, "dir_okay": False}, panel=SAFETY_PANEL)
+    safety_limit: int = setting(16, "accuracy+safety: a seeded sample of this many prompts.", min=1,
+                                panel=SAFETY_PANEL)
     safeguard_model: Path | None = setting(
         None, "accuracy+safety: the safeguard model folder, as `eval safety --safeguard-model`.",
-        show_default=False, path={"exists": True, "file_okay": False})
+        show_default=False, path={"exists": True, "file_okay": False}, panel=SAFETY_PANEL)
     safety_prompt: Path | None = setting(
         None, "accuracy+safety: the Safety Guidelines text file, as `eval safety --safety-prompt`.",
-        show_default=False, path={"exists": True, "dir_okay": False})
+        show_default=False, path={"exists": True, "dir_okay": False}, panel=SAFETY_PANEL)
     guard_format: str = setting("auto", "accuracy+safety: the guard's output format, as `eval safety "
-                                "--guard-format`.", choices=GUARD_FORMATS)
+                                "--guard-format`.", choices=GUARD_FORMATS, panel=SAFETY_PANEL)
 
     def __post_init__(self) -> None:
         check_fields(self)
