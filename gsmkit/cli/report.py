@@ -39,7 +39,7 @@ def report(settings: ReportSettings, runs: RunsArg, json_out: JsonOpt = False) -
     from gsmkit.studies.runs import find_runs
 
     console = stderr_console()
-    found, skipped = find_runs(runs)
+    found, skipped = find_runs(runs)  # every run file is read and checked here, before anything is written
     if not found:
         why = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
         raise DataError(f"no finished gsmkit runs in {' '.join(runs)}" + (f" ({why})" if why else ""),
@@ -56,6 +56,8 @@ def report(settings: ReportSettings, runs: RunsArg, json_out: JsonOpt = False) -
     manifest = build_manifest("report", settings, inputs={}, extra={"runs": [str(r.path) for r in found]})
     figures = write_report(settings.out, rows, checks, groups, skipped, manifest, settings.plot_x,
                            settings.series, summary)
+    for note in (note for run in found for note in run.notes):  # on stderr, with --json too
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if json_out:
         typer.echo(json.dumps({**summary, "figures": figures}, default=str))
     else:

@@ -17,7 +17,6 @@ seeds it is the hierarchical bootstrap over seeds, then problems within each dra
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from gsmkit.errors import ConfigError, DataError
 from gsmkit.evaluation.stats import hierarchical_bootstrap, t_interval
 from gsmkit.fields import check_fields, setting
 from gsmkit.manifest import sha256_file
+from gsmkit.run_folder import MANIFEST
 from gsmkit.settings import override
 from gsmkit.studies.bench_files import (
     AGGREGATE_FORMAT,
@@ -49,6 +49,7 @@ from gsmkit.studies.bench_records import (
 )
 from gsmkit.studies.compare import CONFIDENCE, PairedOptions, compare_metric
 from gsmkit.studies.predictions import Evaluation, check_same_problems, load_evaluation
+from gsmkit.studies.run_files import check_shape, kinds_of, read_object
 from gsmkit.studies.runs import gsm8k_values
 from gsmkit.studies.thresholds import Requirement, parse_requirement
 
@@ -228,7 +229,7 @@ def aggregate_benches(settings: BenchSettings) -> dict[str, Any]:
             if bench[key] != mine:
                 notes.append(f"{folder} used {key} {bench[key]}; the aggregate uses {mine}")
         probe = _evaluation_of(folder, bench["probe"])
-        gate = Gate(**bench["gate"]) if bench["gate"] else None
+        gate = Gate(**{k: bench["gate"][k] for k in kinds_of(Gate)}) if bench["gate"] else None
         passed = bool(bench["gate_passed"])
         right = sum(bool(row[settings.column]) for row in probe.rows.values())
         benches.append(AggregateBench(bench=str(folder), seed=bench["probe"]["train_seed"], n=probe.n,
@@ -298,15 +299,15 @@ def adapter_path(manifest: dict[str, Any]) -> str | None:
 
 
 def train_seed(adapter: str | None) -> int | None:
-    """`settings.seed` of the training run that wrote the adapter (its manifest.json), when it is there."""
-    path = Path(adapter) / "manifest.json" if adapter else None
+    """`settings.seed` of the training run that wrote the adapter (its manifest.json), when it is there; a
+    manifest of the wrong shape is a DataError naming it and the field."""
+    path = Path(adapter) / MANIFEST if adapter else None
     if path is None or not path.is_file():
         return None
-    try:
-        seed = (json.loads(path.read_text()).get("settings") or {}).get("seed")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    hint = "the adapter's manifest.json is written by the `gsmkit train` run that made it"
+    manifest = read_object(path, hint)
+    check_shape(manifest, path, {"settings": dict, "settings.seed": int | None}, hint=hint)
+    return (manifest.get("settings") or {}).get("seed")
 
 
 _LORA_KEY = re.compile(r"\.lora_(A|B)\.weight$|\.lora_embedding_(A|B)$")  # as PEFT saves LoRA factors

@@ -15,6 +15,8 @@ from typing import Any
 
 from gsmkit.errors import ConfigError, DataError
 from gsmkit.run_folder import MANIFEST, RunOutput, json_writer
+from gsmkit.studies.bench_records import Benched, BenchResult, BenchVariant, Gate
+from gsmkit.studies.run_files import check_shape, kinds_of, read_object
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 AGGREGATE_JSON, AGGREGATE_MD = "bench_aggregate.json", "bench_aggregate.md"
@@ -60,43 +62,34 @@ def write_aggregate(out: Path, result: dict[str, Any], manifest: dict[str, Any])
 
 # ---- reading bench.json back -------------------------------------------------------------------------------
 
-_EVALUATION_KEYS = ("name", "predictions", "predictions_sha256", "train_seed")
+_EVALUATION_KEYS = ("name", "predictions", "predictions_sha256", "train_seed")  # what --aggregate reads
+_BENCH_KEYS = ("format", "version", "metric", "margin", "gate_passed", "probe", "variants")
 
 
 def read_bench(folder: str | Path) -> dict[str, Any]:
-    """A bench folder's bench.json, with the fields `--aggregate` uses checked."""
+    """A bench folder's bench.json, with the fields `--aggregate` uses checked (their types are those of
+    `BenchResult`, `Gate`, `Benched` and `BenchVariant`): DataError naming the file and the field."""
     path = Path(folder) / BENCH_JSON
     hint = "give folders written by `gsmkit bench --probe ... --out DIR`"
     if not path.is_file():
         raise DataError(f"{folder}: no {BENCH_JSON} in it", hint=hint)
-    try:
-        bench = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{path}: not readable JSON ({err})", hint=hint) from None
-    if not isinstance(bench, dict) or bench.get("format") != FORMAT:
+    bench = read_object(path, hint)
+    if bench.get("format") != FORMAT:
         raise DataError(f"{path}: field 'format' is not '{FORMAT}'", hint=hint)
-    for key, kind in (("version", int), ("metric", str), ("margin", int | float), ("gate_passed", bool),
-                      ("probe", dict), ("variants", list)):
-        if not isinstance(bench.get(key), kind):
-            raise DataError(f"{path}: field '{key}' is missing or of the wrong type", hint=hint)
+    check_shape(bench, path, kinds_of(BenchResult, (*_BENCH_KEYS, "gate")), required=_BENCH_KEYS, hint=hint)
     if bench["version"] != 1:
         raise DataError(f"{path}: version {bench['version']} is not one this gsmkit reads (1)")
-    if bench.get("gate") is not None and not isinstance(bench["gate"], dict):
-        raise DataError(f"{path}: field 'gate' must be an object or null", hint=hint)
-    _check_evaluation(path, "probe", bench["probe"])
+    if bench["gate"] is not None:
+        check_shape(bench["gate"], path, kinds_of(Gate), required=kinds_of(Gate), hint=hint, prefix="gate.")
+    evaluation = kinds_of(Benched, _EVALUATION_KEYS)
+    check_shape(bench["probe"], path, evaluation, required=evaluation, hint=hint, prefix="probe.")
     for i, row in enumerate(bench["variants"]):
-        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
-            raise DataError(f"{path}: field 'variants[{i}].name' is missing", hint=hint)
-        _check_evaluation(path, f"variants[{i}].evaluation", row.get("evaluation"))
+        where = f"variants[{i}]."
+        named = ("name", "evaluation")
+        check_shape(row, path, kinds_of(BenchVariant, named), required=named, hint=hint, prefix=where)
+        check_shape(row["evaluation"], path, evaluation, required=evaluation, hint=hint,
+                    prefix=f"{where}evaluation.")
     return bench
-
-
-def _check_evaluation(path: Path, where: str, entry: Any) -> None:
-    if not isinstance(entry, dict):
-        raise DataError(f"{path}: field '{where}' is missing or not an object")
-    for key in _EVALUATION_KEYS:
-        if key not in entry:
-            raise DataError(f"{path}: field '{where}.{key}' is missing")
 
 
 # ---- Markdown (and the terminal's tables) ------------------------------------------------------------

@@ -114,6 +114,10 @@ class SummaryRow:
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(SummaryRow))
+# The columns a training row takes from its manifest's settings as they are (the manifest's types are checked
+# against these columns' when the report reads it).
+SETTING_COLUMNS = ("preset", "lora_r", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size",
+                   "grad_accum", "max_length", "k", "seed")
 # What a run is, for --group-by: runs that agree on all of these but the grouped field are replicates.
 IDENTITY = ("command", "model", "method", "preset", "data", "lora_r", "lora_alpha", "learning_rate", "epochs",
             "max_steps", "batch_size", "grad_accum", "max_length", "k", "train_rows", "seed")

@@ -20,8 +20,10 @@ from gsmkit.errors import DataError
 from gsmkit.evaluation.perplexity import ITEMS, METRICS
 from gsmkit.jsonl import read_jsonl
 from gsmkit.run_folder import FINGERPRINT, MANIFEST
+from gsmkit.studies.run_files import check_manifest, check_metrics, check_shape, read_object, rerun_hint
 
 COMMAND = "eval ppl"
+_ITEM_KINDS: dict[str, Any] = {"index": int, "line": int, "tokens": int, "loss": float}  # what is compared
 
 
 @dataclass(frozen=True)
@@ -51,21 +53,20 @@ def load_ppl_run(path: str | Path) -> PplRun:
     if (folder / FINGERPRINT).is_file() or not finished:
         raise DataError(f"{folder}: not a finished {COMMAND} run (no {ITEMS} and {METRICS}, or it still "
                         f"holds {FINGERPRINT})", hint=f"rerun its `gsmkit {COMMAND}` command to finish it")
-    try:
-        metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{folder / METRICS}: not readable JSON ({err})") from None
+    path = folder / METRICS
+    metrics = read_object(path, rerun_hint(path, COMMAND))
+    check_shape(metrics, path, {"manifest": dict | None}, hint=rerun_hint(path, COMMAND))
+    manifest = metrics.pop("manifest", None) or {}
+    check_metrics(metrics, path, COMMAND)
+    if manifest:
+        check_manifest(manifest, path, COMMAND, prefix="manifest.")
 
     def item(obj: dict[str, Any], where: str) -> dict[str, Any]:
-        for key, kind in (("index", int), ("line", int), ("tokens", int), ("loss", float)):
-            if not isinstance(obj.get(key), int | float) or (kind is int and not isinstance(obj[key], int)):
-                raise DataError(f"{where}: field '{key}': expected a number",
-                                hint=f"rerun `gsmkit {COMMAND}`")
+        check_shape(obj, where, _ITEM_KINDS, required=_ITEM_KINDS, hint=rerun_hint(folder / ITEMS, COMMAND))
         return obj
 
     items = list(read_jsonl(folder / ITEMS, item))
-    return PplRun(folder, items, {k: v for k, v in metrics.items() if k != "manifest"},
-                  metrics.get("manifest") or {})
+    return PplRun(folder, items, metrics, manifest)
 
 
 def _check_same_rows(a: PplRun, b: PplRun) -> None:

@@ -9,7 +9,6 @@ evaluations, problem by problem, in the first one's order. Used by `gsmkit compa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from gsmkit.evaluation.gsm8k import METRICS, PARTIAL, PREDICTIONS
 from gsmkit.jsonl import read_jsonl
 from gsmkit.records import Prediction
 from gsmkit.run_folder import FINGERPRINT, MANIFEST
+from gsmkit.studies.run_files import check_manifest, check_metrics, read_object, rerun_hint
 
 COMMAND = "eval gsm8k"
 COLUMNS = ("correct_strict", "correct_flexible")
@@ -40,19 +40,6 @@ class Evaluation:
     @property
     def n(self) -> int:
         return len(self.rows)
-
-
-def _read_object(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{path}: not readable JSON ({err})",
-                        hint=f"rerun `gsmkit {COMMAND}` to rewrite it") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
@@ -83,17 +70,32 @@ def load_evaluation(path: str | Path) -> Evaluation:
     command's output, nothing there) and for a bad row (file:line: field), or an id given twice."""
     path = Path(path)
     predictions, folder = _locate(path)
-    manifest = _read_object(folder / MANIFEST) if folder is not None else None
-    metrics = _read_object(folder / METRICS) if folder is not None else None
-    if metrics is not None:
+    manifest = metrics = source = None
+    if folder is not None and (folder / MANIFEST).is_file():
+        source = folder / MANIFEST
+        manifest = read_object(source, rerun_hint(source, COMMAND))
+    if folder is not None and (folder / METRICS).is_file():
+        metrics = read_object(folder / METRICS, rerun_hint(folder / METRICS, COMMAND))
         embedded = metrics.pop("manifest", None)
         if manifest is None and isinstance(embedded, dict):
-            manifest = embedded
-    if manifest is not None and manifest.get("command") != COMMAND:
-        raise DataError(f"{path}: a `{manifest.get('command')}` output, not an {COMMAND} run", hint=_HINT)
+            manifest, source = embedded, folder / METRICS
+    if manifest is not None and source is not None:
+        command = manifest.get("command")
+        if isinstance(command, str) and command != COMMAND:
+            raise DataError(f"{path}: a `{command}` output, not an {COMMAND} run", hint=_HINT)
+        check_manifest(manifest, source, COMMAND)  # a missing or non-string command is named here
+    if metrics is not None:
+        check_metrics(metrics, folder / METRICS, COMMAND)
     rows: dict[str, dict[str, Any]] = {}
     lines: dict[str, str] = {}
-    for where, pred in read_jsonl(predictions, lambda obj, where: (where, Prediction.from_dict(obj, where))):
+
+    def prediction(obj: dict[str, Any], where: str) -> tuple[str, Prediction]:
+        try:
+            return where, Prediction.from_dict(obj, where)
+        except DataError as err:  # every refusal says how to get a good file back
+            raise DataError(err.message, hint=err.hint or rerun_hint(predictions, COMMAND)) from None
+
+    for where, pred in read_jsonl(predictions, prediction):
         if pred.id in rows:
             raise DataError(f"{where}: field 'id': {pred.id} appears twice (first at {lines[pred.id]})",
                             hint=f"{PREDICTIONS} has one row per problem; rerun `gsmkit {COMMAND}`")

@@ -21,7 +21,7 @@ from typing import Any
 from gsmkit.errors import ConfigError
 from gsmkit.fields import check_fields, setting
 from gsmkit.manifest import adapter_sha256
-from gsmkit.studies.columns import COLUMNS, IDENTITY, METRIC_COLUMNS
+from gsmkit.studies.columns import COLUMNS, IDENTITY, METRIC_COLUMNS, SETTING_COLUMNS
 from gsmkit.studies.runs import VALUES, Run
 from gsmkit.studies.thresholds import METRICS, METRICS_HINT, Requirement, parse_requirement
 from gsmkit.training.config import PRESET_BASELINES
@@ -104,14 +104,10 @@ def _data_name(run: Run) -> str | None:
 
 def _train_values(run: Run) -> dict[str, Any]:
     s, r = run.settings, run.resolved
-    from gsmkit.training.callbacks import read_log
-
-    log = read_log(run.path / "trainer_log.jsonl") if (run.path / "trainer_log.jsonl").is_file() else []
-    losses = [row["train_loss"] for row in log if "train_loss" in row]
+    losses = [row["train_loss"] for row in run.log if "train_loss" in row]
     return {"run": run.path.name, "kind": "train", "command": run.command, "model": run.model,
             "method": _method(run), "preset": s.get("preset"), "data": _data_name(run),
-            **{k: s.get(k) for k in ("lora_r", "lora_alpha", "learning_rate", "epochs", "max_steps",
-                                     "batch_size", "grad_accum", "max_length", "k", "seed")},
+            **{k: s.get(k) for k in SETTING_COLUMNS},
             "train_rows": r.get("train_rows", r.get("train_problems")), "steps": r.get("steps"),
             "train_loss": losses[-1] if losses else None, "adapter": str(run.path),
             "adapter_sha256": adapter_sha256(run.path), "path": str(run.path)}

@@ -1,7 +1,7 @@
 """The files `gsmkit report` writes: summary.csv, groups.csv, report.md, report.json and its figures.
 
 In: the summary `Row`s, threshold `Check`s, replicate groups and skipped folders of `studies.report`.
-Out: in the output folder, each file atomically (temporary name, then rename): `summary.csv` (the
+Out: in the output folder (made in a staging folder first, then renamed into place): `summary.csv` (the
 `report.COLUMNS`), `groups.csv` (with `--group-by`), `report.md` (tables, checks, groups, skipped folders,
 figures), `report.json` (all of it, with the manifest), `accuracy.png`, `safety.png`, `loss_curves.png`,
 `ppl_by_source.png` (each only when some row has its numbers), `accuracy_by_<FIELD>.png` (with `--plot-x`)
@@ -13,12 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from gsmkit.errors import ConfigError
 from gsmkit.evaluation.stats import wilson_interval
 from gsmkit.jsonl import write_json
-from gsmkit.run_folder import MANIFEST, write_text
+from gsmkit.run_folder import MANIFEST, publish_folder, staging_folder, write_text
 from gsmkit.studies.columns import COLUMNS, METRIC_COLUMNS
 from gsmkit.studies.report import Check, Row
 from gsmkit.studies.runs import Skipped
@@ -156,14 +158,12 @@ def _bars(rows: list[Row], column: str, n_column: str, ylabel: str, png: Path) -
 
 
 def _loss_curves(rows: list[Row], png: Path) -> bool:
-    from gsmkit.training.callbacks import read_log
     from gsmkit.training.plots import draw_png
 
     curves = []
     for r in rows:
         if r.train is not None:
-            log = read_log(r.train.path / "trainer_log.jsonl")
-            pts = [(x["step"], x["loss"]) for x in log if "loss" in x]
+            pts = [(x["step"], x["loss"]) for x in r.train.log if "loss" in x]
             if pts:
                 curves.append((str(r.values["run"]), pts))
     if not curves:
@@ -256,13 +256,28 @@ def draw_figures(out: Path, rows: list[Row], plot_x: str | None, plot_series: tu
 def write_report(out: Path, rows: list[Row], checks: list[Check], groups: list[dict[str, Any]],
                  skipped: list[Skipped], manifest: dict[str, Any], plot_x: str | None,
                  plot_series: tuple[str, ...], summary: dict[str, Any]) -> list[str]:
-    """Every report file into `out` (created if needed); the figures' names."""
-    out.mkdir(parents=True, exist_ok=True)
-    figures = draw_figures(out, rows, plot_x, plot_series)
-    write_text(out / SUMMARY_CSV, summary_csv(rows))
-    if groups:
-        write_text(out / GROUPS_CSV, groups_csv(groups))
-    write_text(out / REPORT_MD, render_markdown(rows, checks, groups, skipped, figures, manifest["argv"]))
-    write_json(out / REPORT_JSON, {**summary, "manifest": manifest})
-    write_json(out / MANIFEST, manifest)
+    """Every report file into `out` (created if needed): they are made in a hidden staging folder (beside
+    `out`, or inside it when it exists), then renamed into place, so a failure while they are made leaves
+    `out` as it was (and no `out` when there was none). Returns the figures' names."""
+    out = Path(out)
+    existed = out.is_dir()
+    with staging_folder(out / "report" if existed else out) as tmp:
+        figures = draw_figures(tmp, rows, plot_x, plot_series)
+        write_text(tmp / SUMMARY_CSV, summary_csv(rows))
+        if groups:
+            write_text(tmp / GROUPS_CSV, groups_csv(groups))
+        write_text(tmp / REPORT_MD, render_markdown(rows, checks, groups, skipped, figures, manifest["argv"]))
+        write_json(tmp / REPORT_JSON, {**summary, "manifest": manifest})
+        write_json(tmp / MANIFEST, manifest)
+        if not existed:
+            publish_folder(tmp, out)
+            return figures
+        made = sorted(tmp.iterdir())
+        in_the_way = [out / f.name for f in made if (out / f.name).is_dir()]
+        if in_the_way:
+            raise ConfigError(f"{in_the_way[0]}: is a folder where the report writes a file",
+                              hint="move it, or choose another --out")
+        for f in made:
+            os.replace(f, out / f.name)
+        tmp.rmdir()
     return figures

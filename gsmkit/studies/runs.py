@@ -1,26 +1,33 @@
 """Reading gsmkit output folders for `gsmkit report`: the runs they hold, finished or not, and their numbers.
 
 In: paths and globs naming output folders (or folders above them). Out: `find_runs` -> the finished runs
-(`Run`: its folder, command, manifest and metrics) and what was skipped with the reason (`Skipped`:
-unfinished, not a gsmkit output, a command the report does not read, an unreadable file). Nothing here is
-fatal: a bad folder is reported and skipped. `gsm8k_values`, `safety_values` and `ppl_values` turn an
-evaluation's `metrics.json` into the `thresholds.METRICS` names.
+(`Run`: its folder, command, manifest, metrics and training log) and what was skipped with the reason
+(`Skipped`: unfinished, not a gsmkit output, a manifest that is not a JSON object, a command the report does
+not read). `gsm8k_values`, `safety_values` and `ppl_values` turn an evaluation's `metrics.json` into the
+`thresholds.METRICS` names.
+
+A folder whose manifest names a command the report reads is a run; its files of the wrong shape (manifest
+fields, metrics.json, trainer_log.jsonl: `studies.run_files`) are a DataError naming the file and the field,
+not a skip: a report that quietly left a damaged run out would pass thresholds it never checked. A trainer
+log whose last line was cut off (the run was stopped mid-write) is read up to it, with a note.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsmkit.errors import DataError
 from gsmkit.manifest import recorded_adapter
 from gsmkit.run_folder import FINGERPRINT, MANIFEST
+from gsmkit.studies.run_files import check_manifest, check_shape, read_metrics, read_object, read_training_log
 
 TRAIN_COMMANDS = ("train sft", "train qlora", "train grpo")
 EVAL_COMMANDS = ("eval gsm8k", "eval safety", "eval ppl")
 METRICS_FILE = "metrics.json"
+LOG_FILE = "trainer_log.jsonl"
 _SKIP_DIRS = ("checkpoints",)  # a training run's checkpoints hold trainer state, never a run of their own
 
 
@@ -32,6 +39,8 @@ class Run:
     command: str
     manifest: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json without its manifest ({} for train)
+    log: list[dict[str, Any]] = field(default_factory=list)  # a training run's trainer_log.jsonl rows
+    notes: list[str] = field(default_factory=list)  # what was read around (a torn last line of the log)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -113,32 +122,30 @@ def _walk(folder: Path, runs: dict[Path, Run], skipped: dict[Path, Skipped]) -> 
     return found
 
 
-def _read_json(path: Path) -> dict[str, Any] | str:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        return f"{path.name} is not readable JSON ({err.__class__.__name__})"
-    return data if isinstance(data, dict) else f"{path.name} is not a JSON object"
-
-
 def _read(folder: Path) -> Run | Skipped:
     if (folder / FINGERPRINT).is_file():
         return Skipped(folder, f"unfinished (holds {FINGERPRINT}: rerun its command to finish it)")
-    manifest = _read_json(folder / MANIFEST)
-    if isinstance(manifest, str):
-        return Skipped(folder, manifest)
-    command = str(manifest.get("command") or "")
+    try:
+        manifest = read_object(folder / MANIFEST)
+    except DataError as err:  # not a JSON object: nothing says what made it
+        return Skipped(folder, err.message.replace(str(folder / MANIFEST), MANIFEST, 1))
+    try:
+        check_shape(manifest, MANIFEST, {"command": str}, required=("command",))
+    except DataError as err:
+        return Skipped(folder, f"{err.message} (not a gsmkit output)")
+    command = manifest["command"]
+    if command not in TRAIN_COMMANDS + EVAL_COMMANDS:
+        return Skipped(folder, f"`{command}` output: the report reads training runs and evaluations")
+    check_manifest(manifest, folder / MANIFEST, command)
     if command in TRAIN_COMMANDS:
         if not ((folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()):
             return Skipped(folder, "unfinished training run (no adapter or model saved yet)")
-        return Run(folder, command, manifest)
-    if command in EVAL_COMMANDS:
-        metrics = _read_json(folder / METRICS_FILE) if (folder / METRICS_FILE).is_file() else \
-            f"no {METRICS_FILE} (unfinished)"
-        if isinstance(metrics, str):
-            return Skipped(folder, metrics)
-        return Run(folder, command, manifest, {k: v for k, v in metrics.items() if k != "manifest"})
-    return Skipped(folder, f"`{command or '?'}` output: the report reads training runs and evaluations")
+        has_log = (folder / LOG_FILE).is_file()
+        log, note = read_training_log(folder / LOG_FILE, command) if has_log else ([], None)
+        return Run(folder, command, manifest, log=log, notes=[note] if note else [])
+    if not (folder / METRICS_FILE).is_file():
+        return Skipped(folder, f"no {METRICS_FILE} (unfinished)")
+    return Run(folder, command, manifest, read_metrics(folder / METRICS_FILE, command))
 
 
 # ---- an evaluation's numbers, by thresholds.METRICS name ---------------------------------------------------
