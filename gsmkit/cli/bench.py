@@ -14,14 +14,17 @@ from gsmkit.studies.bench import BenchSettings
 
 @command_from(BenchSettings)
 def bench(settings: BenchSettings, json_out: JsonOpt = False) -> None:
-    """Per variant: accuracy of probe and variant (Wilson 95%), delta = variant - probe with its paired
+    """Judge variants against a probe on the same problems: a paired delta, McNemar p and a verdict.
+
+    Per variant: accuracy of probe and variant (Wilson 95%), delta = variant - probe with its paired
     bootstrap 95% interval, exact McNemar p, and the verdict: safe when the interval's lower bound is >=
     -margin, unsafe otherwise, gate failed when the probe misses --gate (exit 3; with --gate and no
-    variant, bench is a pipeline gate). Writes bench.json, bench.md and manifest.json. --aggregate reads
-    several seeds' bench folders and recomputes every delta from their predictions: the mean over seeds,
-    its hierarchical bootstrap interval (seeds, then problems), the t interval of the per-seed deltas, the
-    verdict by the same rule (bench_aggregate.json, bench_aggregate.md). Problem sets that differ between
-    the probe and a variant are refused (exit 1).
+    variant, bench is a pipeline gate). Writes bench.json, bench.md and manifest.json.
+
+    --aggregate reads several seeds' bench folders and recomputes every delta from their predictions: the
+    mean over seeds, its hierarchical bootstrap interval (seeds, then problems), the t interval of the
+    per-seed deltas, the verdict by the same rule (bench_aggregate.json, bench_aggregate.md). Problem sets
+    that differ between the probe and a variant are refused (exit 1).
 
     Example: gsmkit bench --probe runs/s42/eval-probe --variant median=runs/s42/eval-median --margin 0.025
     --gate 'gsm8k.strict>=0.15' --out runs/s42/bench
