@@ -18,6 +18,16 @@ Layouts: a folder output owns files inside `out` (`RunOutput.folder`); a file ou
 owns `out` and sidecars named after its stem (`traces.stats.json`, `traces.partial.jsonl`, ...;
 `RunOutput.file`), or after its whole name with `keep_suffix` (fewshot, convert-benchmarks:
 `pool.jsonl.manifest.json`).
+
+One rule for output paths (`check_output`), checked when a `RunOutput` is made and again by `prepare`, by
+`check_new_folder` and `check_not_an_input` for whole folders, so before any model loads; it creates
+nothing. An output path must be writable: every existing parent a folder, nothing of the wrong kind at
+the path itself, and the folder its files are created in (or the nearest existing parent the missing
+ones are made from) one this user may write in. And it must not be one of the run's own inputs: the output,
+and every file it owns, is none of them; a folder replaced whole also neither holds an input nor lies
+inside one (`merge --out ADAPTER/merged` is refused; `eval gsm8k --out ADAPTER/eval` and audit-svd's
+default `ADAPTER/audit` only add their own files beside the adapter's). A failure is an `OutputPathError`
+(a `ConfigError`, exit 1): one line naming the path, with a hint.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,11 @@ from gsmkit.jsonl import Journal, atomic_open, dumps_line
 FINGERPRINT = "run.json"
 MANIFEST = "manifest.json"
 RESUME_HINT = "rerun with the same options to resume, or pass --overwrite to start again"
+
+
+class OutputPathError(ConfigError):
+    """An output path that cannot be written: a parent that cannot be made or written in, something of
+    the wrong kind in the way, or one of the run's own inputs."""
 
 
 @dataclass
@@ -54,23 +69,35 @@ class RunOutput:
     extra: tuple[str, ...] = ()
     overwrite: bool = False
     what: str = "run"  # "evaluation", "traces", ...: for messages
+    inputs: tuple[Any, ...] = ()  # the run's own inputs (paths; Hub ids, None skipped): never written over
 
     @classmethod
     def folder(cls, out: Path, finals: tuple[str, ...], journals: tuple[str, ...] = (),
-               extra: tuple[str, ...] = (), overwrite: bool = False, what: str = "run") -> RunOutput:
+               extra: tuple[str, ...] = (), overwrite: bool = False, what: str = "run",
+               inputs: Iterable[Any] = ()) -> RunOutput:
+        """The files of a folder output; checked at once (`check`), so a bad --out fails before anything
+        loads."""
+        out = Path(out).expanduser()
         names = {n: n for n in (*finals, *journals, *extra, FINGERPRINT, MANIFEST)}
-        return cls(out, out, names, finals, journals, extra, overwrite, what)
+        output = cls(out, out, names, finals, journals, extra, overwrite, what, tuple(inputs))
+        output.check()
+        return output
 
     @classmethod
     def file(cls, out: Path, sidecars: tuple[str, ...], journals: tuple[str, ...] = (),
-             overwrite: bool = False, what: str = "run", keep_suffix: bool = False) -> RunOutput:
+             overwrite: bool = False, what: str = "run", keep_suffix: bool = False,
+             inputs: Iterable[Any] = ()) -> RunOutput:
         """`out` itself is the main final file; `sidecars` ("stats.json") are named `<stem>.<sidecar>`, or
         `<name>.<sidecar>` with `keep_suffix` (`pool.jsonl.manifest.json`, as the files already published
-        by fewshot and convert-benchmarks are named)."""
+        by fewshot and convert-benchmarks are named). Checked at once, as `folder` is."""
+        out = Path(out).expanduser()
         stem = out.name if keep_suffix else out.stem
         names = {"main": out.name, **{s: f"{stem}.{s}" for s in (*sidecars, *journals)},
                  FINGERPRINT: f"{stem}.{FINGERPRINT}", MANIFEST: f"{stem}.{MANIFEST}"}
-        return cls(out, out.parent, names, ("main", *sidecars), journals, (), overwrite, what)
+        output = cls(out, out.parent, names, ("main", *sidecars), journals, (), overwrite, what,
+                     tuple(inputs))
+        output.check()
+        return output
 
     def path(self, role: str) -> Path:
         return self.root / self.names[role]
@@ -83,16 +110,16 @@ class RunOutput:
         p = self.path(role)
         return sorted(p.parent.glob(f"{p.stem}.p*{p.suffix}"))
 
-    def check_kind(self) -> None:
-        if self.root == self.out:
-            if self.out.exists() and not self.out.is_dir():
-                raise ConfigError(f"{self.out}: exists and is not a folder", hint="--out names a folder")
-        elif self.out.is_dir():
-            raise ConfigError(f"{self.out}: is a folder", hint=f"--out names the {self.what} file")
+    def check(self) -> None:
+        """The output path rule (`check_output`) for this output and every file it owns."""
+        check_output(self.out, folder=self.root == self.out, inputs=self.inputs,
+                     owned=[self.path(r) for r in self.names], what=self.what)
+
+    check_kind = check  # the name compare still calls
 
     def prepare(self, fingerprint: Any) -> bool:
         """Decide what to do with what is there; True when a partial run with these settings resumes."""
-        self.check_kind()
+        self.check()
         if self.overwrite:
             self.clear()
             return False
@@ -194,33 +221,69 @@ def jsonl_writer(rows: Any) -> Callable[[Any], None]:
 # ---- whole folders --------------------------------------------------------------------------------------
 
 
-def check_new_folder(out: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
-    """A folder output that is replaced whole: refuse an existing one unless --overwrite, and never
-    replace one of the run's own inputs."""
-    out = out.expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder", hint="--out names the folder to create")
+def check_new_folder(out: Path, overwrite: bool, protected: Iterable[Any] = (),
+                     option: str = "--out") -> None:
+    """A folder output that is replaced whole: the output path rule (`check_output`, whole), and an existing
+    folder refused unless --overwrite."""
+    out = Path(out).expanduser()
+    check_output(out, folder=True, inputs=protected, whole=True, option=option)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: already exists",
-                          hint="pass --overwrite to replace it, or choose another --out")
-    check_not_an_input(out, protected)
+                          hint=f"pass --overwrite to replace it, or choose another {option}")
 
 
-def check_not_an_input(out: Path, protected: tuple[str | Path | None, ...] = ()) -> None:
-    """An output that replaces the folder `out` whole must not hold the current folder or any of the run's
-    own inputs (`protected`: paths, or Hub ids and None, which are skipped)."""
-    out = out.expanduser()
-    resolved, here = out.resolve(), Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise ConfigError(f"{out}: --out would replace the current folder",
-                          hint="choose a new folder for --out")
-    for p in protected:
+def check_not_an_input(out: Path, protected: Iterable[Any] = ()) -> None:
+    """An output that replaces `out` whole (a training run's folder; compare's file): the output path rule
+    (`check_output`, whole), whatever `out` is (its own kind is its command's to check)."""
+    check_output(out, folder=None, inputs=protected, whole=True)
+
+
+def check_output(out: Path, *, folder: bool | None, inputs: Iterable[Any] = (), whole: bool = False,
+                 owned: Iterable[Path] = (), option: str = "--out", what: str = "run") -> None:
+    """The one rule for an output path (see the module docstring); creates nothing.
+
+    `folder`: True for a folder output, False for a file, None to leave the path's own kind alone.
+    `inputs`: the run's own inputs (paths; Hub ids, missing paths and None are skipped). `whole`: the
+    output replaces `out` whole (built in a hidden sibling and swapped in), so it must also neither hold an
+    input, nor the current folder, nor lie inside an input folder. `owned`: the files the run writes."""
+    out = Path(out).expanduser()
+    where = out.absolute()
+    if os.path.lexists(where):
+        if folder is True and not where.is_dir():
+            raise OutputPathError(f"{out}: exists and is not a folder", hint=f"{option} names a folder")
+        if folder is False and where.is_dir():
+            raise OutputPathError(f"{out}: is a folder", hint=f"{option} names the {what} file")
+    # files are made in `out` itself (a folder output that owns files in it), else beside it
+    home = where if folder is True and not whole else where.parent
+    nearest = home
+    while not os.path.lexists(nearest):
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise OutputPathError(f"{out}: {nearest} is a file, not a folder",
+                              hint=f"choose another {option}, or move that file away")
+    for folder_used in (nearest, where) if whole and where.is_dir() else (nearest,):
+        if not os.access(folder_used, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{out}: cannot write in {folder_used} (no write permission)",
+                                  hint=f"choose another {option}, or make {folder_used} writable")
+    _check_inputs(out, where.resolve(), inputs, whole, owned, option)
+
+
+def _check_inputs(out: Path, resolved: Path, inputs: Iterable[Any], whole: bool, owned: Iterable[Path],
+                  option: str) -> None:
+    hint = f"choose another {option}, away from the files and folders the run reads"
+    if whole:
+        here = Path.cwd().resolve()
+        if resolved == here or resolved in here.parents:
+            raise OutputPathError(f"{out}: {option} would replace the current folder", hint=hint)
+    files = {Path(p).expanduser().resolve() for p in owned}
+    for p in inputs:
         if p is None or not Path(p).expanduser().exists():
             continue
         p = Path(p).expanduser().resolve()
-        if resolved == p or resolved in p.parents:
-            raise ConfigError(f"{out}: --out would replace the input {p}",
-                              hint="choose a new folder for --out")
+        if p == resolved or p in files or (whole and resolved in p.parents):
+            raise OutputPathError(f"{out}: {option} would replace the input {p}", hint=hint)
+        if whole and p in resolved.parents:
+            raise OutputPathError(f"{out}: {option} lies inside the input {p}", hint=hint)
 
 
 @contextlib.contextmanager

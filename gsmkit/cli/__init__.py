@@ -1,18 +1,24 @@
 """The `gsmkit` executable: a root Typer app, its command groups, and the one error boundary.
 
 Heavy libraries (torch, transformers) are imported inside commands, so `gsmkit --help` is fast.
-`GsmkitError`s become one line on stderr plus a hint, exit code 1; `--debug` shows the traceback.
+`GsmkitError`s become one line on stderr plus a hint, exit code 1 (2 for a misused option); so does an
+`OSError` on a path that no check caught first (a permission, a file in the way, a full disk: `os_error`);
+`--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from gsmkit import __version__
+
+if TYPE_CHECKING:
+    from gsmkit.errors import GsmkitError
 
 
 class _ErrorBoundaryGroup(TyperGroup):
@@ -23,8 +29,9 @@ class _ErrorBoundaryGroup(TyperGroup):
 
         try:
             return super().invoke(ctx)
-        except GsmkitError as err:
-            if (ctx.obj or {}).get("debug"):
+        except (GsmkitError, OSError) as caught:
+            err = os_error(caught) if isinstance(caught, OSError) else caught
+            if err is None or (ctx.obj or {}).get("debug"):
                 raise
             from rich.text import Text
 
@@ -38,6 +45,37 @@ class _ErrorBoundaryGroup(TyperGroup):
         except KeyboardInterrupt:
             _err_console().print("interrupted: rerun the same command to resume", highlight=False)
             ctx.exit(130)
+
+
+# What the user can do about an OSError on a path, by its errno.
+_OS_HINTS = {
+    errno.EACCES: "check the permissions on that path, or choose another path (--out)",
+    errno.EPERM: "check the permissions on that path, or choose another path (--out)",
+    errno.EROFS: "that file system is read-only: choose another path (--out)",
+    errno.EEXIST: "something is already there: move it away, or choose another path (--out)",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: move it away, or choose another path",
+    errno.EISDIR: "that path is a folder where a file must go: choose another path",
+    errno.ENOTEMPTY: "that folder is not empty: move it away, or choose another path",
+    errno.ENOSPC: "free some disk space (or choose another --out), then rerun the same command to resume",
+    errno.EDQUOT: "free some of your disk quota, then rerun the same command to resume",
+    errno.ENOENT: "check that the path exists",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "that path is a loop of symbolic links: choose another path",
+    errno.EXDEV: "keep the output on the same file system as its folder",
+}
+
+
+def os_error(err: OSError) -> GsmkitError | None:
+    """An OSError on a path as a GsmkitError (one line naming the path, a hint), or None for one that is
+    not about a path (a network error; a closed pipe, which click handles): those keep their traceback."""
+    from gsmkit.errors import GsmkitError
+
+    if err.errno == errno.EPIPE or (err.filename is None and err.errno not in _OS_HINTS):
+        return None
+    reason = err.strerror or str(err)
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 is not None else "")
+    message = f"{where}: {reason}" if err.filename is not None else reason
+    return GsmkitError(message, hint=_OS_HINTS.get(err.errno, "rerun with --debug to see where it happened"))
 
 
 def _err_console():
