@@ -25,9 +25,10 @@ AUDIT_MD = "audit.md"
 SPECTRA_PNG = "spectra.png"
 
 
-def audit_output(out: Path) -> RunOutput:
-    """The audit folder: the files it owns (replaced on every run; nothing else in the folder is touched)."""
-    return RunOutput.folder(out, finals=(AUDIT_JSON, AUDIT_MD, SPECTRA_PNG), what="audit")
+def audit_output(out: Path, inputs: tuple[Path, ...] = ()) -> RunOutput:
+    """The audit folder: the files it owns (replaced on every run; nothing else in the folder is touched),
+    checked by the output path rule (never the adapter folder itself: its manifest.json is the adapter's)."""
+    return RunOutput.folder(out, finals=(AUDIT_JSON, AUDIT_MD, SPECTRA_PNG), what="audit", inputs=inputs)
 
 
 def write_audit(out: Path, result: AuditResult, manifest: dict[str, Any]) -> None:

@@ -142,10 +142,10 @@ def _trained_in_4bit(settings: MergeSettings) -> tuple[bool, str | None]:
 
 
 def _check_out(settings: MergeSettings) -> None:
-    """--out is a new folder (or --overwrite), and never the adapter or a local base model folder."""
-    model = Path(settings.model).expanduser()
-    inputs = (settings.adapter, model) if model.exists() else (settings.adapter,)
-    check_new_folder(settings.out, settings.overwrite, protected=inputs)
+    """--out is a new folder (or --overwrite) that gsmkit can write, and never one of the inputs, a folder
+    holding one, or a folder inside one (the adapter, a local base model, the verification data)."""
+    verify = settings.verify_data if settings.verify_data is not None else settings.data
+    check_new_folder(settings.out, settings.overwrite, protected=(settings.adapter, settings.model, verify))
 
 
 def _verification_items(settings: MergeSettings) -> tuple[list[Any], str | Path]:

@@ -78,8 +78,8 @@ def make_pool(settings: FewshotSettings) -> dict[str, Any]:
     from gsmkit.data.gsm8k import load_gsm8k, source_file
     from gsmkit.manifest import build_manifest
 
-    output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="few-shot pool", keep_suffix=True)
-    output.check_kind()
+    output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="few-shot pool", keep_suffix=True,
+                            inputs=(settings.data, source_file(settings.data, settings.split)))
     problems = load_gsm8k(settings.data, settings.split)
     pool = draw_pool(problems, n=settings.n, seed=settings.seed)
     inputs = {"data": source_file(settings.data, settings.split)}

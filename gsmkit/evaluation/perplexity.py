@@ -216,7 +216,8 @@ def run_output(settings: EvalPplSettings) -> RunOutput:
     """The evaluation's folder: items, metrics and manifest, written together at the end (no journal:
     a run scores everything again, so an existing result is refused unless --overwrite)."""
     return RunOutput.folder(settings.out, finals=(ITEMS, METRICS), overwrite=settings.overwrite,
-                            what="perplexity evaluation")
+                            what="perplexity evaluation",
+                            inputs=(settings.data, settings.model.model, settings.model.adapter))
 
 
 def evaluate_ppl(
@@ -227,9 +228,9 @@ def evaluate_ppl(
     from gsmkit.manifest import build_manifest, run_fingerprint, to_jsonable
     from gsmkit.modeling import load_model, load_tokenizer
 
-    # Everything that can fail on input is checked before the model loads.
-    items = read_ppl_items(settings.data, settings.limit)
+    # Everything that can fail on input is checked before the model loads, the output path first.
     output = run_output(settings)
+    items = read_ppl_items(settings.data, settings.limit)
     procs = Processes.from_env()
     if procs.is_main or not output.overwrite:  # the same checks everywhere; only the main one clears
         output.prepare(run_fingerprint(settings, ("out", "overwrite", "batch_size")))

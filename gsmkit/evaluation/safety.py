@@ -5,8 +5,7 @@ folder, its output format and the Safety Guidelines text). Out, in `<out>`:
 - `responses.jsonl`: the model's response to each prompt (greedy, batched, the prompt style's template);
 - `safety.jsonl`: the guard's verdict on each (prompt, response): label, score, categories, raw output;
 - `metrics.json`: the safety rate (safe / total) with a 95% Wilson interval, overall, per hazard group,
-  per raw hazard and per persona, plus the run's manifest; `manifest.json`.
-Returns `SafetyMetrics`.
+  per raw hazard and per persona, plus the run's manifest; `manifest.json`. Returns `SafetyMetrics`.
 
 Two stages, each resumable like `eval gsm8k` (`gsmkit.run_folder`): finished rows are appended to
 `responses.partial.jsonl`, then `safety.partial.jsonl`, next to `run.json` (the settings that made
@@ -101,14 +100,12 @@ class SafetySettings(SteerOptions, RunOptions):
             raise ConfigError("--safe-label and --unsafe-label need at least one name each")
 
     def fingerprint(self, prompts_sha256: str, safety_prompt_sha256: str) -> dict[str, Any]:
-        """What must match for a partial run to be resumed: everything that changes a response or a
-        verdict."""
+        """What a partial run must match to be resumed: everything that changes a response or a verdict."""
         from gsmkit.generation.steering import steer_fingerprint
         from gsmkit.manifest import run_fingerprint
 
-        d = run_fingerprint(self, ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety",
-                                   "check_zero"))
-        return {**d, **steer_fingerprint(self), "prompts_sha256": prompts_sha256,
+        skip = ("out", "overwrite", "batch_size", "guard_batch_size", "min_safety", "check_zero")
+        return {**run_fingerprint(self, skip), **steer_fingerprint(self), "prompts_sha256": prompts_sha256,
                 "safety_prompt_sha256": safety_prompt_sha256}
 
 
@@ -248,7 +245,9 @@ def run_output(settings: SafetySettings) -> RunOutput:
     """The evaluation's folder: responses, verdicts and metrics, with one journal per stage while it runs."""
     return RunOutput.folder(settings.out, finals=(RESPONSES, SAFETY, METRICS),
                             journals=(RESPONSES_PARTIAL, SAFETY_PARTIAL), overwrite=settings.overwrite,
-                            what="evaluation")
+                            what="evaluation", inputs=(settings.prompts, settings.safety_prompt,
+                                                       settings.safeguard_model, settings.model.model,
+                                                       settings.model.adapter, settings.steer))
 
 
 def _resumed(output: RunOutput, resumed: bool) -> _OutState:
@@ -284,8 +283,9 @@ def evaluate_safety(
     from gsmkit.manifest import build_manifest, sha256_file
     from gsmkit.modeling import load_tokenizer, resolve_device, resolve_dtype
 
-    # Everything that can fail on input is checked before any model loads: the device and dtype, the
-    # prompts, the Safety Guidelines, the guard's folder, format, labels and chat template, the output folder.
+    # Everything that can fail on input is checked before any model loads: the output folder, the device
+    # and dtype, the prompts, the Safety Guidelines, the guard's folder, format, labels and chat template.
+    output = run_output(settings)
     device = resolve_device(settings.model.device)
     dtype = resolve_dtype(settings.model.dtype, device)
     all_prompts = load_safety_prompts(settings.prompts)
@@ -307,7 +307,6 @@ def evaluate_safety(
     template.check(guard_tok, generation_prompt=fmt != "classifier", guard=guard_dir)
     check_thinking_early(settings.model, settings.style, settings.thinking)
     fingerprint = settings.fingerprint(sha256_file(settings.prompts), sha256_file(settings.safety_prompt))
-    output = run_output(settings)
     state = _resumed(output, output.prepare(fingerprint))
     by_id = {p.id: p for p in prompts}
     if any(key not in by_id for key in state.responses):

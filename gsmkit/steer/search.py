@@ -60,8 +60,11 @@ def run_output(settings: SearchSettings) -> RunOutput:
     from gsmkit.steer.search_final import TEST_BEST, TEST_UNSTEERED
 
     extra = (TEST_BEST, TEST_UNSTEERED) + ((STUDY_FILE,) if settings.default_storage else ())
+    spec = settings.model
     return RunOutput.folder(settings.out, finals=(BEST, SEARCH, SPLITS, PLOT, TRIALS), extra=extra,
-                            overwrite=settings.overwrite, what="search")
+                            overwrite=settings.overwrite, what="search",
+                            inputs=(*settings.vectors, settings.data, settings.pool, spec.model,
+                                    spec.adapter))
 
 
 # -- before any model loads -------------------------------------------------------------------------------
@@ -258,7 +261,8 @@ def run_search(settings: SearchSettings, progress: SearchProgress | None = None)
 
     t0 = time.perf_counter()
     progress = progress or SearchProgress()
-    # Everything that can fail on input fails here, before any model loads.
+    # Everything that can fail on input fails here, before any model loads: the output path first.
+    output = run_output(settings)
     space, vector_ids, vector_hashes = load_space(settings)
     splits = build_splits(settings.data, settings.pool, settings.k, vector_ids, vector_hashes,
                           settings.val_limit, settings.test_limit)
@@ -271,7 +275,6 @@ def run_search(settings: SearchSettings, progress: SearchProgress | None = None)
     directions = ["maximize"] * (2 if judge is not None else 1)
     key = {**settings.study_key(), "validation_ids": splits.validation_ids}
     url, name = settings.storage_url, settings.study_name
-    output = run_output(settings)
     resumed = output.prepare(settings.fingerprint())
 
     ran = 0
