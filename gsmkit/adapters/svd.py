@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +83,23 @@ class AuditSettings:
         if self.out is None:
             raise ConfigError("--compress needs --out DIR for the new adapter",
                               hint="for example --out runs/sft-compressed")
-        out = Path(self.out).expanduser().resolve()
-        adapter = Path(self.adapter).expanduser().resolve()
-        if out == adapter or adapter.is_relative_to(out):
-            raise ConfigError(f"--out {self.out} would replace the adapter being compressed",
-                              hint="write the compressed adapter to a new folder")
-        # --rank K and --rank-policy uniform:K are one setting: the policy field holds it from here on.
+        # (--out against the adapter: run_folder's output rule, when the audit starts)
+        self._policy()
+
+    def _policy(self) -> tuple[str, int | None]:
+        """The rank policy of --rank-policy and --rank together (they are one setting, and must agree)."""
         policy = parse_rank_policy(self.rank_policy or "suggested")
         if self.rank is not None:
             if self.rank_policy is not None and policy != ("uniform", self.rank):
                 raise ConfigError(f"--rank {self.rank} is --rank-policy uniform:{self.rank}, which "
                                   f"contradicts --rank-policy {self.rank_policy}", hint="give one of them")
             policy = ("uniform", self.rank)
-        object.__setattr__(self, "rank_policy", policy_text(policy))
+        return policy
+
+    def resolved(self) -> AuditSettings:
+        """With --compress, the rank policy written out whole (`--rank K` is `uniform:K`; none is
+        `suggested`), as the run and its manifest hold it. Idempotent."""
+        return replace(self, rank_policy=policy_text(self._policy())) if self.compress else self
 
     @property
     def out_dir(self) -> Path:
@@ -143,11 +147,12 @@ def audit_adapter(
     """Audit the adapter; write the audit files, or with `settings.compress` the compressed adapter."""
     from gsmkit.manifest import build_manifest
 
+    settings = settings.resolved()
     # --out first: a new folder for the compressed adapter, or the audit files' folder (always replaced).
     if settings.compress:
         check_new_folder(settings.out_dir, settings.overwrite, protected=(settings.adapter,))
     else:
-        audit_output(settings.out_dir).check_kind()
+        audit_output(settings.out_dir, inputs=(settings.adapter,))
     weights = read_adapter(settings.adapter)
     if on_start:
         on_start(len(weights.modules))

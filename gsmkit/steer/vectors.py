@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +89,17 @@ class VectorSettings(ProblemOptions, PromptOptions, RunOptions):
             given = [flag for flag, value in caa_only if value is not None]
             if given:
                 raise ConfigError(f"{given[0]} is for --method caa", hint=f"drop {given[0]}")
-            object.__setattr__(self, "position", "step")
-        elif self.position is None:
-            object.__setattr__(self, "position", "mean")
+
+    def resolved(self) -> VectorSettings:
+        """CAA's position rule filled in (`mean` unless --position says otherwise), as the run, its cache key
+        and its manifest hold it. Idempotent."""
+        return replace(self, position=self.position or "mean") if self.method == "caa" else self
+
+    @property
+    def position_rule(self) -> str:
+        """Where a vector applies, as steer.json and the cache key record it: DAC's is `step` (one vector per
+        generation step); CAA's is --position (`mean` once resolved)."""
+        return "step" if self.method == "dac" else self.position or "mean"
 
 
 @dataclass
@@ -159,7 +167,8 @@ def _cache_key(settings: VectorSettings, fingerprints: dict[str, Any], layers: t
     key: dict[str, Any] = {
         "method": settings.method, **fingerprints, "layers": list(layers), "style": settings.style,
         "system_prompt": settings.system_prompt, "prompt_version": PROMPT_VERSION, "k": settings.k,
-        "exemplars": _digest([[ex.question, ex.answer] for ex in exemplars]), "position": settings.position,
+        "exemplars": _digest([[ex.question, ex.answer] for ex in exemplars]),
+        "position": settings.position_rule,
         "dtype": spec.dtype, "device": spec.device, "load_in_4bit": spec.load_in_4bit,
     }
     if settings.thinking != "auto":  # (absent for auto: the keys of caches made before --thinking stay valid)
@@ -188,13 +197,17 @@ def make_vectors(settings: VectorSettings, on_start: OnStart = None, on_progress
         parse_layers,
         tokenizer_fingerprint,
     )
-    from gsmkit.run_folder import check_new_folder
+    from gsmkit.run_folder import check_new_folder, check_output
     from gsmkit.steer.activation_cache import ActivationCache, default_cache_dir
 
+    settings = settings.resolved()
     spec = settings.model
     out = settings.out.expanduser()
     check_new_folder(out, settings.overwrite, protected=(settings.pool, settings.pairs_from, spec.model,
                                                          spec.adapter, settings.data))
+    if not settings.no_cache:  # entries are written as they are computed: a cache it cannot write fails now
+        check_output(settings.cache_dir or default_cache_dir(), folder=True, option="--cache-dir",
+                     inputs=(spec.model, spec.adapter))
     shape = model_shape(spec.model)
     layers = parse_layers(settings.layers, range(shape.num_layers))
     rows, exemplars, excluded, mode, skipped = _inputs(settings)
@@ -296,7 +309,7 @@ def _meta(settings: VectorSettings, shape: Any, layers: tuple[int, ...], fingerp
         format=FORMAT, version=VERSION, method=settings.method, hook=HOOKS[settings.method],
         layers=list(layers), num_layers=shape.num_layers, hidden_size=shape.hidden_size,
         vector_size=shape.vector_size(settings.method), steps=settings.steps if dac else None,
-        position=settings.position, norms=norms, model=settings.model.model,
+        position=settings.position_rule, norms=norms, model=settings.model.model,
         model_fingerprint=fingerprints["model_fingerprint"], adapter=settings.model.adapter,
         adapter_sha256=fingerprints["adapter_sha256"],
         tokenizer_fingerprint=fingerprints["tokenizer_fingerprint"], style=style,

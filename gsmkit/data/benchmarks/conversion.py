@@ -11,7 +11,7 @@ seed give a byte-identical `<out>`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +49,31 @@ class ConvertSettings:
                                         show_default=False, path={"exists": True, "dir_okay": False})
 
     def __post_init__(self) -> None:
-        # Library callers may pass strings and lists; the settings (and the manifest) hold paths and tuples.
-        object.__setattr__(self, "input_dir", Path(self.input_dir))
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "benchmarks", split_benchmarks(self.benchmarks))
-        object.__setattr__(self, "exclude", tuple(Path(p) for p in self.exclude))
-        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        names = split_benchmarks(self.benchmarks)
+        unknown = [b for b in names if b not in BENCHMARKS]
         if unknown:
             raise ConfigError(f"unknown benchmark(s): {', '.join(unknown)}", hint=_CHOOSE)
-        if not self.benchmarks:
+        if not names:
             raise ConfigError("no benchmarks selected", hint=_CHOOSE)
-        if len(set(self.benchmarks)) != len(self.benchmarks):
+        if len(set(names)) != len(names):
             raise ConfigError("a benchmark is listed twice in --benchmarks")
         if self.samples_per_benchmark == 0 or self.samples_per_benchmark < -1:
             raise ConfigError("--samples-per-benchmark must be >= 1 or -1 (all), "
                               f"got {self.samples_per_benchmark}")
 
+    def resolved(self) -> ConvertSettings:
+        """The settings as the run (and its manifest) holds them: library callers may pass strings and lists;
+        this gives paths, and the benchmark names split and lower case. Idempotent."""
+        return replace(self, input_dir=Path(self.input_dir), out=Path(self.out),
+                       benchmarks=split_benchmarks(self.benchmarks),
+                       exclude=tuple(Path(p) for p in self.exclude))
+
 
 def run_output(settings: ConvertSettings) -> RunOutput:
-    """`<out>` and `<out>.manifest.json`, replaced whenever the command runs (it is not resumable)."""
-    return RunOutput.file(settings.out, sidecars=(), overwrite=True, what="benchmark file", keep_suffix=True)
+    """`<out>` and `<out>.manifest.json`, replaced whenever the command runs (it is not resumable), never
+    over the files it reads."""
+    return RunOutput.file(settings.out, sidecars=(), overwrite=True, what="benchmark file", keep_suffix=True,
+                          inputs=(settings.input_dir, *settings.exclude))
 
 
 def convert_benchmarks(settings: ConvertSettings,
@@ -79,8 +84,8 @@ def convert_benchmarks(settings: ConvertSettings,
     """
     from gsmkit.manifest import build_manifest
 
+    settings = settings.resolved()
     output = run_output(settings)
-    output.check_kind()
     notify = on_progress or (lambda *_: None)
     excluded_texts = load_exclusions(settings.exclude)
     rows: list[dict[str, Any]] = []
