@@ -9,6 +9,7 @@ An unavailable feature (4-bit without bitsandbytes, CPU bf16 unsupported, CUDA w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,14 @@ class ModelSpec:
         check_fields(self)
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown --device '{self.device}'", hint=f"choose one of {', '.join(DEVICES)}")
-        if self.adapter is not None:
+        if self.adapter is not None:  # TODO(#30): in resolved() alone once every command calls it
             check_adapter(self.adapter)  # a damaged adapter fails here, before any model loads
+
+    def resolved(self) -> ModelSpec:
+        """The spec as a run loads it (a new object; idempotent): a damaged adapter fails here, first."""
+        if self.adapter is not None:
+            check_adapter(self.adapter)
+        return dataclasses.replace(self)
 
 
 @dataclass
@@ -252,12 +259,13 @@ def adapter_nf4_correction(adapter: str | Path) -> str | None:
     return method if isinstance(method, str) and method != "default" else None
 
 
-def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool = False):
+def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool = False, **peft: Any):
+    """`model` with the adapter on top (`peft`: more PeftModel.from_pretrained arguments); or ModelError."""
     from peft import PeftModel
 
     cfg = read_adapter_config(adapter)
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable, **peft)
     except (RuntimeError, ValueError, KeyError) as err:
         recorded = cfg.get("base_model_name_or_path") or "unknown"
         first = str(err).strip().splitlines()
@@ -267,12 +275,6 @@ def attach_adapter(model: Any, adapter: str, base_name: str, is_trainable: bool 
             f"{detail[:200]}",
             hint="pass the --model the adapter was trained from",
         ) from None
-
-
-def _display_name(spec: ModelSpec, where: str, extra: dict[str, Any], source: str) -> str:
-    """What the loading step calls the model: the Hub id, the folder's or the .gguf file's name, + adapter."""
-    name = spec.model if source == "hub" else extra.get("gguf_file") or Path(where).name
-    return name + (f" + adapter {Path(spec.adapter).name}" if spec.adapter is not None else "")
 
 
 def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-lm") -> LoadedModel:
@@ -331,7 +333,8 @@ def load_model(spec: ModelSpec, for_training: bool = False, task: str = "causal-
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
     from gsmkit.progress import status_step
 
-    name = _display_name(spec, where, extra, source)
+    name = (spec.model if source == "hub" else extra.get("gguf_file") or Path(where).name) + (
+        f" + adapter {Path(spec.adapter).name}" if spec.adapter is not None else "")
     precision = "4-bit nf4" if spec.load_in_4bit else str(dtype).removeprefix("torch.")
     with status_step(f"loading model {name}", done=f"loaded model {name} ({device}, {precision})"):
         tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
@@ -375,16 +378,13 @@ def eos_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
 
 
 def keep_4bit_compute_dtype(model: Any) -> int:
-    """Keep every bitsandbytes 4-bit layer of `model` computing in its own compute dtype on the CPU;
-    return how many layers had already been repacked and were restored.
-
-    bitsandbytes >= 0.49, on CPUs with AVX512-BF16, repacks a `Linear4bit` weight on its first inference
-    forward pass (eval mode, no grad) for a bfloat16 kernel: activations and block scales are then rounded
-    to bfloat16 whatever `bnb_4bit_compute_dtype` says, and the weight is kept in another layout, which
-    `dequantize_4bit` misreads. Training forwards never repack, so evaluation would score a QLoRA adapter with
-    other numerics than it was trained with, and a merge or an adapter initialisation after an inference pass
-    would read wrong weights. Layers whose compute dtype is bfloat16 keep the fast kernel (same numerics).
-    """
+    """Keep every bitsandbytes 4-bit layer of `model` computing in its own compute dtype on the CPU; return
+    how many layers had already been repacked and were restored. bitsandbytes >= 0.49, on CPUs with
+    AVX512-BF16, repacks a `Linear4bit` weight on its first inference forward pass for a bfloat16 kernel:
+    activations and block scales are then rounded to bfloat16 whatever `bnb_4bit_compute_dtype` says, and the
+    weight is kept in a layout `dequantize_4bit` misreads. Training never repacks, so evaluation would score a
+    QLoRA adapter with other numerics than it was trained with, and a merge or an adapter initialisation after
+    an inference pass would read wrong weights. bfloat16 layers keep the fast kernel (same numerics)."""
     import torch
 
     restored = 0

@@ -1,8 +1,8 @@
 """`gsmkit train sft | qlora | grpo`: response-only fine-tuning (LoRA, 4-bit QLoRA, full weights) and GRPO.
 
-The options are the fields of `TrainSettings` and `GrpoSettings` (`command_from`): each default, bound and
-help is declared once, on the field. `sft` and `qlora` get only the flags actually given, so that a
-`--preset` or `--config` value is overridden by a flag alone (`training.config.resolve_settings`).
+The options are the fields of `TrainSettings` (`QloraSettings`) and `GrpoSettings` (`command_from`): each
+default, bound and help is declared once, on the field. Every command gets only the flags actually given, so
+that a `--preset` or `--config` value is overridden by a flag alone (`training.config.resolve_settings`).
 Under `accelerate launch` or `torchrun` every process trains; only the main one draws the bars and prints the
 summary (or the --json line).
 """
@@ -16,42 +16,49 @@ from typing import Annotated
 import typer
 
 from gsmkit.cli.options import JsonOpt, command_from, usage_errors
-from gsmkit.training.config import TrainSettings, preset_help
-from gsmkit.training.grpo import GrpoSettings
+from gsmkit.training.config import QloraSettings, TrainSettings, preset_help
+from gsmkit.training.grpo_settings import GRPO_PRESET_NOTES, GrpoSettings
 
 app = typer.Typer(help="Fine-tune a model on GSM8K (or traces, or any prompt/response JSONL), or train it "
                   "with GRPO.", no_args_is_help=True)
 
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the adapter, logs and manifest.",
-                                      file_okay=False)]
-PresetOpt = Annotated[str | None, typer.Option("--preset", help=preset_help(), show_default=False)]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="YAML file with the same keys as the long options (flags win).", exists=True,
     dir_okay=False, show_default=False)]
 ShowMaskingOpt = Annotated[int, typer.Option(
     "--show-masking", help="Print N encoded examples with trained tokens highlighted, then exit.", min=0)]
 
+
+def _preset_opt(cls: type, notes: dict[str, str] | None = None) -> object:
+    """--preset of a command whose settings are `cls`, its help made from the presets themselves."""
+    return Annotated[str | None, typer.Option("--preset", help=preset_help(cls, notes), show_default=False)]
+
+
+SftPresetOpt = _preset_opt(TrainSettings)
+GrpoPresetOpt = _preset_opt(GrpoSettings, GRPO_PRESET_NOTES)
+
 INIT_UNITS = {"calibrating": "batches", "initialising": "layers"}  # training.lora_init's progress stages
 
 
 @app.command("sft")
 @command_from(TrainSettings, exclude=("init_lora", "calibration_rows"), as_flags=True, fixed={"mode": "sft"})
-def sft(flags: dict, out: OutOpt = Path("runs/sft"), preset: PresetOpt = None, config: ConfigOpt = None,
+def sft(flags: dict, preset: SftPresetOpt = None, config: ConfigOpt = None,  # type: ignore[valid-type]
         show_masking: ShowMaskingOpt = 0, json_out: JsonOpt = False) -> None:
     """LoRA (or --full) fine-tuning on a full-precision base, loss on the response tokens only.
 
     The few-shot pool is removed from the training rows by content hash. Writes the adapter,
-    tokenizer, manifest.json, trainer_log.jsonl and loss_curve.png to --out.
+    tokenizer, manifest.json, trainer_log.jsonl and loss_curve.png to --out. --init-adapter continues a
+    trained adapter (the protocol's full SFT from its prep SFT).
 
     Example: gsmkit train sft --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
     --max-steps 200 --out runs/sft
     """
-    _run({**flags, "out": out}, config, preset, show_masking, json_out)
+    _run(TrainSettings, flags, config, preset, show_masking, json_out)
 
 
 @app.command("qlora")
-@command_from(TrainSettings, exclude=("full",), as_flags=True, fixed={"mode": "qlora"})
-def qlora(flags: dict, out: OutOpt = Path("runs/qlora"), preset: PresetOpt = None, config: ConfigOpt = None,
+@command_from(QloraSettings, exclude=("full",), as_flags=True, fixed={"mode": "qlora"})
+def qlora(flags: dict, preset: SftPresetOpt = None, config: ConfigOpt = None,  # type: ignore[valid-type]
           show_masking: ShowMaskingOpt = 0, json_out: JsonOpt = False) -> None:
     """4-bit QLoRA: nf4 base with double quantization, LoRA adapters trained in higher precision.
 
@@ -60,7 +67,23 @@ def qlora(flags: dict, out: OutOpt = Path("runs/qlora"), preset: PresetOpt = Non
     Example: gsmkit train qlora --model Qwen/Qwen2.5-1.5B-Instruct --data ../shared/data/gsm8k --k 5
     --max-steps 200 --out runs/qlora
     """
-    _run({**flags, "out": out}, config, preset, show_masking, json_out)
+    _run(QloraSettings, flags, config, preset, show_masking, json_out)
+
+
+def resolve(cls: type, flags: dict, config: Path | None, preset: str | None):
+    """The command's settings from the flags given, --config and --preset: a fault of the config file is one
+    line naming the file and the key (exit 1); contradictory options are a usage error (exit 2)."""
+    from gsmkit.errors import ConfigError
+    from gsmkit.training.config import resolve_settings
+    from gsmkit.training.config_file import ConfigFileError
+
+    try:
+        return resolve_settings(flags, config, preset, cls=cls)
+    except ConfigFileError:
+        raise
+    except ConfigError as err:
+        with usage_errors():
+            raise err from None
 
 
 def _logged(last: dict, key: str) -> str:
@@ -68,12 +91,11 @@ def _logged(last: dict, key: str) -> str:
     return f"{last[key]:.3f}" if isinstance(last.get(key), int | float) else "-"
 
 
-def _run(flags: dict, config: Path | None, preset: str | None, show_masking: int, json_out: bool) -> None:
+def _run(cls: type, flags: dict, config: Path | None, preset: str | None, show_masking: int,
+         json_out: bool) -> None:
     from gsmkit.progress import ProgressTask, stderr_console
-    from gsmkit.training.config import resolve_settings
 
-    with usage_errors():
-        settings = resolve_settings(flags, config, preset)
+    settings = resolve(cls, flags, config, preset)
     console = stderr_console()
     if show_masking:
         _show_masking(settings, show_masking, console)
@@ -143,13 +165,15 @@ def _show_masking(settings: TrainSettings, n: int, console) -> None:
 
 
 @app.command("grpo")
-@command_from(GrpoSettings)
-def grpo(settings: GrpoSettings, json_out: JsonOpt = False) -> None:
+@command_from(GrpoSettings, as_flags=True)
+def grpo(flags: dict, preset: GrpoPresetOpt = None, config: ConfigOpt = None,  # type: ignore[valid-type]
+         json_out: JsonOpt = False) -> None:
     """GRPO with LoRA on TRL's GRPOTrainer, rewarded for correct answers (answers.py) and format.
 
     Prompts are rendered as `eval gsm8k` renders them; the few-shot pool is removed from the problems.
     Writes the adapter, tokenizer, manifest.json, trainer_log.jsonl (rewards per step) and
-    reward_curve.png to --out; the adapter loads in `eval gsm8k --adapter`.
+    reward_curve.png to --out; the adapter loads in `eval gsm8k --adapter`. --preset and --config work as
+    in `train sft`.
 
     Example: gsmkit train grpo --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
     --style tags --train-samples 200 --max-steps 50 --out runs/grpo
@@ -158,6 +182,7 @@ def grpo(settings: GrpoSettings, json_out: JsonOpt = False) -> None:
     from gsmkit.progress import ProgressTask, stderr_console
     from gsmkit.training.grpo import train_grpo
 
+    settings = resolve(GrpoSettings, flags, config, preset)
     console = stderr_console()
     main = is_main_process()
     last: dict = {}

@@ -1,5 +1,6 @@
 """The one transformers-version shim of the training runs: `TrainingArguments` (train sft, qlora) and TRL's
-`GRPOConfig` (train grpo) built from the same settings under the names the installed version takes.
+`GRPOConfig` (train grpo) built from the same settings (--report-to included) under the names the installed
+version takes.
 
 In: the arguments class, the run's settings (`TrainingOptions` and the base-model group of
 `training.config`), the loaded model, the checkpoints folder and the trainer's own arguments.
@@ -48,7 +49,7 @@ def trainer_arguments(cls: type, settings: Any, loaded: Any, checkpoints: Path, 
         "save_steps": settings.save_steps or 500,
         "seed": settings.seed,
         "data_seed": settings.seed,
-        "report_to": [],
+        "report_to": list(getattr(settings, "report_to", ())) or "none",  # --report-to: none by default
         "bf16": loaded.dtype == torch.bfloat16 and loaded.device.type == "cuda",
         "fp16": loaded.dtype == torch.float16,
         "use_cpu": loaded.device.type == "cpu",

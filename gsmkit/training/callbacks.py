@@ -1,5 +1,5 @@
 """Trainer callbacks shared by every training run: the JSONL log written as training goes (by the main
-process of a launch only), and the wall-clock budget (`--time-limit`).
+process of a launch only), the wall-clock budget (`--time-limit`), and where a --report-to tensorboard writes.
 
 Before the first step the log's callback also checks the launch: an `accelerate launch` config that asks
 for FSDP, where accelerate runs plain DDP instead (its CPU processes), is an error, not a silent fallback.
@@ -79,7 +79,27 @@ def time_limit_callbacks(seconds: float | None) -> list:
 
 
 def read_log(log_path: Path) -> list[dict]:
-    """The rows of a trainer log (none when it does not exist)."""
+    """The rows of a trainer log (none when it does not exist), up to a torn or damaged line (a run killed
+    while writing it); the file is left as it is."""
+    rows: list[dict] = []
     if not log_path.exists():
-        return []
-    return [json.loads(x) for x in log_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        return rows
+    for raw in log_path.read_bytes().splitlines():
+        try:
+            row = json.loads(raw) if raw.strip() else None
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for garbage bytes
+            break
+        if row is not None:
+            if not isinstance(row, dict):
+                break
+            rows.append(row)
+    return rows
+
+
+def place_tensorboard(trainer, folder: Path) -> None:
+    """Point transformers' TensorBoard callback (--report-to tensorboard) at `folder` (OUT/tensorboard/, which
+    the publish moves into the finished run) instead of the checkpoints folder; TENSORBOARD_LOGGING_DIR, when
+    set, still wins."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
+            callback.logging_dir = str(folder)

@@ -1,31 +1,31 @@
-"""Training settings: `TrainSettings` (train sft | qlora), the base-model group every trainer shares, the
-presets and the `--config` YAML file.
+"""Training settings: `TrainSettings` (train sft | qlora), the option groups every trainer shares (the base
+model, `--init-adapter`, `--report-to`) and the presets.
 
-In: the flags given on the command line, a preset name and a YAML file of the same keys.
-Out: one checked `TrainSettings` (`resolve_settings`), each value taken from, in rising order: the
-field's default, the preset, the file, the flags. Each field's default, bounds and help are declared
-once, here or in the option groups of `gsmkit.settings`; the command line (`cli/train.py`), the
-config-file keys and their type coercion are all read from the fields.
+In: the values of the fields (`resolve_settings`: defaults < preset < --config file < flags, layered by
+`training.config_file`). Out: one checked `TrainSettings`; `resolved()` then reads what the settings name (the
+--rank-pattern file, the --init-adapter folder, the trackers installed) and returns the settings as the run
+uses them (`training.run` calls it first). Each field's default, bounds and help are declared once, here or
+in the option groups of `gsmkit.settings`; the command line (`cli/train.py`), the config-file keys and their
+type coercion are all read from the fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from gsmkit.errors import ConfigError
-from gsmkit.fields import check_fields, field_of, field_types, flag_of, setting
+from gsmkit.fields import check_fields, field_of, flag_of, setting
 from gsmkit.modeling import ModelSpec
-from gsmkit.settings import LoraOptions, PromptOptions, RunOptions, TrainingOptions, override
-from gsmkit.training.lora import read_rank_pattern
+from gsmkit.settings import DEFAULT_SOURCE, LoraOptions, PromptOptions, RunOptions, TrainingOptions, override
+from gsmkit.training.config_file import layered_settings
+from gsmkit.training.data import DEFAULT_POOL
 from gsmkit.training.lora_init import METHODS as INIT_METHODS
 
 TRAIN_POOL_HELP = "Few-shot pool to keep out of training."
-TRAIN_POOL_DEFAULT = "./fewshot_pool.jsonl, else the default pool drawn from GSM8K train"
+TRAIN_POOL_DEFAULT = f"./{DEFAULT_POOL}, else the default pool drawn from GSM8K train"
 
 # Presets from our users' course project; --config and flags override them. `medium` sweeps the last
 # checkpoints, so it also says how often to save them and how many problems to evaluate them on.
@@ -42,6 +42,9 @@ PRESET_BASELINES: dict[str, dict[str, float]] = {
     "medium": {"gsm8k.strict": 0.31, "safety": 0.34},
     "strong": {"gsm8k.strict": 0.37, "safety": 0.42},
 }
+# --report-to: the trackers transformers sends a Trainer's logs to, by its names, and the package each needs
+TRACKERS: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                                        "mlflow": ("mlflow",), "trackio": ("trackio",)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +70,54 @@ class BaseModelOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InitAdapterOptions:
+    """A trained LoRA adapter the run continues instead of a fresh one (`training.init_adapter`)."""
+
+    init_adapter: str | None = setting(
+        None, "Continue training this LoRA adapter (a `train sft|qlora|grpo` output, e.g. the prep SFT of "
+        "'prep SFT, then GRPO') instead of a fresh one: its rank, alpha and target modules train as they "
+        "are (another --lora-r, --lora-alpha or --target-modules is an error), on the base it was trained "
+        "on; the manifest records its sha256.",
+        cli_type=Path | None, parse=str, show_default=False, path={"exists": True, "file_okay": False})
+
+    def resolved_init_adapter(self) -> dict[str, Any]:
+        """The LoRA fields as the adapter fixes them, checked against those given ({} without one)."""
+        if self.init_adapter is None:
+            return {}
+        from gsmkit.training.init_adapter import adapter_fields
+
+        return adapter_fields(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingOptions:
+    """Where the Trainer's logs go besides trainer_log.jsonl."""
+
+    report_to: tuple[str, ...] = setting(
+        (), "Also send the training logs to this tracker (repeatable), as transformers names them: "
+        f"{' | '.join(TRACKERS)} (into OUT/tensorboard/); none: only trainer_log.jsonl.",
+        show_default="none")
+
+    def check_report_to(self) -> None:
+        for name in self.report_to:
+            if name not in (*TRACKERS, "none"):
+                raise ConfigError(f"unknown --report-to '{name}'",
+                                  hint=f"choose one of {', '.join(TRACKERS)} or none")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ConfigError("--report-to none contradicts the other --report-to values")
+
+    def resolved_report_to(self) -> dict[str, Any]:
+        """--report-to as the trainer gets it (none: no tracker), each tracker's package found installed."""
+        import importlib.util
+
+        for name in self.report_to:
+            if name != "none" and not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+                raise ConfigError(f"--report-to {name} needs the {TRACKERS[name][0]} package, which is not "
+                                  "installed", hint=f"pip install {TRACKERS[name][0]}")
+        return {"report_to": tuple(n for n in self.report_to if n != "none")}
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainPromptOptions(PromptOptions):
     """PromptOptions as train sft|qlora use them: the pool is the one kept out of training (and the one the
     evaluation after training draws from), k the exemplars of that evaluation."""
@@ -77,12 +128,16 @@ class TrainPromptOptions(PromptOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingOptions, RunOptions):
+class TrainSettings(BaseModelOptions, TrainPromptOptions, InitAdapterOptions, LoraOptions, LoggingOptions,
+                    TrainingOptions, RunOptions):
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
     model: str = override(ModelSpec, "model")
-    out: Path  # the command's own option: its default depends on the command
+    out: Path = setting(Path("runs/sft"), "Output folder for the adapter, logs and manifest.", short="-o",
+                        path={"file_okay": False, "dir_okay": True})
     mode: str = setting("sft", "sft (LoRA or --full on a full-precision base) or qlora (LoRA on 4-bit).",
                         choices=("sft", "qlora"), cli=False)
-    data: str = setting("openai/gsm8k", "Training data: GSM8K Hub id or local file/folder, or a JSONL of "
+    data: str = setting(DEFAULT_SOURCE, "Training data: GSM8K Hub id or local file/folder, or a JSONL of "
                         "{question, answer}, {prompt, response} or {messages}.")
     split: str = setting("train", "Split of a GSM8K source.")
     traces: str | None = setting(None, "A traces JSONL from `gsmkit generate-traces`, used instead of "
@@ -125,14 +180,19 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingO
     def __post_init__(self) -> None:
         check_fields(self)
         self.check_thinking()
+        self.check_report_to()
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")
-        if self.rank_pattern is not None:
-            if self.full:
-                raise ConfigError("--rank-pattern sets LoRA ranks and cannot be combined with --full",
-                                  hint="drop --full to train a LoRA adapter with those ranks")
-            read_rank_pattern(self.rank_pattern)  # a bad file (DataError) fails here, before any model loads
+        if self.rank_pattern is not None and self.full:
+            raise ConfigError("--rank-pattern sets LoRA ranks and cannot be combined with --full",
+                              hint="drop --full to train a LoRA adapter with those ranks")
+        if self.init_adapter is not None:
+            given = "--full" if self.full else "--rank-pattern" if self.rank_pattern is not None else (
+                f"--init-lora {self.init_lora}" if self.init_lora != "default" else None)
+            if given is not None:
+                raise ConfigError(f"--init-adapter continues a trained LoRA adapter and cannot be combined "
+                                  f"with {given}", hint=f"drop {given.split()[0]}: the adapter trains as is")
         if self.init_lora != "default" and self.mode != "qlora":
             raise ConfigError(f"--init-lora {self.init_lora} corrects the 4-bit quantization error and needs "
                               "`train qlora`", hint="drop --init-lora, or train with `gsmkit train qlora`")
@@ -160,115 +220,40 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, LoraOptions, TrainingO
     def load_in_4bit(self) -> bool:
         return self.mode == "qlora"
 
+    def resolved(self) -> TrainSettings:
+        """These settings as the run uses them (a new object; idempotent; `training.run` calls it before
+        anything else): the --rank-pattern file read and checked (a bad one fails here, before any model
+        loads), the LoRA shape of an --init-adapter, --report-to with its trackers found installed."""
+        if self.rank_pattern is not None:
+            from gsmkit.training.lora import read_rank_pattern
 
-def preset_help() -> str:
-    """--preset's help, from PRESETS itself."""
+            read_rank_pattern(self.rank_pattern)
+        return dataclasses.replace(self, **self.resolved_init_adapter(), **self.resolved_report_to())
+
+
+@dataclass(frozen=True, kw_only=True)
+class QloraSettings(TrainSettings):
+    """`train qlora`: the settings of `train sft` on a 4-bit base, with an output folder of its own."""
+
+    out: Path = override(TrainSettings, "out", Path("runs/qlora"))
+    mode: str = override(TrainSettings, "mode", "qlora")
+
+
+def resolve_settings(flags: dict[str, Any], config_file: Path | None = None, preset: str | None = None,
+                     cls: type | None = None) -> Any:
+    """The settings of a training run (`TrainSettings` unless `cls` says another): defaults < preset <
+    --config file < flags given (None means not given); `training.config_file.layered_settings`."""
+    return layered_settings(cls or TrainSettings, flags, config_file, preset)
+
+
+def preset_help(cls: type = TrainSettings, notes: dict[str, str] | None = None) -> str:
+    """--preset's help, from the presets of `cls` itself (with their `notes`)."""
+    notes = PRESET_NOTES if notes is None else notes
+
     def describe(name: str) -> str:
-        values = ", ".join(f"{flag_of(field_of(TrainSettings, k))} {v:g}" if isinstance(v, float)
-                           else f"{flag_of(field_of(TrainSettings, k))} {v}"
-                           for k, v in PRESETS[name].items())
-        return f"{name} ({values}{'; ' + PRESET_NOTES[name] if name in PRESET_NOTES else ''})"
+        values = ", ".join(f"{flag_of(field_of(cls, k))} {v:g}" if isinstance(v, float)
+                           else f"{flag_of(field_of(cls, k))} {v}"
+                           for k, v in cls.presets[name].items())
+        return f"{name} ({values}{'; ' + notes[name] if name in notes else ''})"
 
-    return " | ".join(describe(n) for n in PRESETS) + ". --config and flags override them."
-
-
-# ---- defaults < preset < --config < flags ----------------------------------------------------------------
-
-
-NOT_IN_CONFIG = ("model", "out", "mode")  # the command line names these
-
-
-def config_keys(cls: type = TrainSettings) -> dict[str, str]:
-    """Config-file key -> field name: each field's name and its option names (`lr`, `fewshot_pool`)."""
-    keys: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in NOT_IN_CONFIG:
-            continue
-        keys[f.name] = f.name
-        if f.metadata:
-            for flag in (flag_of(f).split("/")[0], *f.metadata.get("aliases", ()),
-                         *f.metadata.get("hidden_aliases", ())):
-                if flag.startswith("--"):
-                    keys.setdefault(flag[2:].replace("-", "_"), f.name)
-    return keys
-
-
-def _coerce(name: str, value: Any, field_type: Any, where: str) -> Any:
-    """A YAML value as the field's type: YAML 1.1 reads `2e-4` as a string, and a list is a tuple here."""
-    args = [a for a in typing.get_args(field_type) if a is not type(None)]
-    base = args[0] if type(None) in typing.get_args(field_type) and len(args) == 1 else field_type
-    if value is None or isinstance(value, bool):
-        return value
-    try:
-        if base is float and isinstance(value, str | int):
-            return float(value)
-        if base is int and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}") from None
-    if base is Path and isinstance(value, str):
-        return Path(value)
-    if typing.get_origin(base) is tuple and isinstance(value, list | tuple | str):
-        return (value,) if isinstance(value, str) else tuple(value)
-    return value
-
-
-def resolve_settings(flags: dict[str, Any], config_file: Path | None = None,
-                     preset: str | None = None) -> TrainSettings:
-    """defaults < preset < --config file < flags given on the command line (None means not given).
-
-    A `preset:` key in the config file applies that preset under the file's other keys; --preset wins.
-    An error caused by a value the preset set says so."""
-    types = field_types(TrainSettings)
-    keys = config_keys()
-    from_file: dict[str, Any] = {}
-    loaded = _read_config(config_file) if config_file is not None else {}
-    for key, value in loaded.items():
-        name = keys.get(str(key).replace("-", "_"))
-        if name is None:
-            raise ConfigError(f"{config_file}: unknown key '{key}'",
-                              hint="keys are the long option names, e.g. learning_rate, lora_r, max_steps")
-        from_file[name] = _coerce(name, value, types[name], str(config_file))
-    preset = preset or from_file.pop("preset", None)
-    from_file.pop("preset", None)
-    from_preset: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}'", hint=f"choose one of {', '.join(PRESETS)}")
-        from_preset = dict(PRESETS[preset])
-    given = {k: _coerce(k, v, types[k], "flags") if k in types else v
-             for k, v in flags.items() if v is not None}
-    values = {**from_preset, **from_file, **given, "preset": preset}
-    try:
-        return TrainSettings(**values)
-    except ConfigError as err:
-        kept = {k: v for k, v in from_preset.items() if k not in from_file and k not in given}
-        raise _blame_preset(err, preset, kept) from None
-    except TypeError as err:
-        raise ConfigError(f"invalid settings: {err}") from None
-
-
-def _blame_preset(err: ConfigError, preset: str | None, kept: dict[str, Any]) -> ConfigError:
-    """The error, saying which of the preset's values it is about (the user never typed those flags)."""
-    named = []
-    for name, value in kept.items():
-        flag = flag_of(field_of(TrainSettings, name))
-        if re.search(re.escape(flag) + r"(?![\w-])", err.message):
-            named.append(f"{flag} {value}")
-    if not named:
-        return err
-    return ConfigError(f"--preset {preset} sets {', '.join(named)}: {err.message}", hint=err.hint)
-
-
-def _read_config(config_file: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(config_file.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{config_file}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{config_file}: expected a mapping of option names to values")
-    return loaded
+    return " | ".join(describe(n) for n in cls.presets) + ". --config and flags override them."

@@ -25,6 +25,7 @@ from typing import Any
 from gsmkit.data.gsm8k import load_gsm8k
 from gsmkit.errors import DataError
 from gsmkit.jsonl import iter_jsonl
+from gsmkit.settings import DEFAULT_SOURCE
 
 # The fields that make each shape, in the order a missing one is reported.
 _SHAPES: dict[str, tuple[str, ...]] = {
@@ -232,7 +233,7 @@ def resolve_pool(pool: Path | None, data: str, traces: str | None = None) -> Kep
     """The few-shot pool to keep out of training: `pool` (--pool), else ./fewshot_pool.jsonl, else the
     default pool drawn from GSM8K train exactly as `gsmkit fewshot` would (seed 42, 8 examples): from
     `data` when it is a GSM8K source (Hub id, folder, .json/.parquet) and no `traces` file replaces it,
-    else from openai/gsm8k."""
+    else from GSM8K on the Hub (`DEFAULT_SOURCE`)."""
     from gsmkit.data import gsm8k
     from gsmkit.data.fewshot import DEFAULT_POOL_SIZE, DEFAULT_SEED, draw_pool, read_pool
 
@@ -244,7 +245,7 @@ def resolve_pool(pool: Path | None, data: str, traces: str | None = None) -> Kep
     # it would make a pool no evaluation uses, and remove a quarter of a small traces file. The draw
     # depends only on content, so GSM8K train from the Hub gives the same pool as any local copy.
     jsonl = str(data).lower().endswith(".jsonl")
-    source = data if (traces is None or traces == data) and not jsonl else "openai/gsm8k"
+    source = data if (traces is None or traces == data) and not jsonl else DEFAULT_SOURCE
     try:
         problems = gsm8k.load_gsm8k(source, "train")
     except DataError as err:

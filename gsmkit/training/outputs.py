@@ -2,10 +2,12 @@
 checkpoint, the log, the atomic publish of the finished run, and the checkpoint sweep.
 
 In: --out, --resume, --overwrite; at the end, the writers of the final files. Out: while a run trains,
-OUT holds `checkpoints/` (with --save-steps) and `trainer_log.jsonl`. The finished run is built in a
-hidden sibling of OUT (the model or adapter, the tokenizer, the manifest, the curve, the pool and a copy
-of the log), the run's `checkpoints/` is moved in, and `run_folder.publish_folder` swaps it into place:
-OUT is either the interrupted run (resumable) or the finished one, never half of each.
+OUT holds `checkpoints/` (with --save-steps), `tensorboard/` (with --report-to tensorboard) and
+`trainer_log.jsonl`. The finished run is built in a hidden sibling of OUT (the model or adapter, the
+tokenizer, the manifest, the curve, the pool and a copy of the log), the run's `checkpoints/` and
+`tensorboard/` are moved in, and `run_folder.publish_folder` swaps it into place: OUT is either the
+interrupted run (resumable) or the finished one, never half of each. A resumed run's log loses a torn last
+line (a run killed while writing it), as eval's journals do (`jsonl.Journal`).
 
 A folder holding the finished marker (`adapter_config.json`, `config.json` with --full) is a finished
 run; one with `checkpoint-N/` folders but no marker is an interrupted one (--resume continues it).
@@ -18,7 +20,6 @@ wait for the publish.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
+from gsmkit.jsonl import Journal, dumps_line
 from gsmkit.processes import is_main_process
 from gsmkit.run_folder import (
     FINGERPRINT,
@@ -38,6 +40,8 @@ from gsmkit.run_folder import (
 )
 
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"  # --report-to tensorboard's event files
+CARRIED = (CHECKPOINTS, TENSORBOARD)  # folders a run writes while it trains, moved into the finished run
 LOG = "trainer_log.jsonl"
 POOL = "fewshot_pool.jsonl"  # the pool the run kept out of training, beside the adapter
 SWEEP = "sweep.json"
@@ -91,8 +95,8 @@ def check_run_folder(out: Path, finished: Path, resume: bool, overwrite: bool,
 
 
 def _is_run_folder(out: Path) -> bool:
-    """Empty, or what a run that stopped early leaves (its log, an empty checkpoints folder)."""
-    return all(p.name in (CHECKPOINTS, LOG, FINGERPRINT) for p in out.iterdir())
+    """Empty, or what a run that stopped early leaves (its log, an empty checkpoints folder, its events)."""
+    return all(p.name in (*CARRIED, LOG, FINGERPRINT) for p in out.iterdir())
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -108,10 +112,10 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 def start_run(out: Path, resume_from: Path | None, overwrite: bool,
               fingerprint: dict[str, Any] | None = None) -> Path:
     """Create OUT, record the settings a --resume must repeat (`run.json`, gone once the run is published)
-    and return its log. --overwrite drops the old run's checkpoints and log (its finished files stay until
-    the new run replaces the folder); a resumed run keeps the log rows up to its checkpoint (it logs the
-    later steps again); a new run starts an empty log. Only the main process touches OUT; the others get
-    the log's path."""
+    and return its log. --overwrite drops the old run's checkpoints, events and log (its finished files stay
+    until the new run replaces the folder); a resumed run keeps the log rows up to its checkpoint (it logs
+    the later steps again; a torn last line is dropped); a new run starts an empty log. Only the main process
+    touches OUT; the others get the log's path."""
     log_path = out / LOG
     if not is_main_process():
         return log_path
@@ -119,12 +123,12 @@ def start_run(out: Path, resume_from: Path | None, overwrite: bool,
     if fingerprint is not None:
         RunOutput.folder(out, finals=()).begin(fingerprint)
     if overwrite:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        for name in CARRIED:
+            shutil.rmtree(out / name, ignore_errors=True)
     if resume_from is not None and log_path.exists():
         step = int(resume_from.name.split("-")[1])
-        kept = [x for x in log_path.read_text(encoding="utf-8").splitlines()
-                if x.strip() and json.loads(x).get("step", 0) <= step]
-        write_text(log_path, "".join(k + "\n" for k in kept))
+        kept = [row for row in Journal(log_path).load() if row.get("step", 0) <= step]
+        write_text(log_path, "".join(dumps_line(row) for row in kept))
     else:
         log_path.unlink(missing_ok=True)
     return log_path
@@ -133,21 +137,22 @@ def start_run(out: Path, resume_from: Path | None, overwrite: bool,
 def publish_run(out: Path, save: Callable[[Path], None], files: dict[str, Callable[[Path], None]]) -> None:
     """Replace OUT with the finished run: `save(folder)` writes the model (or adapter) and tokenizer and each
     `files[name](path)` one more file into a hidden sibling, with a copy of the log; then the run's
-    checkpoints move in (a rename) and the folder is swapped into place."""
+    checkpoints and events move in (renames) and the folder is swapped into place."""
     with staging_folder(out) as tmp:
         save(tmp)
         for name, write in files.items():
             write(tmp / name)
         if (out / LOG).exists():
             shutil.copy2(out / LOG, tmp / LOG)
-    checkpoints = out / CHECKPOINTS
     try:
-        if checkpoints.exists():
-            os.replace(checkpoints, tmp / CHECKPOINTS)
+        for name in CARRIED:
+            if (out / name).exists():
+                os.replace(out / name, tmp / name)
         publish_folder(tmp, out)
     except BaseException:
-        if (tmp / CHECKPOINTS).exists() and not checkpoints.exists():
-            os.replace(tmp / CHECKPOINTS, checkpoints)  # the interrupted run stays resumable
+        for name in CARRIED:
+            if (tmp / name).exists() and not (out / name).exists():
+                os.replace(tmp / name, out / name)  # the interrupted run stays resumable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -36,13 +36,20 @@ from typing import Any
 from gsmkit.errors import ConfigError
 
 ROLLOUTS = ("auto", "engine", "trl", "vllm")
+ROLLOUT_BATCH = 64  # --rollout-batch-size: the most completions the engine decodes at once
+
+
+def check_rollouts(choice: str, use_vllm: bool) -> None:
+    """`--use-vllm` is the old spelling of `--rollouts vllm`: with another path it is a contradiction."""
+    if use_vllm and choice not in ("auto", "vllm"):
+        raise ConfigError(f"--use-vllm contradicts --rollouts {choice}", hint="use --rollouts vllm alone")
 
 
 def resolve_rollouts(choice: str, use_vllm: bool, device_type: str) -> str:
-    """The rollout path a run takes: `--rollouts` with `--use-vllm` as the old spelling of `vllm`."""
+    """The rollout path a run takes on a device of `device_type`: `--rollouts`, with `--use-vllm` as the old
+    spelling of `vllm`."""
+    check_rollouts(choice, use_vllm)
     if use_vllm:
-        if choice not in ("auto", "vllm"):
-            raise ConfigError(f"--use-vllm contradicts --rollouts {choice}", hint="use --rollouts vllm alone")
         return "vllm"
     if choice != "auto":
         return choice
@@ -68,7 +75,7 @@ class EngineRollouts:
     over the run, for logs and benchmarks."""
 
     def __init__(self, tokenizer: Any, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                 batch_size: int = 64, chat_template_kwargs: dict[str, Any] | None = None):
+                 batch_size: int = ROLLOUT_BATCH, chat_template_kwargs: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
         self.chat_template_kwargs = chat_template_kwargs or {}
         self.max_new_tokens = max_new_tokens

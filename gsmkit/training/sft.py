@@ -5,7 +5,9 @@ options). Out: an output folder with the adapter (`adapter_model.safetensors`, `
 the tokenizer, `manifest.json`, `trainer_log.jsonl`, `loss_curve.png`, `fewshot_pool.jsonl` (the pool
 kept out of training) and `checkpoints/` when `--save-steps` asks for them, published whole
 (`training.outputs`). One path for `train sft` and `train qlora`: transformers' Trainer on a PEFT model,
-with our collator (response-only labels from `training.masking`).
+with our collator (response-only labels from `training.masking`); the run's skeleton (folder rules, model,
+adapter, publish) is `training.run`'s, and `SftRecipe` states what is SFT's. `--init-adapter` continues a
+trained LoRA adapter (`training.init_adapter`): the SFT-vs-GRPO protocol's full SFT starts from its prep SFT.
 
 Leakage: the few-shot pool is removed from the training rows by content hash before anything is
 tokenised, and the removed hashes are recorded in the manifest.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import resource
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 from gsmkit.errors import DataError
 from gsmkit.training.config import TrainSettings
 from gsmkit.training.data import KeptOutPool, resolve_pool
+from gsmkit.training.run import Recipe, TrainingRun
 
 
 @dataclass
@@ -98,138 +100,127 @@ def train(
     on_log: Callable[[dict], None] | None = None,
     on_init: Callable[[str, int, int], None] | None = None,
 ) -> TrainResult:
-    """Run one fine-tuning job end to end and return its summary (without the evaluation after it).
+    """Run one fine-tuning job end to end (`training.run`) and return its summary (without the evaluation
+    after it).
 
     Callbacks: `on_start(total_steps)`, `on_step(step, total)`, `on_log(trainer log row)`, and
     `on_init(stage, done, total)` while `--init-lora` calibrates and initialises the adapter."""
-    from gsmkit.training.outputs import check_run_folder, finished_marker, start_run, training_fingerprint
+    from gsmkit.training.run import run_training
 
-    out = settings.out
-    checkpoints = out / "checkpoints"
-    fingerprint = training_fingerprint(settings)
-    resume_from = check_run_folder(out, finished_marker(out, settings.full), settings.resume,
-                                   settings.overwrite, fingerprint,
-                                   inputs=(settings.model, settings.train_source, settings.pool))
-
-    from gsmkit.modeling import load_model, load_tokenizer
-
-    rows = training_rows(settings)  # the data and pool are checked before anything loads
-    tokenizer = load_tokenizer(settings.model)
-    encoded, removed, pool_origin, style = prepare_examples(settings, tokenizer, rows)
-    if settings.init_lora != "default":
-        from gsmkit.training.lora_init import checkpoint_files
-
-        # the weights the initialisation reads: a .gguf fails before the model loads
-        checkpoint_files(settings.model)
-
-    import torch
-    from transformers import Trainer, set_seed
-
-    from gsmkit.training.lora import add_lora, initialise_lora, lora_modules, lora_ranks, prepare_base
-    from gsmkit.training.memory import return_freed_memory
-
-    set_seed(settings.seed)
-    loaded = load_model(settings.model_spec(), for_training=True)
-    mmap_threshold = return_freed_memory(loaded.device)
-    model = loaded.model
-    targets: list[str] = []
-    wrapped: list[str] = []
-    lora_init: dict[str, Any] | None = None
-    ranks: dict[str, Any] | None = None
-    if settings.full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        model = prepare_base(model, settings.load_in_4bit, settings.checkpointing)
-        model, targets = add_lora(model, settings)
-        wrapped = lora_modules(model)
-        ranks = lora_ranks(model, settings)
-        if settings.init_lora != "default" and resume_from is None:  # a resumed run restores its adapter
-            lora_init = initialise_lora(model, settings, encoded, tokenizer.pad_token_id, on_init)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    from datasets import Dataset
-
-    from gsmkit.training.arguments import trainer_arguments
-    from gsmkit.training.callbacks import log_callbacks
-    from gsmkit.training.collate import PadCollator, tokens_seen
-
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids)} for e in encoded]
-    dataset = Dataset.from_list(rows)
-    log_path = start_run(out, resume_from, settings.overwrite, fingerprint)
-    from transformers import TrainingArguments
-
-    args = trainer_arguments(
-        TrainingArguments, settings, loaded, checkpoints, group_by_length=settings.group_by_length,
-        per_device_train_batch_size=settings.batch_size, num_train_epochs=settings.epochs,
-        logging_first_step=True, save_total_limit=settings.save_total_limit,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",  # real tokens, the numerator of the tokens/s we report
-    )
-    from gsmkit.training.loss import response_loss
-
-    loss = response_loss(model, settings.loss_chunk)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=PadCollator(tokenizer.pad_token_id), compute_loss_func=loss,
-                      callbacks=log_callbacks(log_path, on_log, on_step))
-    from transformers.trainer_callback import PrinterCallback
-
-    # logs go to trainer_log.jsonl and the progress bar; stdout stays for --json
-    trainer.remove_callback(PrinterCallback)
-    total_steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
-        len(dataset) / (settings.batch_size * settings.grad_accum)) * math.ceil(settings.epochs)
-    if on_start:
-        on_start(total_steps)
-    t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_s = time.perf_counter() - t0
-    steps = trainer.state.global_step
-
-    from gsmkit.training.outputs import publish_on_main
-
-    resolved = {"style": style, "k": settings.k, "lora_targets": targets,
-                "lora_module_count": len(wrapped),
-                "gradient_checkpointing": settings.checkpointing, "dtype": str(loaded.dtype),
-                "loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
-                "malloc_mmap_threshold": mmap_threshold,
-                "device": str(loaded.device), "processes": trainer.accelerator.num_processes,
-                "fewshot_pool": pool_origin, "removed_fewshot": len(removed),
-                "removed_fewshot_hashes": sorted(removed), "train_rows": len(encoded),
-                "truncated_rows": sum(e.truncated for e in encoded), "trainable_params": trainable,
-                "steps": steps, "lora_init": lora_init, "lora_ranks": ranks,
-                "resumed_from": str(resume_from) if resume_from else None}
-    publish_on_main(trainer, lambda weights: _publish(settings, trainer, tokenizer, log_path, resolved,
-                                                      weights))
-    seen = tokens_seen(trainer, encoded, steps, settings.batch_size * settings.grad_accum)
-    return TrainResult(
-        out=out, steps=steps, train_rows=len(encoded), removed_fewshot=len(removed),
-        trainable_tokens=sum(e.num_trainable for e in encoded),
-        train_loss=getattr(output, "training_loss", None), train_s=round(train_s, 2),
-        tokens_per_s=round(seen / train_s, 2) if train_s > 0 else 0.0, trainable_params=trainable,
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        peak_cuda_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        if torch.cuda.is_available() else None,
-    )
+    return run_training(settings, lambda resolved: SftRecipe(resolved, on_init), on_start, on_step, on_log)
 
 
-def _publish(settings: TrainSettings, trainer: Any, tokenizer: Any, log_path: Path, resolved: dict,
-             weights: dict[str, Any]) -> None:
-    """The finished run, swapped into --out whole (on the main process): the adapter (or model) from the
-    gathered `weights`, the tokenizer, the pool kept out of training (evaluation takes its exemplars from
-    it), the manifest and the loss curve."""
-    from gsmkit.data.gsm8k import source_file
-    from gsmkit.manifest import build_manifest
-    from gsmkit.training.callbacks import read_log
-    from gsmkit.training.outputs import publish_trained
-    from gsmkit.training.plots import plot_loss
+class SftRecipe(Recipe):
+    """`train sft | qlora` on transformers' Trainer: response-only labels, our collator, the chunked loss."""
 
-    pool = kept_out_pool(settings)
-    manifest = build_manifest(
-        f"train {settings.mode}", settings,
-        inputs={"data": source_file(settings.train_source, settings.split), "fewshot_pool": pool.path,
-                "rank_pattern": settings.rank_pattern},
-        seeds={"seed": settings.seed}, extra={"resolved": resolved},
-    )
+    curve = "loss_curve.png"
 
-    publish_trained(settings.out, trainer, tokenizer, pool.examples, manifest, "loss_curve.png",
-                    lambda p: plot_loss(read_log(log_path), p), weights)
+    def __init__(self, settings: TrainSettings, on_init: Callable[[str, int, int], None] | None = None):
+        super().__init__(settings)
+        self.on_init = on_init
+        self.encoded: list = []
+        self.rows: tuple | None = None
+        self.lora_init: dict[str, Any] | None = None
+        self.loss: Any = None
+
+    @property
+    def command(self) -> str:
+        return f"train {self.settings.mode}"
+
+    def finished_marker(self, out: Path) -> Path:
+        from gsmkit.training.outputs import finished_marker
+
+        return finished_marker(out, self.settings.full)
+
+    def inputs(self) -> tuple:
+        s = self.settings
+        return (s.model, s.train_source, s.pool, s.init_adapter)
+
+    def data_source(self) -> str:
+        return self.settings.train_source
+
+    def read_data(self) -> tuple[Any, list[str]]:
+        self.rows = training_rows(self.settings)
+        _, removed, pool = self.rows
+        return pool, removed
+
+    def prepare(self, tokenizer: Any) -> str:
+        self.encoded, _, _, style = prepare_examples(self.settings, tokenizer, self.rows)
+        return style
+
+    def check(self) -> None:
+        if self.settings.init_lora != "default":
+            from gsmkit.training.lora_init import checkpoint_files
+
+            checkpoint_files(self.settings.model)  # the weights the initialisation reads: a .gguf fails here
+
+    def start_adapter(self, run: TrainingRun) -> None:
+        if self.settings.init_lora != "default":
+            from gsmkit.training.lora import initialise_lora
+
+            self.lora_init = initialise_lora(run.model, self.settings, self.encoded,
+                                             run.tokenizer.pad_token_id, self.on_init)
+
+    def trainer(self, run: TrainingRun, callbacks: list) -> Any:
+        from datasets import Dataset
+        from transformers import Trainer, TrainingArguments
+
+        from gsmkit.training.arguments import trainer_arguments
+        from gsmkit.training.collate import PadCollator
+        from gsmkit.training.loss import response_loss
+
+        s = self.settings
+        dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels,
+                                      "length": len(e.input_ids)} for e in self.encoded])
+        args = trainer_arguments(
+            TrainingArguments, s, run.loaded, run.checkpoints, group_by_length=s.group_by_length,
+            per_device_train_batch_size=s.batch_size, num_train_epochs=s.epochs,
+            logging_first_step=True, save_total_limit=s.save_total_limit,
+            remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",  # real tokens: the numerator of our tokens/s
+        )
+        self.loss = response_loss(run.model, s.loss_chunk)
+        return Trainer(model=run.model, args=args, train_dataset=dataset,
+                       data_collator=PadCollator(run.tokenizer.pad_token_id), compute_loss_func=self.loss,
+                       callbacks=callbacks)
+
+    def total_steps(self, trainer: Any) -> int:
+        s = self.settings
+        if trainer.args.max_steps > 0:
+            return trainer.args.max_steps
+        return math.ceil(len(self.encoded) / (s.batch_size * s.grad_accum)) * math.ceil(s.epochs)
+
+    def resolved(self, run: TrainingRun) -> dict[str, Any]:
+        from gsmkit.training.lora import lora_ranks
+
+        loss = self.loss
+        return {"loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
+                "train_rows": len(self.encoded), "truncated_rows": sum(e.truncated for e in self.encoded),
+                "lora_init": self.lora_init,
+                "lora_ranks": None if self.settings.full else lora_ranks(run.trainer.model, self.settings)}
+
+    def manifest_inputs(self) -> dict[str, Any]:
+        return {"rank_pattern": self.settings.rank_pattern}
+
+    def draw_curve(self, logs: list[dict], path: Path) -> None:
+        from gsmkit.training.plots import plot_loss
+
+        plot_loss(logs, path)
+
+    def result(self, run: TrainingRun) -> TrainResult:
+        import torch
+
+        from gsmkit.training.collate import tokens_seen
+
+        s, encoded = self.settings, self.encoded
+        seen = tokens_seen(run.trainer, encoded, run.steps, s.batch_size * s.grad_accum)
+        return TrainResult(
+            out=run.out, steps=run.steps, train_rows=len(encoded), removed_fewshot=len(run.removed),
+            trainable_tokens=sum(e.num_trainable for e in encoded),
+            train_loss=getattr(run.output, "training_loss", None), train_s=round(run.train_s, 2),
+            tokens_per_s=round(seen / run.train_s, 2) if run.train_s > 0 else 0.0,
+            trainable_params=run.trainable,
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            peak_cuda_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if torch.cuda.is_available() else None,
+        )
