@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SFT against GRPO by sample budget, in the reasoning-tags format: a short prep SFT that teaches the format,
-# then per budget an SFT and a GRPO run (GRPO continuing the prep adapter), then traces sampled from the
-# largest budget's GRPO model and an SFT on those traces; every adapter evaluated the same way, and one
-# report with accuracy against budget.
+# then per budget an SFT and a GRPO run (both continuing the prep adapter), then traces sampled from the
+# largest budget's GRPO model and an SFT on those traces (from the prep adapter too); every adapter evaluated
+# the same way, and one report with accuracy against budget.
 #
 #   SMOKE=1 bash examples/sft_vs_grpo.sh                      # minutes on a CPU, SmolLM2-135M-Instruct
 #   MODEL=Qwen/Qwen2.5-1.5B-Instruct bash examples/sft_vs_grpo.sh
@@ -20,9 +20,9 @@
 #   NEW_TOKENS  generation budget of the evaluations, traces and GRPO rollouts (SMOKE 64, else 512)
 #   SEED        seed of every training run and of GRPO's draw of its problems (default 42)
 #
-# What a budget B means: `train sft --max-samples B` (one epoch over the first B training rows, a fresh
-# LoRA: train sft starts from the base, and its rows teach the format themselves) and `train grpo
-# --init-adapter WORK/prep --train-samples B` (B problems drawn with SEED). Everything is zero-shot in the
+# What a budget B means: `train sft --init-adapter WORK/prep --max-samples B` (one epoch over the first B
+# training rows) and `train grpo --init-adapter WORK/prep --train-samples B` (B problems drawn with SEED):
+# both continue the prep adapter, as the protocol's full SFT and GRPO do. Everything is zero-shot in the
 # tags style (`--style tags --k 0`): the system prompt asks for <start_working_out>...<end_working_out>
 # then <SOLUTION>n</SOLUTION>, and the evaluations report the share of outputs with a reasoning section and
 # with an answer.
@@ -67,9 +67,9 @@ evaluate() {  # evaluate RUN: the same N test problems, zero-shot, tags style
 
 runs=()
 for budget in $BUDGETS; do
-    # 3. SFT on the budget's rows.
+    # 3. SFT on the budget's rows, from the prep adapter.
     [ -f "$WORK/sft-$budget/adapter_config.json" ] || gsmkit train sft --overwrite "${sft[@]}" --data "$DATA" \
-        --max-samples "$budget" --out "$WORK/sft-$budget"
+        --init-adapter "$WORK/prep" --max-samples "$budget" --out "$WORK/sft-$budget"
     evaluate "sft-$budget"
 
     # 4. GRPO from the prep adapter on the budget's problems (2 prompts x 4 completions per step).
@@ -82,13 +82,13 @@ for budget in $BUDGETS; do
 done
 
 # 5. Traces from the largest budget's GRPO model (the first correct of up to 4 samples, else the gold
-# solution in the tags format), then an SFT on them.
+# solution in the tags format), then an SFT on them from the prep adapter.
 largest=$(printf '%s\n' $BUDGETS | sort -n | tail -1)
 [ -f "$WORK/traces.jsonl" ] || gsmkit generate-traces --model "$BASE" --adapter "$WORK/grpo-$largest" --data "$DATA" \
     --style tags --k 0 --num-samples "$TRACES" --max-attempts "$(pick 2 4)" --max-new-tokens "$NEW_TOKENS" \
     --out "$WORK/traces.jsonl"
 [ -f "$WORK/sft-traces/adapter_config.json" ] || gsmkit train sft --overwrite "${sft[@]}" \
-    --traces "$WORK/traces.jsonl" --out "$WORK/sft-traces"
+    --init-adapter "$WORK/prep" --traces "$WORK/traces.jsonl" --out "$WORK/sft-traces"
 evaluate sft-traces
 runs+=("$WORK/sft-traces" "$WORK/eval-sft-traces")
 
