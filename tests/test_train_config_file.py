@@ -107,3 +107,13 @@ def test_resume_after_a_torn_last_log_line(tmp_path, tiny_model_dir, small_gsm8k
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     resolved = json.loads((out / "manifest.json").read_text())["resolved"]
     assert resolved["resumed_from"].endswith("checkpoint-1")
+
+
+def test_grpo_preset_table_matches_the_presets():
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "formats.md").read_text(encoding="utf-8")
+    section = text[text.index("`train grpo --preset` sets"):]
+    for name, values in GRPO_PRESETS.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        assert set(re.findall(r"`(\w+): ([^`]+)`", row)) == {(k, f"{v:g}") for k, v in values.items()}, row
