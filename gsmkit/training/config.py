@@ -51,7 +51,8 @@ TRACKERS: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard", "tensorbo
 class BaseModelOptions:
     """How the base model of a training run loads, flat on the settings (as --config keys and manifests
     read them). The settings class declares `model` and `load_in_4bit`; `model_spec()` is the one place a
-    training run (and the evaluation after it) builds its `ModelSpec`."""
+    training run (and the evaluation after it) builds its `ModelSpec`, and `check_run()` the checks every
+    trainer's settings share."""
 
     dtype: str = override(ModelSpec, "dtype")
     device: str = override(ModelSpec, "device")
@@ -61,6 +62,17 @@ class BaseModelOptions:
         run: Any = self  # the settings class gives `model` and `load_in_4bit`
         return ModelSpec(model=run.model, adapter=str(adapter) if adapter is not None else None,
                          dtype=self.dtype, device=self.device, load_in_4bit=run.load_in_4bit)
+
+    def check_run(self) -> None:
+        """What every trainer's settings check as they are built (no file is read): each field's bounds and
+        choices, --thinking, --report-to, --resume against --overwrite, --dtype and --device."""
+        run: Any = self  # the settings class gives the other groups
+        check_fields(run)
+        run.check_thinking()
+        run.check_report_to()
+        if run.resume and run.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other")
+        self.model_spec()  # --dtype and --device are checked where they are defined, before any model loads
 
     @property
     def checkpointing(self) -> bool:
@@ -178,9 +190,7 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, InitAdapterOptions, Lo
                                  choices=tuple(PRESETS), cli=False)
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        self.check_thinking()
-        self.check_report_to()
+        self.check_run()
         if self.mode == "qlora" and self.full:
             raise ConfigError("--full fine-tunes every weight and cannot be combined with 4-bit QLoRA",
                               hint="use `gsmkit train sft --full`")
@@ -207,9 +217,6 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, InitAdapterOptions, Lo
         if self.eval_limit and self.eval_data is None and training_file:
             raise ConfigError("--eval-limit would evaluate on the training file itself",
                               hint="name held-out problems with --eval-data (a GSM8K folder or test file)")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other")
-        self.model_spec()  # --dtype and --device are checked where they are defined, before any model loads
 
     @property
     def train_source(self) -> str:

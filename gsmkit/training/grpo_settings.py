@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gsmkit.errors import ConfigError
-from gsmkit.fields import check_fields, setting
+from gsmkit.fields import setting
 from gsmkit.modeling import ModelSpec
 from gsmkit.settings import (
     DEFAULT_SOURCE,
@@ -124,15 +124,10 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, InitAdapterOptions, Grpo
                                  choices=tuple(GRPO_PRESETS), cli=False)
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        self.check_thinking()
-        self.check_report_to()
+        self.check_run()
         if not any(w != 0 for w in self.weights.values()):
             raise ConfigError("--reward-weights: every weight is 0, so there is nothing to learn from")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other")
         check_rollouts(self.rollouts, self.use_vllm)
-        self.model_spec()  # --dtype and --device are checked where they are defined, before any model loads
 
     def resolved(self) -> GrpoSettings:
         """These settings as the run uses them (a new object; idempotent; `training.run` calls it before
