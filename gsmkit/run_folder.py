@@ -115,7 +115,6 @@ class RunOutput:
         check_output(self.out, folder=self.root == self.out, inputs=self.inputs,
                      owned=[self.path(r) for r in self.names], what=self.what)
 
-    check_kind = check  # the name compare still calls
 
     def prepare(self, fingerprint: Any) -> bool:
         """Decide what to do with what is there; True when a partial run with these settings resumes."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gsmkit.errors import ConfigError
-from gsmkit.evaluation.run import OnProgress, OnStart
+from gsmkit.evaluation.run import OnProgress, OnStart, run_inputs
 from gsmkit.fields import Record, setting
 from gsmkit.generation import SamplingSettings
 from gsmkit.modeling import ModelSpec
@@ -127,7 +127,7 @@ class TraceSettings(ProblemRunOptions):
 def run_output(settings: TraceSettings) -> RunOutput:
     """The traces file and its sidecars (stats, manifest), with a journal while the run goes on."""
     return RunOutput.file(settings.out, sidecars=(STATS,), journals=(PARTIAL,), overwrite=settings.overwrite,
-                          what="trace generation")
+                          what="trace generation", inputs=run_inputs(settings))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -57,6 +57,9 @@ class _Settings:
     model: _Model = field(default_factory=_Model)
     k: int = 0
     overwrite: bool = False
+    data: str = "openai/gsm8k"  # the inputs an output may not replace (evaluation.run.run_inputs)
+    pool: Path | None = None
+    steer: Path | None = None
 
 
 def write_eval(out: Path, preds: list[Prediction], adapter: str | None = None) -> Path:

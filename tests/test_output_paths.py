@@ -185,15 +185,6 @@ COMMANDS: dict[str, tuple[bool, Argv, Inside]] = {
     "report": (True, _report, _at(_report, lambda i: i.run_a)),
     "bench": (True, _bench, _at(_bench, lambda i: i.run_a)),
 }
-# The commands whose library does not yet hand its inputs (or its output path) to run_folder's rule; each
-# test below turns into a failure (strict xfail) once it does, so the mark must then go.
-NOT_WIRED = {
-    ("eval gsm8k", "inside"): "evaluation/gsm8k.py run_output: RunOutput.folder(..., inputs=...)",
-    ("generate-traces", "inside"): "traces.py run_output: RunOutput.file(..., inputs=...)",
-    ("report", "inside"): "studies/report.py: check_output(out, folder=True, inputs=run folders)",
-}
-# what only a real write refuses: no check_output runs before it, so a simulated lock cannot stop it
-WRITE_ONLY = {"report"}
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple[bool, int, int]]:
@@ -205,7 +196,7 @@ def _snapshot(*roots: Path) -> dict[str, tuple[bool, int, int]]:
     return seen
 
 
-def _assert_refused(command: str, args: list[str], out: Path, *roots: Path) -> None:
+def _assert_refused(args: list[str], out: Path, *roots: Path) -> None:
     before = _snapshot(*roots)
     t0 = time.perf_counter()
     res = runner.invoke(app, args, env={"COLUMNS": "400"})
@@ -215,24 +206,19 @@ def _assert_refused(command: str, args: list[str], out: Path, *roots: Path) -> N
     assert "Traceback" not in res.output
     lines = res.output.splitlines()
     errors = [line for line in lines if line.startswith("error:") or "Invalid value" in line]
-    # the path; for an OS error on the write itself, the folder it goes in (the error's own file)
-    named = out.parent if command in WRITE_ONLY else out
-    assert len(errors) == 1 and str(named) in errors[0], res.output
+    assert len(errors) == 1 and str(out) in errors[0], res.output
     if res.exit_code == 1:
         assert sum(line.startswith("hint:") for line in lines) == 1, res.output
     assert _snapshot(*roots) == before, "a refused run changed or left files behind"
     assert elapsed < 5, f"refused after {elapsed:.1f}s: something heavy ran first"
 
 
-def _case(command: str, case: str):
-    marks = []
-    if (command, case) in NOT_WIRED:
-        marks.append(pytest.mark.xfail(strict=True, reason=f"needs {NOT_WIRED[command, case]}"))
-    return pytest.param(command, marks=marks, id=command.replace(" ", "-"))
+def _case(command: str):
+    return pytest.param(command, id=command.replace(" ", "-"))
 
 
-def _params(case: str, folders_only: bool = False) -> list:
-    return [_case(c, case) for c, (folder, _, _) in COMMANDS.items() if folder or not folders_only]
+def _params(folders_only: bool = False) -> list:
+    return [_case(c) for c, (folder, _, _) in COMMANDS.items() if folder or not folders_only]
 
 
 def _name(command: str, stem: str) -> str:
@@ -274,49 +260,47 @@ def locked(tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("no_loading")
-@pytest.mark.parametrize("command", _params("unwritable"))
+@pytest.mark.parametrize("command", _params())
 def test_an_unwritable_parent_folder_is_one_line(command, inputs, locked, tmp_path):
-    folder, how = locked
-    if how == "simulated" and command in WRITE_ONLY:
-        pytest.skip(f"{command} meets the lock only on the write itself, which a simulated lock cannot stop")
+    folder, _how = locked
     out = folder / _name(command, "out")
-    _assert_refused(command, COMMANDS[command][1](out, inputs), out, tmp_path, inputs.root)
+    _assert_refused(COMMANDS[command][1](out, inputs), out, tmp_path, inputs.root)
 
 
 # ---- a file in the way -------------------------------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("no_loading")
-@pytest.mark.parametrize("command", _params("file-parent"))
+@pytest.mark.parametrize("command", _params())
 def test_a_file_where_a_parent_folder_must_go_is_one_line(command, inputs, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder\n")
     out = blocker / _name(command, "out")
-    _assert_refused(command, COMMANDS[command][1](out, inputs), out, tmp_path, inputs.root)
+    _assert_refused(COMMANDS[command][1](out, inputs), out, tmp_path, inputs.root)
 
 
 @pytest.mark.usefixtures("no_loading")
-@pytest.mark.parametrize("command", _params("file-out", folders_only=True))
+@pytest.mark.parametrize("command", _params(folders_only=True))
 def test_a_file_where_the_output_folder_must_go_is_one_line(command, inputs, tmp_path):
     out = tmp_path / "blocker"
     out.write_text("not a folder\n")
-    _assert_refused(command, COMMANDS[command][1](out, inputs), out, tmp_path, inputs.root)
+    _assert_refused(COMMANDS[command][1](out, inputs), out, tmp_path, inputs.root)
 
 
 # ---- an output inside one of the run's inputs --------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("no_loading")
-@pytest.mark.parametrize("command", _params("inside"))
+@pytest.mark.parametrize("command", _params())
 def test_an_output_inside_one_of_the_inputs_is_refused(command, inputs, tmp_path):
     args, out = COMMANDS[command][2](inputs)
-    _assert_refused(command, args, out, tmp_path, inputs.root, inputs.model)
+    _assert_refused(args, out, tmp_path, inputs.root, inputs.model)
 
 
 @pytest.mark.usefixtures("no_loading")
 def test_merge_refuses_an_output_inside_the_base_model_folder(inputs, tmp_path):
     out = inputs.model / "merged"
-    _assert_refused("merge", _merge(out, inputs), out, tmp_path, inputs.root, inputs.model)
+    _assert_refused(_merge(out, inputs), out, tmp_path, inputs.root, inputs.model)
 
 
 @pytest.mark.usefixtures("no_loading")

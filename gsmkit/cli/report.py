@@ -34,12 +34,15 @@ def report(settings: ReportSettings, runs: RunsArg, json_out: JsonOpt = False) -
     from gsmkit.errors import DataError
     from gsmkit.manifest import build_manifest
     from gsmkit.progress import stderr_console
+    from gsmkit.run_folder import check_output
     from gsmkit.studies.report import check_rows, group_rows, summarize
     from gsmkit.studies.report_files import write_report
     from gsmkit.studies.runs import find_runs
 
     console = stderr_console()
+    check_output(settings.out, folder=True, inputs=runs, what="report")  # writable, and none of the runs
     found, skipped = find_runs(runs)  # every run file is read and checked here, before anything is written
+    check_output(settings.out, folder=True, inputs=[r.path for r in found], what="report")
     if not found:
         why = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
         raise DataError(f"no finished gsmkit runs in {' '.join(runs)}" + (f" ({why})" if why else ""),

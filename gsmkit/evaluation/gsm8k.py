@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gsmkit.evaluation.run import OnProgress, OnStart
+from gsmkit.evaluation.run import OnProgress, OnStart, run_inputs
 from gsmkit.evaluation.stats import wilson_interval
 from gsmkit.fields import Record, setting
 from gsmkit.generation import SamplingSettings
@@ -225,7 +225,7 @@ def split_fields(split: Split, tokenizer: Any) -> dict[str, Any]:
 def run_output(settings: EvalSettings) -> RunOutput:
     """The evaluation's folder: predictions, metrics and manifest, with a journal while it runs."""
     return RunOutput.folder(settings.out, finals=(PREDICTIONS, METRICS), journals=(PARTIAL,),
-                            overwrite=settings.overwrite, what="evaluation")
+                            overwrite=settings.overwrite, what="evaluation", inputs=run_inputs(settings))
 
 
 def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,

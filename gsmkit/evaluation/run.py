@@ -46,6 +46,12 @@ def check_thinking_early(spec: Any, style: str, thinking: str, budget: int | Non
                          "--style tags")
 
 
+def run_inputs(settings: Any) -> tuple[Any, ...]:
+    """The files and folders an `eval gsm8k` or `generate-traces` run reads (its output may never be one, nor
+    replace one: `run_folder.check_output`); Hub ids are skipped there."""
+    return (settings.data, settings.pool, settings.model.model, settings.model.adapter, settings.steer)
+
+
 def problem_run_fingerprint(settings: Any) -> dict[str, Any]:
     """What must match for a partial `eval gsm8k` or `generate-traces` run to be resumed: every setting that
     changes its rows (not where they go, nor how fast they are made). A run without --thinking-budget

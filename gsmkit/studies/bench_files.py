@@ -30,8 +30,7 @@ AGGREGATE_HEADERS = ["variant", "seeds", "mean delta", "95% CI (seeds x problems
 def _output(out: Path, finals: tuple[str, ...]) -> RunOutput:
     """The bench's files in `out`; a folder holding another command's output is refused (its manifest.json
     would be replaced)."""
-    output = RunOutput.folder(Path(out), finals=finals, what="bench", overwrite=True)
-    output.check_kind()
+    output = RunOutput.folder(Path(out), finals=finals, what="bench", overwrite=True)  # checks the path
     manifest = Path(out) / MANIFEST
     if manifest.is_file():
         try:

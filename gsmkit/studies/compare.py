@@ -272,9 +272,11 @@ def _plain(obj: Any) -> Any:
 def compare_evaluations(settings: CompareSettings, a: str | Path, b: str | Path) -> dict[str, Any]:
     """Read A and B, compare them and, with `--out`, write the comparison with its manifest; returns the
     comparison plus `out` (the file written, or None). Nothing is written when the inputs are refused."""
-    from gsmkit.run_folder import MANIFEST
+    from gsmkit.run_folder import MANIFEST, check_output
     from gsmkit.studies.compare_ppl import ITEMS, compare_ppl, is_ppl_run, load_ppl_run
 
+    if settings.out is not None:  # writable, and not A or B, before anything is read
+        check_output(settings.out, folder=False, inputs=(a, b), what="comparison")
     if is_ppl_run(a) or is_ppl_run(b):
         if not (is_ppl_run(a) and is_ppl_run(b)):
             ppl, other = (a, b) if is_ppl_run(a) else (b, a)
@@ -304,13 +306,13 @@ def _write_out(settings: CompareSettings, result: dict[str, Any], read: tuple[Pa
                inputs: dict[str, Path], a: str | Path, b: str | Path) -> None:
     """With --out: the comparison and its manifest, atomically, never over one of the files it read."""
     from gsmkit.manifest import build_manifest
-    from gsmkit.run_folder import RunOutput, check_not_an_input, json_writer
+    from gsmkit.run_folder import RunOutput, json_writer
 
     if settings.out is None:
         return
-    output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="comparison", keep_suffix=True)
-    output.check_kind()
-    check_not_an_input(settings.out, read)  # --out must never replace a file it compares
+    # --out must never replace a file it compares (checked first in compare_evaluations, and again here)
+    output = RunOutput.file(settings.out, sidecars=(), overwrite=True, what="comparison", keep_suffix=True,
+                            inputs=read)
     manifest = build_manifest("compare", settings, inputs=inputs, seeds={"bootstrap": settings.seed},
                               extra={"compared": [str(a), str(b)]})
     output.publish({"main": json_writer({**result, "manifest": manifest})})
