@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gsmkit.training.outputs import LOG
+
 
 class Recipe:
     """What one kind of training run does differently; subclasses set the class attributes and override the
@@ -127,7 +129,7 @@ class TrainingRun:
         self.peft_config: Any = None
         self.targets: list[str] = []
         self.mmap_threshold: int | None = None
-        self.log_path = self.out / "trainer_log.jsonl"
+        self.log_path = self.out / LOG
         self.trainer: Any = None
         self.output: Any = None
         self.train_s = 0.0
@@ -143,60 +145,80 @@ class TrainingRun:
         return self.out / CHECKPOINTS
 
     def run(self) -> Any:
-        from gsmkit.training.outputs import check_run_folder, start_run, training_fingerprint
+        """The steps in order (the module's docstring); returns the recipe's result."""
+        from gsmkit.training.outputs import publish_on_main, training_fingerprint
 
-        s, recipe = self.settings, self.recipe
-        fingerprint = training_fingerprint(s)
-        self.resume_from = check_run_folder(self.out, recipe.finished_marker(self.out), s.resume, s.overwrite,
-                                            fingerprint, inputs=recipe.inputs())
-        self.pool, self.removed = recipe.read_data()  # the data is checked before anything loads
+        fingerprint = training_fingerprint(self.settings)
+        self.check_folder(fingerprint)
+        self.read_inputs()
+        self.load_model()
+        self.build_trainer(fingerprint)
+        self.train()
+        publish_on_main(self.trainer, self._publish)
+        return self.recipe.result(self)
 
-        from gsmkit.modeling import load_model, load_tokenizer
+    def check_folder(self, fingerprint: dict[str, Any]) -> None:
+        """The folder rules: refuse, resume (from which checkpoint) or overwrite."""
+        from gsmkit.training.outputs import check_run_folder
 
-        self.tokenizer = load_tokenizer(s.model)
-        self.style = recipe.prepare(self.tokenizer)
-        recipe.check()
+        s = self.settings
+        self.resume_from = check_run_folder(self.out, self.recipe.finished_marker(self.out), s.resume,
+                                            s.overwrite, fingerprint, inputs=self.recipe.inputs())
 
+    def read_inputs(self) -> None:
+        """The data (checked before anything loads), the tokenizer, the rows or prompts made with it."""
+        from gsmkit.modeling import load_tokenizer
+
+        self.pool, self.removed = self.recipe.read_data()
+        self.tokenizer = load_tokenizer(self.settings.model)
+        self.style = self.recipe.prepare(self.tokenizer)
+        self.recipe.check()
+
+    def load_model(self) -> None:
+        """The seeded base model and the weights that train."""
         from transformers import set_seed
 
+        from gsmkit.modeling import load_model
         from gsmkit.training.memory import return_freed_memory
 
+        s = self.settings
         set_seed(s.seed)
         self.loaded = load_model(s.model_spec(), for_training=True)
         self.mmap_threshold = return_freed_memory(self.loaded.device)
-        self.model, self.peft_config, self.targets = trainable(self.loaded.model, s, recipe.wraps_lora)
+        self.model, self.peft_config, self.targets = trainable(self.loaded.model, s, self.recipe.wraps_lora)
         if self.resume_from is None and s.init_adapter is None:  # a resumed run restores its adapter
-            recipe.start_adapter(self)
+            self.recipe.start_adapter(self)
 
+    def build_trainer(self, fingerprint: dict[str, Any]) -> None:
+        """The log started, the recipe's trainer with the shared callbacks, and what every trainer needs
+        done to it; the trainable weights counted (none is a bug, never a silent run)."""
         from transformers.trainer_callback import PrinterCallback
 
         from gsmkit.training import callbacks as cb
         from gsmkit.training.lora import lean_dropout, lora_modules
-        from gsmkit.training.outputs import TENSORBOARD
+        from gsmkit.training.outputs import TENSORBOARD, start_run
 
+        s, calls = self.settings, self.callbacks
         self.log_path = start_run(self.out, self.resume_from, s.overwrite, fingerprint)
-        calls = self.callbacks
-        self.trainer = recipe.trainer(self, cb.log_callbacks(self.log_path, calls.on_log, calls.on_step)
-                                      + cb.time_limit_callbacks(getattr(s, "time_limit_s", None)))
+        self.trainer = self.recipe.trainer(self, cb.log_callbacks(self.log_path, calls.on_log, calls.on_step)
+                                           + cb.time_limit_callbacks(getattr(s, "time_limit_s", None)))
         self.trainer.remove_callback(PrinterCallback)  # logs go to the log and the bar; stdout is --json's
         cb.place_tensorboard(self.trainer, self.out / TENSORBOARD)
         lean_dropout(self.trainer.model)  # the adapter the trainer holds, whoever attached it
         self.wrapped = lora_modules(self.trainer.model)
         self.trainable = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
-        if self.trainable == 0:  # a bug, never a silent run that trains nothing
+        if self.trainable == 0:
             raise RuntimeError("no trainable parameter: the adapter was frozen")
-        if calls.on_start:
-            calls.on_start(recipe.total_steps(self.trainer))
+
+    def train(self) -> None:
+        """Training, timed, from the checkpoint a --resume continues."""
+        if self.callbacks.on_start:
+            self.callbacks.on_start(self.recipe.total_steps(self.trainer))
         t0 = time.perf_counter()
-        self.output = self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from
-                                         else None)
+        resume = str(self.resume_from) if self.resume_from else None
+        self.output = self.trainer.train(resume_from_checkpoint=resume)
         self.train_s = time.perf_counter() - t0
         self.steps = self.trainer.state.global_step
-
-        from gsmkit.training.outputs import publish_on_main
-
-        publish_on_main(self.trainer, self._publish)
-        return recipe.result(self)
 
     def resolved(self) -> dict[str, Any]:
         """The manifest's `resolved`: what every run records, then the recipe's own fields."""
