@@ -99,3 +99,12 @@ def test_a_tracker_that_is_not_installed_fails_before_anything_loads(tmp_path, m
         assert_clean_failure(res, out, 1, "--report-to wandb needs the wandb package")
     res = runner.invoke(app, ["train", "grpo", "--model", "m", "--report-to", "comet", "--out", str(out)])
     assert_clean_failure(res, out, 2, "unknown --report-to 'comet'")
+
+
+def test_a_resume_may_change_the_trackers(tmp_path):
+    from gsmkit.training.outputs import training_fingerprint
+
+    plain = TrainSettings(model="m", out=tmp_path)
+    tracked = TrainSettings(model="m", out=tmp_path, report_to=("tensorboard",))
+    assert training_fingerprint(plain) == training_fingerprint(tracked)
+    assert training_fingerprint(plain) != training_fingerprint(TrainSettings(model="m", out=tmp_path, lora_r=8))

@@ -51,11 +51,12 @@ def finished_marker(out: Path, full: bool = False) -> Path:
     return out / ("config.json" if full else "adapter_config.json")
 
 
-# What a resumed run may change: how long it trains, what it saves and logs, and what runs after it.
+# What a resumed run may change: how long it trains, what it saves and logs (and where: --report-to), and what
+# runs after it.
 # `loss_chunk` changes how the loss is computed, not its value.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "max_steps", "epochs", "time_limit", "save_steps",
-                     "save_total_limit", "logging_steps", "loss_chunk", "eval_limit", "eval_data",
-                     "eval_max_new_tokens", "sweep_last", "preset")
+                     "save_total_limit", "logging_steps", "report_to", "loss_chunk", "eval_limit",
+                     "eval_data", "eval_max_new_tokens", "sweep_last", "preset")
 
 
 def training_fingerprint(settings: Any) -> dict[str, Any]:
