@@ -107,4 +107,5 @@ def test_a_resume_may_change_the_trackers(tmp_path):
     plain = TrainSettings(model="m", out=tmp_path)
     tracked = TrainSettings(model="m", out=tmp_path, report_to=("tensorboard",))
     assert training_fingerprint(plain) == training_fingerprint(tracked)
-    assert training_fingerprint(plain) != training_fingerprint(TrainSettings(model="m", out=tmp_path, lora_r=8))
+    other = TrainSettings(model="m", out=tmp_path, lora_r=8)
+    assert training_fingerprint(plain) != training_fingerprint(other)
