@@ -285,23 +285,21 @@ def generate_traces(settings: TraceSettings, on_start: OnStart = None,
                     on_progress: OnProgress = None) -> TraceStats:
     """Run the trace generation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
-    settings = settings.resolved()
     from gsmkit.answers import answers_equal, to_tags
     from gsmkit.evaluation.run import ProblemRun
     from gsmkit.generation import GenRequest
-    from gsmkit.reasoning import opened_by_prompt, opening_in_prompt, read_answer
+    from gsmkit.reasoning import opening_in_prompt, read_answer
 
-    run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.num_samples)
-    fmt = run.answer_format
-    section = run.section  # answers are read after it (the metric's rule)
+    run = ProblemRun.start(settings, run_output, PARTIAL, settings.num_samples)
+    settings, fmt, section = run.settings, run.answer_format, run.section  # answers are read after section
     by_id = {p.id: p for p in run.problems}
     todo = run.todo
-    encoded = {p.id: run.encode(p.question) for p in todo}
-    opened = {pid: opened_by_prompt(text, section) for pid, (text, _) in encoded.items()}
+    prompts = run.prompts()
+    opened = {pid: prompt.opened for pid, prompt in prompts.items()}
     # a kept trace holds its whole section: the opening tag a thinking template wrote into the prompt goes in
     # front of the completion, so SFT on the trace teaches it (and the template reads the section back)
-    opening = {pid: opening_in_prompt(text, section) for pid, (text, _) in encoded.items()}
-    requests = [GenRequest(p.id, encoded[p.id][1], num_samples=settings.max_attempts) for p in todo]
+    opening = {pid: opening_in_prompt(prompt.text, section) for pid, prompt in prompts.items()}
+    requests = [GenRequest(p.id, prompts[p.id].ids, num_samples=settings.max_attempts) for p in todo]
 
     def answer_of(pid: str, text: str) -> str | None:
         return read_answer(text, fmt, section, opened[pid])

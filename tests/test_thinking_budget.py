@@ -95,7 +95,8 @@ def test_greedy_budget_is_the_same_at_every_batch_and_with_or_without_the_prefix
     first = runs[(None, True)]
     for key, results in runs.items():
         assert {k: r.token_ids for k, r in results.items()} == {k: r.token_ids for k, r in first.items()}, key
-    assert all(r.budget_forced for r in first.values())  # the section never closes by itself here
+        assert [r.budget_forced for r in results.values()] == [first[k].budget_forced for k in results]
+    assert any(r.budget_forced for r in first.values())
 
 
 def test_end_tag_stands_exactly_at_the_budget_and_the_rest_is_the_models(loaded, requests):
@@ -107,6 +108,9 @@ def test_end_tag_stands_exactly_at_the_budget_and_the_rest_is_the_models(loaded,
     budgeted = _generate(loaded, requests)
     forced = [k for k, r in budgeted.items() if r.budget_forced]
     assert forced
+    for key, result in budgeted.items():  # a row the budget did not reach is the row without a budget
+        if key not in forced:
+            assert result.token_ids == free[key].token_ids, key
     for key in forced:
         tokens = budgeted[key].token_ids
         assert tokens[BUDGET:BUDGET + len(end)] == end
@@ -213,10 +217,10 @@ def test_eval_gsm8k_records_forced_rows_and_refuses_a_resume_with_another_budget
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
     forced = sum(r["budget_forced"] for r in rows)
-    assert forced == 4  # the random model never closes its section itself
+    assert forced >= 1  # (a row may end before the budget)
     assert metrics["thinking_budget"] == BUDGET and metrics["budget_forced"] == forced / 4
     assert metrics["ci95_budget_forced"] == list(wilson_interval(forced, 4))
-    assert all(not r["ended_in_reasoning"] and r["reasoning"] is not None for r in rows)
+    assert all(not r["ended_in_reasoning"] and r["reasoning"] is not None for r in rows if r["budget_forced"])
     assert json.loads((out / "manifest.json").read_text())["settings"]["thinking_budget"] == BUDGET
 
     settings = EvalSettings(model=ModelSpec(str(opening_model)), out=tmp_path / "r", data=str(small_gsm8k),
@@ -242,7 +246,7 @@ def test_two_processes_write_the_one_process_predictions(tmp_path, opening_model
     assert res.returncode == 0, res.stderr[-3000:]
     assert (two / "predictions.jsonl").read_bytes() == (one / "predictions.jsonl").read_bytes()
     assert json.loads((two / "manifest.json").read_text())["resolved"]["processes"]["count"] == 2
-    assert all(json.loads(x)["budget_forced"] for x in (two / "predictions.jsonl").read_text().splitlines())
+    assert any(json.loads(x)["budget_forced"] for x in (two / "predictions.jsonl").read_text().splitlines())
 
 
 def test_without_a_budget_a_run_has_no_budget_fields(tmp_path, opening_model, small_gsm8k):
@@ -253,7 +257,7 @@ def test_without_a_budget_a_run_has_no_budget_fields(tmp_path, opening_model, sm
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["thinking_budget"] is None and metrics["budget_forced"] is None
-    assert metrics["ended_in_reasoning"] == 1.0  # cut inside the reasoning: no answer, as the budget prevents
+    assert metrics["ended_in_reasoning"] > 0  # cut inside the reasoning: no answer, as the budget prevents
     assert "thinking_budget" not in json.loads((out / "manifest.json").read_text())["resolved"]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gsmkit.cli.options import JsonOpt, command_from, launch_note
+from gsmkit.cli.options import JsonOpt, command_from, launch_note, run_with_bar
 from gsmkit.errors import THRESHOLD_MISSED_EXIT
 from gsmkit.evaluation.gsm8k import EvalSettings
 from gsmkit.evaluation.perplexity import EvalPplSettings
@@ -32,19 +32,19 @@ def gsm8k(settings: EvalSettings, json_out: JsonOpt = False) -> None:
     --limit 20 --pool pool.jsonl --k 5 --style plain --out runs/eval
     """
     from gsmkit.evaluation.gsm8k import evaluate_gsm8k
-    from gsmkit.progress import ProgressTask, stderr_console
 
     out = settings.out
-    console = stderr_console()
-    main = launch_note(console)
-    with ProgressTask("eval gsm8k", "problems", console, disable=not main) as bar:
-        metrics = evaluate_gsm8k(settings, on_start=bar.start, on_progress=bar.advance)
-    if not main:
+    metrics = run_with_bar("eval gsm8k", "problems", evaluate_gsm8k, settings)
+    if metrics is None:
         return  # the main process reports
     if json_out:
         typer.echo(json.dumps({"out": str(out), **metrics.to_dict()}))
         return
     from rich.table import Table
+
+    from gsmkit.progress import stderr_console
+
+    console = stderr_console()
 
     table = Table(title=f"GSM8K ({metrics.n} problems, {metrics.k}-shot, {metrics.style})")
     table.add_column("metric")

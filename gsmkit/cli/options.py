@@ -302,3 +302,15 @@ def launch_note(console: Any) -> bool:
     if (note := single_process_note()) is not None:
         console.print(f"[yellow]note:[/yellow] {note}")
     return is_main_process()
+
+
+def run_with_bar(command: str, unit: str, run: Callable[..., Any], settings: Any) -> Any | None:
+    """`run(settings, on_start=..., on_progress=...)` under a progress bar with rate and ETA, shown by the
+    main process of a launch only; its result there, None on the other processes (the main one reports)."""
+    from gsmkit.progress import ProgressTask, stderr_console
+
+    console = stderr_console()
+    main = launch_note(console)
+    with ProgressTask(command, unit, console, disable=not main) as bar:
+        result = run(settings, on_start=bar.start, on_progress=bar.advance)
+    return result if main else None

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from gsmkit.cli.options import JsonOpt, command_from, launch_note
+from gsmkit.cli.options import JsonOpt, command_from, run_with_bar
 from gsmkit.traces import TraceSettings
 
 
@@ -22,22 +22,21 @@ def generate_traces(settings: TraceSettings, json_out: JsonOpt = False) -> None:
     Example: gsmkit generate-traces --model HuggingFaceTB/SmolLM2-135M-Instruct --data ../shared/data/gsm8k
     --num-samples 32 --max-attempts 5 --pool pool.jsonl --k 3 --out traces.jsonl
     """
-    from gsmkit.progress import ProgressTask, stderr_console
-    from gsmkit.traces import STATS, run_output
-    from gsmkit.traces import generate_traces as run
+    from gsmkit.traces import STATS, generate_traces, run_output
 
     out = settings.out
     stats_file = run_output(settings).path(STATS)
-    console = stderr_console()
-    main = launch_note(console)
-    with ProgressTask("generate-traces", "problems", console, disable=not main) as bar:
-        stats = run(settings, on_start=bar.start, on_progress=bar.advance)
-    if not main:
+    stats = run_with_bar("generate-traces", "problems", generate_traces, settings)
+    if stats is None:
         return  # the main process reports
     if json_out:
         typer.echo(json.dumps({"out": str(out), "stats": str(stats_file), **stats.to_dict()}))
         return
     from rich.table import Table
+
+    from gsmkit.progress import stderr_console
+
+    console = stderr_console()
 
     table = Table(title=f"Traces ({stats.total_samples} problems, up to {stats.max_attempts} attempts)")
     table.add_column("metric")

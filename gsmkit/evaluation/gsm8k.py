@@ -232,28 +232,25 @@ def evaluate_gsm8k(settings: EvalSettings, on_start: OnStart = None,
                    on_progress: OnProgress = None) -> EvalMetrics:
     """Run the evaluation; `on_start(total, already_done)` and `on_progress(n)` drive a progress bar."""
     t_wall = time.perf_counter()
-    settings = settings.resolved()
     from gsmkit.evaluation.run import ProblemRun
     from gsmkit.generation import GenRequest
-    from gsmkit.reasoning import opened_by_prompt, score
+    from gsmkit.reasoning import score
 
-    run = ProblemRun.start(settings, run_output(settings), PARTIAL, settings.limit)
-    section = run.section
-    # Only the problems still to generate are rendered and tokenized (a resumed run has the rest).
-    encoded = {p.id: run.encode(p.question) for p in run.todo}
-    prompt_sha = {pid: hashlib.sha256(text.encode()).hexdigest() for pid, (text, _) in encoded.items()}
-    opened = {pid: opened_by_prompt(text, section) for pid, (text, _) in encoded.items()}
+    run = ProblemRun.start(settings, run_output, PARTIAL, settings.limit)
+    settings, section = run.settings, run.section
+    prompts = run.prompts()
     by_id = {p.id: p for p in run.problems}
-    requests = [GenRequest(pid, ids) for pid, (_, ids) in encoded.items()]
+    requests = [GenRequest(pid, prompt.ids) for pid, prompt in prompts.items()]
     run.begin(on_start)
 
     t_gen = time.perf_counter()
     with run.generating():
         for res in run.engine.generate(requests, run.sampling):
             p = by_id[res.key]
-            scored = score(res.text, p.gold, run.answer_format, section, opened[p.id])
+            scored = score(res.text, p.gold, run.answer_format, section, prompts[p.id].opened)
             pred = Prediction(
-                id=p.id, prompt_sha256=prompt_sha[p.id], completion=res.text,
+                id=p.id, prompt_sha256=hashlib.sha256(prompts[p.id].text.encode()).hexdigest(),
+                completion=res.text,
                 strict=scored.answers.strict, flexible=scored.answers.flexible, gold=p.gold,
                 correct_strict=scored.correct_strict, correct_flexible=scored.correct_flexible,
                 num_prompt_tokens=res.num_prompt_tokens, num_tokens=len(res.token_ids),

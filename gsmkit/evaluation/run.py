@@ -1,10 +1,11 @@
 """A resumable generation run over GSM8K problems, as `eval gsm8k` and `generate-traces` both make it.
 
-In: the command's settings (the problem, prompt and decoding option groups, `model`, `fingerprint()` and
-`sampling(stop)`), its `RunOutput` and journal, and how many problems it takes. Out: a `ProblemRun`
-that holds the problems (the few-shot pool's excluded), the rows an interrupted attempt with the same
-settings finished, the engine and the resolved prompt style; the command then encodes what is left,
-`begin`s, generates inside `generating()`, `record`s each finished row and publishes with `manifest`.
+In: the command's settings (`ProblemRunOptions`: `resolved()`, `fingerprint()`, `sampling(stop)`, `model`),
+how its `RunOutput` is made from them, its journal, and how many problems it takes. Out: a `ProblemRun`
+that holds the resolved settings, the problems (the few-shot pool's excluded), the rows an interrupted attempt
+with the same settings finished, the engine, the resolved prompt style and its reasoning section; the command
+then takes the `prompts()` of what is left, `begin`s, generates inside `generating()`, `record`s each finished
+row and publishes with `manifest`.
 
 Order, as every command keeps it: data, pool and output folder are checked before the model loads, and
 the output folder comes into being (`begin`) only once data, model and engine are ready.
@@ -65,6 +66,16 @@ def problem_run_fingerprint(settings: Any) -> dict[str, Any]:
     return {**run_fingerprint(settings, ignore), **steer_fingerprint(settings)}
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One problem's prompt: its text, token ids, and whether it opened the reasoning section (a thinking
+    template's `<think>` in the generation prompt: `reasoning.opened_by_prompt`)."""
+
+    text: str
+    ids: tuple[int, ...]
+    opened: bool
+
+
 # A command's progress callbacks: `on_start(total, already_done)` once, `on_progress(n)` per finished row.
 OnStart = Callable[[int, int], None] | None
 OnProgress = Callable[[int], None] | None
@@ -90,7 +101,10 @@ class ProblemRun:
     journal_role: str
 
     @classmethod
-    def start(cls, settings: Any, output: RunOutput, journal: str, limit: int | None) -> ProblemRun:
+    def start(cls, settings: Any, output_for: Callable[[Any], RunOutput], journal: str,
+              limit: int | None) -> ProblemRun:
+        """The run of `settings`, resolved first (`settings.resolved()`: `run.settings` holds them), into the
+        output `output_for(settings)` with its journal `journal`, over at most `limit` problems."""
         from gsmkit.data.fewshot import problems_for_run
         from gsmkit.generation import build_engine
         from gsmkit.generation.budget import ThinkingBudget
@@ -98,6 +112,8 @@ class ProblemRun:
         from gsmkit.prompts import answer_format, resolve_style, stop_strings
         from gsmkit.reasoning import section_for
 
+        settings = settings.resolved()
+        output = output_for(settings)
         steering = steering_for(settings)
         problems, exemplars, excluded = problems_for_run(settings.data, settings.split, settings.offset,
                                                          limit, settings.pool, settings.k)
@@ -146,6 +162,17 @@ class ProblemRun:
 
         return encode_prompt(self.style, question, self.exemplars, self.tokenizer,
                              self.settings.system_prompt, self.settings.thinking)
+
+    def prompts(self) -> dict[str, Prompt]:
+        """The prompts of this process's problems still to generate, by id, in order (a resumed run has the
+        rest): rendered and tokenized only now."""
+        from gsmkit.reasoning import opened_by_prompt
+
+        prompts = {}
+        for p in self.todo:
+            text, ids = self.encode(p.question)
+            prompts[p.id] = Prompt(text, tuple(ids), opened_by_prompt(text, self.section))
+        return prompts
 
     def begin(self, on_start: OnStart) -> None:
         """The run starts: its output exists and holds the fingerprint; the bar learns total and done (of

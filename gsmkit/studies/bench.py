@@ -47,7 +47,7 @@ from gsmkit.studies.bench_records import (
     Gate,
     SeedDelta,
 )
-from gsmkit.studies.compare import CONFIDENCE, PairedOptions, compare_metric
+from gsmkit.studies.compare import CONFIDENCE, PairedOptions, compare_metric, plain
 from gsmkit.studies.predictions import Evaluation, check_same_problems, load_evaluation
 from gsmkit.studies.run_files import check_shape, kinds_of, read_object
 from gsmkit.studies.runs import gsm8k_values
@@ -332,12 +332,3 @@ def lora_parameters(adapter: str | None) -> int | None:
     except Exception:  # noqa: BLE001 - an unreadable adapter only loses this optional count
         return None
     return total
-
-
-def plain(obj: Any) -> Any:
-    """Tuples as lists, so the dict equals what its JSON file reads back as."""
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    return obj

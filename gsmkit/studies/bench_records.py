@@ -101,7 +101,21 @@ class BenchVariant(Record):
 
 
 @dataclass(frozen=True)
-class BenchResult(Record):
+class BenchHeader(Record):
+    """The fields `bench.json` and `bench_aggregate.json` open with (documented by each)."""
+
+    format: str
+    version: int
+    metric: str
+    margin: float
+    confidence: float
+    n_boot: int
+    seed: int
+    rule: str
+
+
+@dataclass(frozen=True)
+class BenchResult(BenchHeader):
     """`bench.json` (and `--json`) of one seed's bench; the file adds its `manifest`.
 
     Attributes:
@@ -119,14 +133,6 @@ class BenchResult(Record):
         variants: each variant against the probe, in the order given
     """
 
-    format: str
-    version: int
-    metric: str
-    margin: float
-    confidence: float
-    n_boot: int
-    seed: int
-    rule: str
     gate: Gate | None
     gate_passed: bool
     probe: Benched
@@ -209,7 +215,7 @@ class AggregateBench(Record):
 
 
 @dataclass(frozen=True)
-class AggregateResult(Record):
+class AggregateResult(BenchHeader):
     """`bench_aggregate.json` (and `--json` with --aggregate); the file adds its `manifest`.
 
     Attributes:
@@ -227,14 +233,6 @@ class AggregateResult(Record):
         notes: benches that used another metric or margin than the aggregate
     """
 
-    format: str
-    version: int
-    metric: str
-    margin: float
-    confidence: float
-    n_boot: int
-    seed: int
-    rule: str
     benches: list[AggregateBench]
     variants: list[AggregateVariant]
     gate_passed: bool

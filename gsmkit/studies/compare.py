@@ -257,15 +257,15 @@ def compare(a: Evaluation, b: Evaluation, *, n_boot: int = 10000, seed: int = 0,
     found = Comparison(
         a=_described(a), b=_described(b), metric=metric, n_boot=n_boot, seed=seed, confidence=CONFIDENCE,
         **{name: compare_metric(a, b, name, n_boot=n_boot, seed=seed) for name in METRIC_NAMES})
-    return _plain(found.to_dict())
+    return plain(found.to_dict())
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Tuples as lists, so the dict equals what its JSON file reads back as."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 
