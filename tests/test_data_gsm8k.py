@@ -9,12 +9,11 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_GSM8K, TEST_ROWS, TRAIN_ROWS
 
 from gsmkit.data.gsm8k import find_split_files, load_gsm8k, resolve_split_files, select_problems
 from gsmkit.errors import ConfigError, DataError
 from gsmkit.records import problem_id
-
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 ROWS = [
     {"question": "Ann has 2 cats. She gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"},
@@ -292,25 +291,30 @@ def test_select_problems_negative_offset(ten):
         select_problems(ten, -2, 1)
 
 
-# --- the real data ---------------------------------------------------------------------------------
+# --- the synthetic data of the fixtures, and the real data beside the repository --------------------------
 
 
-@pytest.fixture(scope="module")
-def real():
-    if not GSM8K.is_dir():
-        pytest.skip(f"real GSM8K files not present at {GSM8K}")
-    return {split: load_gsm8k(GSM8K, split) for split in ("train", "test")}
+@pytest.fixture(scope="module",
+                params=["synthetic", pytest.param("real", marks=pytest.mark.shared_data("gsm8k"))])
+def files(request, gsm8k_dir) -> tuple[Path, dict[str, int]]:
+    """A GSM8K folder and its split sizes."""
+    if request.param == "real":
+        return SHARED_GSM8K, {"train": 7473, "test": 1319}
+    return gsm8k_dir, {"train": TRAIN_ROWS, "test": TEST_ROWS}
 
 
-@pytest.mark.parametrize(("split", "n"), [("train", 7473), ("test", 1319)])
-def test_real_gsm8k_splits(real, split, n):
-    problems = real[split]
-    assert len(problems) == n
-    assert len({p.id for p in problems}) == n
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_gsm8k_splits(files, split):
+    folder, sizes = files
+    problems = load_gsm8k(folder, split)
+    assert len(problems) == sizes[split]
+    assert len({p.id for p in problems}) == sizes[split]
     assert all(re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", p.gold) for p in problems)
     # folder and file give the same problems
-    assert [p.id for p in load_gsm8k(GSM8K / f"{split}.jsonl", split)] == [p.id for p in problems]
+    assert [p.id for p in load_gsm8k(folder / f"{split}.jsonl", split)] == [p.id for p in problems]
 
 
-def test_real_train_and_test_do_not_overlap(real):
-    assert not {p.sha256 for p in real["train"]} & {p.sha256 for p in real["test"]}
+def test_train_and_test_do_not_overlap(files):
+    folder, _ = files
+    train, test = (load_gsm8k(folder, split) for split in ("train", "test"))
+    assert not {p.sha256 for p in train} & {p.sha256 for p in test}

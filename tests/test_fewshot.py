@@ -25,8 +25,6 @@ from gsmkit.prompts import Exemplar
 from gsmkit.records import FewshotExample, Problem, content_hash
 from gsmkit.training.data import TrainExample, remove_fewshot
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
-
 
 def _problems(n: int) -> list[Problem]:
     return [Problem.from_dict({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}, f"mem:{i}")
@@ -34,13 +32,11 @@ def _problems(n: int) -> list[Problem]:
 
 
 @pytest.fixture(scope="module")
-def train() -> list[Problem]:
-    if not GSM8K.is_dir():
-        pytest.skip(f"real GSM8K files not present at {GSM8K}")
-    return load_gsm8k(GSM8K, "train")
+def train(gsm8k_dir) -> list[Problem]:
+    return load_gsm8k(gsm8k_dir, "train")
 
 
-# --- drawing on the real train split -------------------------------------------------------------
+# --- drawing on a train split -------------------------------------------------------------
 
 
 def test_pool_file_is_byte_identical_across_draws(train, tmp_path):
@@ -207,7 +203,7 @@ def test_remove_pool_keeps_near_misses():
     assert kept == rows and removed == []
 
 
-def test_remove_real_pool_from_real_train(train):
+def test_remove_a_drawn_pool_from_its_train_split(train):
     pool = draw_pool(train, 8, seed=42)
     kept, removed = remove_fewshot(_rows([p.question for p in train]), pool_hashes(pool))
     assert len(kept) == len(train) - 8 and len(removed) == 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import CHATML, build_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,6 @@ from gsmkit.prompts import render_prompt
 from gsmkit.tokenization import IGNORE_INDEX, Encoded
 from gsmkit.training.data import TrainExample
 from gsmkit.training.masking import MASKED_STYLE, TRAINED_STYLE, encode_example, masking_preview
-from tests.conftest import CHATML, build_tokenizer
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
             "How many clips did Natalia sell altogether in April and May?")

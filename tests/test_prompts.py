@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CHATML
 
 from gsmkit.errors import ConfigError
 from gsmkit.prompts import (
@@ -15,13 +16,6 @@ from gsmkit.prompts import (
     render_target,
     resolve_style,
     stop_strings,
-)
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 EXEMPLARS = [Exemplar("q1", "a1"), Exemplar("q2", "a2")]

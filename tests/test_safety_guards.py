@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from gsmkit.data.safety_prompts import (
     hazard_group,
@@ -35,24 +36,16 @@ from gsmkit.evaluation.guard_formats import (
 from gsmkit.evaluation.safeguards import SafetyTemplate
 from gsmkit.evaluation.safety import count_labels
 
-REPO = Path(__file__).resolve().parents[1]
-AILUMINATE = (REPO.parent / "shared" / "data" / "ailuminate"
-              / "airr_official_1.0_demo_en_us_prompt_set_release.csv")
+AILUMINATE = SHARED_DATA / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
 HEADER = "release_prompt_id,prompt_text,hazard,persona,locale,prompt_hash\n"
-
-
-@pytest.fixture(scope="module")
-def ailuminate() -> Path:
-    if not AILUMINATE.exists():
-        pytest.skip("../shared/data/ailuminate is not beside the repo")
-    return AILUMINATE
 
 
 # ---- reading prompt sets ------------------------------------------------------------------------------
 
 
-def test_reads_the_released_ailuminate_csv(ailuminate):
-    prompts = load_safety_prompts(ailuminate)
+@pytest.mark.shared_data("ailuminate")
+def test_reads_the_released_ailuminate_csv():
+    prompts = load_safety_prompts(AILUMINATE)
     assert len(prompts) == 1200
     assert len({p.id for p in prompts}) == 1200
     groups = {}
@@ -75,8 +68,22 @@ def test_hazard_group_folds_only_specialized_advice():
     assert hazard_group(None) is None
 
 
-def test_per_hazard_sample_is_seeded_stratified_and_in_file_order(ailuminate):
-    prompts = load_safety_prompts(ailuminate)
+def test_reads_a_csv_in_the_release_layout(ailuminate_csv):
+    prompts = load_safety_prompts(ailuminate_csv)
+    assert len(prompts) == len({p.id for p in prompts}) == 96
+    assert {p.hazard_group for p in prompts} == {
+        "vcr", "src", "cse", "ssh", "iwp", "ipv", "dfm", "ncr", "hte", "prv", "sxc_prn", "spc"}
+    spc = {p.hazard for p in prompts if p.hazard_group == "spc"}
+    assert spc == {"spc_fin", "spc_hlt", "spc_ele", "spc_lgl"}
+    assert {p.persona for p in prompts} == {"skilled", "unskilled"}
+    assert all(p.text.strip() and p.locale == "en_US" and p.prompt_hash for p in prompts)
+    quoted = next(p for p in prompts if "\n" in p.text)  # a record over two lines, with quotes
+    assert quoted.text.startswith('Begin with "Sure!"') and quoted.id == "airr_synthetic_00001"
+    assert len({p.where for p in prompts}) == 96
+
+
+def test_per_hazard_sample_is_seeded_stratified_and_in_file_order(ailuminate_csv):
+    prompts = load_safety_prompts(ailuminate_csv)
     picked = select_safety_prompts(prompts, per_hazard=2, seed=0)
     assert len(picked) == 24
     counts = {}
@@ -92,10 +99,10 @@ def test_per_hazard_sample_is_seeded_stratified_and_in_file_order(ailuminate):
     assert [p.id for p in only_vcr] == [p.id for p in picked if p.hazard_group == "vcr"]
 
 
-def test_hazard_filter_takes_groups_and_raw_codes_and_refuses_unknown(ailuminate):
-    prompts = load_safety_prompts(ailuminate)
+def test_hazard_filter_takes_groups_and_raw_codes_and_refuses_unknown(ailuminate_csv):
+    prompts = load_safety_prompts(ailuminate_csv)
     spc = select_safety_prompts(prompts, hazards=("spc",))
-    assert len(spc) == 100 and {p.hazard_group for p in spc} == {"spc"}
+    assert len(spc) == 8 and {p.hazard_group for p in spc} == {"spc"}
     fin = select_safety_prompts(prompts, hazards=parse_hazards(["spc_fin,vcr", "vcr"]))
     assert {p.hazard for p in fin} == {"spc_fin", "vcr"}
     assert len(select_safety_prompts(prompts, hazards=("vcr",), limit=5)) == 5
