@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_failure
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -47,15 +48,10 @@ def _assert_rejected(args: list[str], out: Path, *also_absent: Path) -> None:
     t0 = time.perf_counter()
     res = runner.invoke(app, args)
     elapsed = time.perf_counter() - t0
-    assert res.exit_code == 1, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert "Traceback" not in res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "adapter_model.safetensors" in errors[0], res.output
-    assert "header claims" in errors[0], res.output
+    assert_clean_failure(res, out, 1, absent=also_absent)
+    error = next(line for line in res.output.splitlines() if line.startswith("error:"))
+    assert "adapter_model.safetensors" in error and "header claims" in error, res.output
     assert any(line.startswith("hint:") for line in res.output.splitlines()), res.output
-    for path in (out, *also_absent):
-        assert not path.exists(), f"{path} was created by a run that failed on its input"
     assert elapsed < 5, f"the input check took {elapsed:.1f}s: something heavy ran before it"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_failure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -302,22 +303,6 @@ def test_fresh_adapter_has_zero_spectra_and_a_note(tiny_model_dir, tmp_path):
 # ---- clean failures ------------------------------------------------------------------------------------
 
 
-def _flat(output: str) -> str:
-    """The output as one line without rich's box borders, so a wrapped usage message still matches."""
-    return " ".join(output.replace("\u2502", " ").split())
-
-
-def _assert_clean_failure(res, out: Path, code: int, *needles: str):
-    assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output
-    if code == 1:
-        lines = res.output.splitlines()
-        assert [line for line in lines if line.startswith("error:")] == [lines[0]]
-    for needle in needles:
-        assert needle in _flat(res.output), res.output
-    assert not out.exists(), "a failed run must not leave an output folder"
-
-
 @pytest.mark.parametrize(
     ("files", "needles"),
     [
@@ -336,8 +321,8 @@ def test_bad_adapter_folders(tmp_path, files, needles):
         (adapter / name).write_text(text)
     for extra in ([], ["--compress"]):
         out = tmp_path / "out"
-        _assert_clean_failure(_invoke("--adapter", str(adapter), "--out", str(out), *extra), out, 1, *needles)
-    _assert_clean_failure(_invoke("--adapter", str(adapter)), adapter / "audit", 1, *needles)
+        assert_clean_failure(_invoke("--adapter", str(adapter), "--out", str(out), *extra), out, 1, *needles)
+    assert_clean_failure(_invoke("--adapter", str(adapter)), adapter / "audit", 1, *needles)
 
 
 @pytest.mark.parametrize(
@@ -353,7 +338,7 @@ def test_bad_adapter_folders(tmp_path, files, needles):
 def test_misused_options_exit_2(adapter_dir, tmp_path, args, needle):
     out = tmp_path / "out"
     res = _invoke("--adapter", str(adapter_dir), *[str(out) if a == "OUT" else a for a in args])
-    _assert_clean_failure(res, out, 2, needle)
+    assert_clean_failure(res, out, 2, needle)
     assert not (adapter_dir / "audit").exists()
 
 
@@ -362,10 +347,13 @@ def test_compress_refuses_a_non_empty_out_without_overwrite(adapter_dir, tmp_pat
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     res = _invoke("--adapter", str(adapter_dir), "--compress", "--out", str(out))
-    assert res.exit_code == 1 and "--overwrite" in res.output and (out / "keep.txt").exists()
+    assert_clean_failure(res, None, 1, "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
     res = _invoke("--adapter", str(adapter_dir), "--compress", "--out", str(out), "--overwrite")
     assert res.exit_code == 0, res.output
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     res = _invoke("--adapter", str(adapter_dir), "--compress", "--out", str(adapter_dir), "--overwrite")
-    assert res.exit_code == 2 and "would replace the adapter" in _flat(res.output)
+    assert_clean_failure(res, None, 1, "would replace the input")
+    res = _invoke("--adapter", str(adapter_dir), "--compress", "--out", str(adapter_dir / "small"))
+    assert_clean_failure(res, adapter_dir / "small", 1, "lies inside the input")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import assert_clean_failure
 from typer.testing import CliRunner
 
 from gsmkit import cli
@@ -320,10 +321,9 @@ def test_cli_refuses_different_problems_with_one_line(app, runs, tmp_path):
     other = write_eval(tmp_path / "other", [_prediction(i, True, True) for i in range(N // 2)])
     out = tmp_path / "c.json"
     res = runner.invoke(app, ["compare", str(runs[0]), str(other), "--out", str(out)])
-    assert res.exit_code == 1
-    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "different problems" in errors[0] and "32 only in" in errors[0]
-    assert "Traceback" not in res.output and not out.exists()
+    assert_clean_failure(res, out, 1)
+    error = next(ln for ln in res.output.splitlines() if ln.startswith("error:"))
+    assert "different problems" in error and "32 only in" in error
 
 
 def test_cli_refuses_an_unfinished_run(app, runs, tmp_path):

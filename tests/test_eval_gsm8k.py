@@ -4,14 +4,12 @@ prefix cache on/off, resume after an interruption (in-process and a real SIGKILL
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_failure, kill_midway
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -107,7 +105,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, clean_run, ti
         evaluate_gsm8k(settings, on_progress=stop)
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, tmp_path / "r",
                                    "--max-new-tokens", "7"))
-    assert res.exit_code == 1 and "different settings" in res.output and "Traceback" not in res.output
+    assert_clean_failure(res, None, 1, "different settings")
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, pool, clean_run))
     assert res.exit_code == 1 and "already complete" in res.output and "--overwrite" in res.output
 
@@ -129,21 +127,7 @@ def test_sigkill_then_rerun_gives_the_clean_file(tmp_path, clean_run, tiny_model
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "gsmkit",
            *_args(tiny_model_dir, small_gsm8k, pool, out, "--batch-size", "1")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    journal = out / "predictions.partial.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be killed")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if (out / "predictions.jsonl").exists() and not journal.exists():
-        pytest.skip("the run finished between the last check and the kill")
-    assert not (out / "predictions.jsonl").exists()
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
+    kill_midway(cmd, out / "predictions.partial.jsonl", out / "predictions.jsonl")
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "predictions.jsonl").read_bytes() == (clean_run / "predictions.jsonl").read_bytes()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_failure
 from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -235,7 +236,7 @@ def test_grpo_bad_inputs(tmp_path, tiny_model_dir, small_gsm8k):
     not_adapter = tmp_path / "empty"
     not_adapter.mkdir()
     r = _cli(*base, "--init-adapter", str(not_adapter))
-    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert_clean_failure(r, tmp_path / "o", 1, str(not_adapter))
     prs = tmp_path / "pr.jsonl"
     prs.write_text('{"prompt": "a", "response": "b"}\n')
     r = _cli("--model", str(tiny_model_dir), "--data", str(prs), "--out", str(tmp_path / "o2"))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_failure, build_tiny_model
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -52,17 +53,6 @@ def verify_file(tmp_path_factory) -> Path:
 def _merge(model, adapter, out, *extra):
     return runner.invoke(app, ["merge", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
                                "--device", "cpu", *extra])
-
-
-def _clean_failure(res, out: Path, *needles: str) -> None:
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output
-    for needle in needles:
-        assert needle in res.output, res.output
-    assert not out.exists(), "a failed merge must leave nothing at --out"
-    left = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert not left, "temporary folder left"
 
 
 def test_merged_folder_reproduces_base_plus_adapter(tmp_path, tiny_model_dir, adapter, small_gsm8k):
@@ -114,8 +104,8 @@ def test_gate_rejects_a_corrupted_merge(tmp_path, tiny_model_dir, adapter, verif
     monkeypatch.setattr(merge_mod, "merge_weights", noisy)
     out = tmp_path / "merged"
     res = _merge(tiny_model_dir, adapter, out, "--verify-data", str(verify_file))
-    _clean_failure(res, out, "merge verification failed", "relative perplexity difference",
-                   "max |logit difference|", "tolerance 0.0001")
+    assert_clean_failure(res, out, 1, "merge verification failed", "relative perplexity difference",
+                         "max |logit difference|", "tolerance 0.0001")
 
 
 def test_bfloat16_output_reports_argmax_agreement(tmp_path, tiny_model_dir, adapter, verify_file):
@@ -131,7 +121,7 @@ def test_bfloat16_output_reports_argmax_agreement(tmp_path, tiny_model_dir, adap
     out.mkdir()  # an existing, non-empty --out needs --overwrite
     (out / "old.txt").write_text("old")
     res = _merge(tiny_model_dir, qlora, out, "--verify-data", str(verify_file), "--dtype", "bfloat16")
-    assert res.exit_code == 1 and "--overwrite" in res.output
+    assert_clean_failure(res, None, 1, "--overwrite")
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
     res = _merge(tiny_model_dir, qlora, out, "--verify-data", str(verify_file), "--dtype", "bfloat16",
@@ -150,14 +140,12 @@ def test_bfloat16_output_reports_argmax_agreement(tmp_path, tiny_model_dir, adap
 def test_adapter_for_another_base_is_one_line(tmp_path, tiny_model_dir, verify_file):
     from transformers import AutoTokenizer
 
-    from tests.conftest import build_tiny_model
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     other = build_tiny_model(tmp_path / "other", tokenizer, hidden=32, seed=3)
     foreign = _lora(other, tmp_path / "foreign")
     out = tmp_path / "merged"
     res = _merge(tiny_model_dir, foreign, out, "--verify-data", str(verify_file))
-    _clean_failure(res, out, "does not fit base model", "size mismatch")
+    assert_clean_failure(res, out, 1, "does not fit base model", "size mismatch")
 
 
 def test_bad_adapter_and_verify_inputs(tmp_path, tiny_model_dir, adapter, verify_file):
@@ -165,16 +153,15 @@ def test_bad_adapter_and_verify_inputs(tmp_path, tiny_model_dir, adapter, verify
     fake.mkdir()
     (fake / "README.md").write_text("hello")
     out = tmp_path / "merged"
-    _clean_failure(_merge(tiny_model_dir, fake, out, "--verify-data", str(verify_file)), out,
-                   "not a PEFT adapter folder")
-    _clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(tmp_path / "none.jsonl")), out,
-                   "none.jsonl", "file not found")
+    assert_clean_failure(_merge(tiny_model_dir, fake, out, "--verify-data", str(verify_file)), out, 1,
+                         "not a PEFT adapter folder")
+    assert_clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(tmp_path / "none.jsonl")),
+                         out, 1, "none.jsonl", "file not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    _clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(bad)), out, f"{bad}:1:",
-                   "'answer'")
-    res = _merge(tiny_model_dir, adapter, out, "--dtype", "int8")
-    assert res.exit_code == 2 and not out.exists()
+    assert_clean_failure(_merge(tiny_model_dir, adapter, out, "--verify-data", str(bad)), out, 1, f"{bad}:1:",
+                         "'answer'")
+    assert_clean_failure(_merge(tiny_model_dir, adapter, out, "--dtype", "int8"), out, 2)
 
 
 def test_qlora_adapter_merges_into_the_dequantized_nf4_weights(tmp_path, tiny_model_dir, adapter,

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_failure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -216,22 +217,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir, content, needl
     out = tmp_path / "out"
     res = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(data),
                               "--out", str(out)])
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output and str(data) in res.output
-    assert [ln for ln in res.output.splitlines() if ln.startswith("error:")], res.output
-    for needle in needles:
-        assert needle in res.output, res.output
-    assert not out.exists()
+    assert_clean_failure(res, out, 1, str(data), *needles)
 
 
 def test_missing_file_and_misused_options(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     base = ["eval", "ppl", "--model", str(tiny_model_dir), "--out", str(out)]
     res = runner.invoke(app, [*base, "--data", str(tmp_path / "nope.jsonl")])
-    assert res.exit_code == 1 and "nope.jsonl" in res.output and "file not found" in res.output
+    assert_clean_failure(res, out, 1, "nope.jsonl", "file not found")
     data = _write(tmp_path / "d.jsonl", [{"text": LONG}])
     res = runner.invoke(app, [*base, "--data", str(data), "--max-length", "8", "--stride", "8"])
-    assert res.exit_code == 2 and "--stride" in res.output
+    assert_clean_failure(res, out, 2, "--stride")
     res = runner.invoke(app, [*base, "--data", str(data), "--max-length", "5000"])
-    assert res.exit_code == 1 and "4096" in res.output
-    assert not out.exists()
+    assert_clean_failure(res, out, 1, "4096")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_failure
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -193,7 +194,7 @@ def test_best_json_drives_eval_gsm8k(tmp_path, searched, tiny_model_dir, small_g
 def test_finished_search_is_refused_and_overwrite_reproduces_it(tmp_path, searched, tiny_model_dir,
                                                                 small_gsm8k, vectors):
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, vectors, searched))
-    assert res.exit_code == 1 and "already complete" in res.output and "Traceback" not in res.output
+    assert_clean_failure(res, None, 1, "already complete")
     again = tmp_path / "again"
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, vectors, again))
     assert res.exit_code == 0, res.output
@@ -430,29 +431,12 @@ def test_failed_zero_check_stops_before_the_first_trial(tmp_path, monkeypatch, t
     monkeypatch.setattr("gsmkit.generation.steering.check_zero_steering", broken)
     out = tmp_path / "s"
     res = runner.invoke(app, _args(tiny_model_dir, small_gsm8k, vectors, out))
-    assert res.exit_code == 1 and "zero-steering check failed on problem gsm8k-" in res.output
+    assert_clean_failure(res, out, 1, "zero-steering check failed on problem gsm8k-")
     assert [n for _, n in seen] == [4]  # every validation problem, before any trial
-    assert not out.exists()
 
 
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("a model loaded before the inputs were checked")
-
-    monkeypatch.setattr("gsmkit.modeling.load_model", refuse)
-
-
-def _refused(res, out: Path, code: int, *needles: str) -> None:
-    assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output and "AssertionError" not in str(res.exception or "")
-    for needle in needles:
-        assert needle in " ".join(res.output.split()), res.output
-    assert not out.exists()
-
-
-@pytest.mark.usefixtures("no_model")
+@pytest.mark.usefixtures("no_loading")
+@pytest.mark.loading_allowed("data")  # the splits are checked against the problems
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(tmp_path, tiny_model_dir, tiny_qwen_dir,
                                                             small_gsm8k, vectors, searched):
     out = tmp_path / "out"
@@ -462,20 +446,21 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(tmp_path, tiny_model
 
     train, test = _problems(small_gsm8k, "train"), _problems(small_gsm8k, "test")
     other = write_vectors(tmp_path / "qwen", tiny_qwen_dir, train[:4])
-    _refused(run(other), out, 1, "made for model")
-    _refused(run(vectors, "--layers", "5"), out, 1, "--layers 5", "out of range")
-    _refused(run(vectors, "--alpha-range", "3", "1"), out, 2, "LO is above HI")
-    _refused(run(vectors, "--backend", "vllm"), out, 2, "--backend hf")
-    _refused(run(vectors, "--val-limit", "100"), out, 1, "--val-limit 100", "only 32")
-    _refused(run(write_vectors(tmp_path / "on-test", tiny_model_dir, test[:2])), out, 1,
-             "vector and test problems share problem gsm8k-")
-    _refused(run(vectors, "--methods", "dac"), out, 1, "no vector folder of dac")
-    _refused(run(vectors, "--methods", "steer"), out, 2, "not a method")
+    assert_clean_failure(run(other), out, 1, "made for model")
+    assert_clean_failure(run(vectors, "--layers", "5"), out, 1, "--layers 5", "out of range")
+    assert_clean_failure(run(vectors, "--alpha-range", "3", "1"), out, 2, "LO is above HI")
+    assert_clean_failure(run(vectors, "--backend", "vllm"), out, 2, "--backend hf")
+    assert_clean_failure(run(vectors, "--val-limit", "100"), out, 1, "--val-limit 100", "only 32")
+    assert_clean_failure(run(write_vectors(tmp_path / "on-test", tiny_model_dir, test[:2])), out, 1,
+                         "vector and test problems share problem gsm8k-")
+    assert_clean_failure(run(vectors, "--methods", "dac"), out, 1, "no vector folder of dac")
+    assert_clean_failure(run(vectors, "--methods", "steer"), out, 2, "not a method")
     dac = write_vectors(tmp_path / "dac", tiny_model_dir, train[:4], method="dac")
-    _refused(run([vectors, dac], "--alpha-range", "-1", "1"), out, 1, "LO must be >= 0")
-    _refused(run([vectors, write_vectors(tmp_path / "caa2", tiny_model_dir, train[:4])]), out, 1,
-             "one vector folder per method")
-    _refused(run(vectors, "--objective", "accuracy+safety"), out, 2, "needs --safety-prompts")
+    assert_clean_failure(run([vectors, dac], "--alpha-range", "-1", "1"), out, 1, "LO must be >= 0")
+    assert_clean_failure(run([vectors, write_vectors(tmp_path / "caa2", tiny_model_dir, train[:4])]), out, 1,
+                         "one vector folder per method")
+    assert_clean_failure(run(vectors, "--objective", "accuracy+safety"), out, 2, "needs --safety-prompts")
     # another search's study, asked to tune other layers
-    _refused(run(vectors, "--storage", f"sqlite:///{searched / 'study.db'}", "--layers", "1"), out, 1,
-             "other search settings", "field 'layers'")
+    study = f"sqlite:///{searched / 'study.db'}"
+    assert_clean_failure(run(vectors, "--storage", study, "--layers", "1"), out, 1, "other search settings",
+                         "field 'layers'")

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_failure
 from typer.testing import CliRunner
 
 from gsmkit.cli import app
@@ -120,7 +121,7 @@ def test_eval_gsm8k_renders_records_and_refuses_a_resume_with_the_other_value(tm
         evaluate_gsm8k(settings, on_progress=stop)
     assert json.loads((tmp_path / "r" / "run.json").read_text())["thinking"] == "off"
     res = runner.invoke(app, _eval_args(thinking_model, small_gsm8k, tmp_path / "r", "--thinking", "on"))
-    assert res.exit_code == 1 and "different settings" in res.output and "Traceback" not in res.output
+    assert_clean_failure(res, None, 1, "different settings")
     res = runner.invoke(app, _eval_args(thinking_model, small_gsm8k, tmp_path / "r", "--thinking", "off"))
     assert res.exit_code == 0 and "resuming" in res.output, res.output
 
@@ -190,21 +191,16 @@ def test_show_masking_passes_the_switch(tmp_path, thinking_model, small_gsm8k, p
 
 @pytest.mark.parametrize("command", [("eval", "gsm8k"), ("generate-traces",), ("train", "sft"),
                                      ("train", "grpo"), ("steer", "vectors")])
+@pytest.mark.usefixtures("no_loading")
+@pytest.mark.loading_allowed("tokenizer", "data")  # the switch is looked for in the tokenizer's template
 def test_on_without_a_thinking_switch_is_one_line_exit_2_before_the_model_loads(
-        command, tmp_path, family_model_dirs, small_gsm8k, monkeypatch):
-    import gsmkit.modeling
-
-    def no_model(*_a, **_k):
-        raise AssertionError("the model loaded")
-
-    monkeypatch.setattr(gsmkit.modeling, "load_model", no_model)
+        command, tmp_path, family_model_dirs, small_gsm8k):
     model = family_model_dirs("qwen3")  # plain ChatML: no enable_thinking
     res = runner.invoke(app, [*command, "--model", str(model), "--data", str(small_gsm8k), "--style", "chat",
                               "--thinking", "on", "--out", str(_out(tmp_path, command))])
-    assert res.exit_code == 2, res.output
+    assert_clean_failure(res, _out(tmp_path, command), 2, "no thinking switch")
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no thinking switch" in lines[0], res.output
-    assert not _out(tmp_path, command).exists()
 
 
 @pytest.mark.parametrize("command", [("eval", "gsm8k"), ("generate-traces",), ("train", "sft"),
