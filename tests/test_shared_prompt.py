@@ -147,3 +147,61 @@ def test_sliding_windows_are_refused(family_model_dirs, tiny_model_dir):
     assert unsupported(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) is None
     mistral = AutoModelForCausalLM.from_pretrained(family_model_dirs("mistral"))
     assert "sliding-window" in unsupported(mistral)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["lora", "qlora"])
+def test_one_grpo_step_is_the_same_step_shared_or_not(tmp_path, tiny_model_dir, small_gsm8k, monkeypatch,
+                                                      four_bit):
+    """`train grpo`, one step from the same state with the shared prompt and with --no-shared-prompt: the loss
+    and every LoRA gradient the optimizer receives equal within 1e-5, and so does the adapter after the step,
+    but where Adam's first step (g / (|g| + eps)) turns a gradient of float noise (|g| < 1e-6) into +-lr; the
+    manifest says which path ran. With a 4-bit base TRL itself trains the adapter in bfloat16 (GRPOTrainer
+    casts a quantized model's trainable parameters), so there the tolerance is bfloat16's; the float32
+    equality of the QLoRA computation is `test_shared_prompt_logps_and_lora_gradients_equal_trls`."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from gsmkit.training import callbacks, rewards
+    from gsmkit.training.grpo import train_grpo
+    from gsmkit.training.grpo_settings import GrpoSettings
+
+    # a random tiny model never answers right: reward the completion's length parity so groups vary
+    monkeypatch.setattr(rewards, "correctness", lambda text, _gold, _fmt, _section=None, _opened=False:
+                        float(len(text) % 2))
+    grads: dict[bool, dict[str, torch.Tensor]] = {}
+    real = callbacks.log_callbacks
+
+    def with_grads(*args, **kwargs):
+        class Grads(TrainerCallback):
+            def on_pre_optimizer_step(self, _args, _state, _control, model=None, **_kw):
+                grads[shared] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                 if p.requires_grad}
+
+        return [*real(*args, **kwargs), Grads()]
+
+    monkeypatch.setattr(callbacks, "log_callbacks", with_grads)
+    adapters, manifests, logs = {}, {}, {}
+    for shared in (True, False):
+        out = tmp_path / f"shared-{shared}"
+        train_grpo(GrpoSettings(model=str(tiny_model_dir), out=out, data=str(small_gsm8k), train_samples=4,
+                                max_steps=1, max_completion_length=10, num_generations=4, prompts_per_step=2,
+                                learning_rate=5e-2, lora_r=4, lora_alpha=8, seed=0, load_in_4bit=four_bit,
+                                dtype="float32", logging_steps=1, shared_prompt=shared))
+        adapters[shared] = load_file(out / "adapter_model.safetensors")
+        manifests[shared] = json.loads((out / "manifest.json").read_text())["resolved"]["update"]
+        logs[shared] = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert manifests[True]["shared_prompt"] and manifests[True]["calls"]["shared"] >= 1
+    assert manifests[True]["calls"]["unshared"] == 0 and manifests[False] == {"shared_prompt": False}
+    tol = {"rtol": 1.6e-2, "atol": 1e-3} if four_bit else {"rtol": 1e-5, "atol": 1e-5}
+    loss = {k: [r["loss"] for r in v if "loss" in r] for k, v in logs.items()}
+    assert loss[True] and loss[True] == pytest.approx(loss[False], rel=tol["rtol"], abs=tol["atol"])
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 8
+    for name, grad in grads[False].items():
+        assert grad.dtype == (torch.bfloat16 if four_bit else torch.float32)
+        torch.testing.assert_close(grads[True][name], grad, **tol, msg=name)
+        key = name.replace(".default.weight", ".weight")
+        noise = grad.abs() < (1e-3 if four_bit else 1e-6)
+        got, want = adapters[True][key], adapters[False][key]
+        torch.testing.assert_close(got[~noise], want[~noise], **tol, msg=key)

@@ -184,6 +184,7 @@ class GrpoRecipe(Recipe):
         from gsmkit.training.arguments import trainer_arguments
         from gsmkit.training.rewards import make_reward_funcs
         from gsmkit.training.rollouts import EngineRollouts, log_rollout_time
+        from gsmkit.training.shared_prompt import shared_prompt_trainer
 
         s = self.settings
         switch = {"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}
@@ -201,7 +202,8 @@ class GrpoRecipe(Recipe):
                                                temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                                                batch_size=s.rollout_batch_size,
                                                chat_template_kwargs=self.template_kwargs)
-        trainer = GRPOTrainer(
+        trainer_class = shared_prompt_trainer(GRPOTrainer) if s.shared_prompt else GRPOTrainer
+        trainer = trainer_class(
             model=run.model, reward_funcs=make_reward_funcs(self.fmt, list(self.weights), self.section),
             args=config, train_dataset=Dataset.from_list(self.dataset_rows), processing_class=run.tokenizer,
             peft_config=run.peft_config, rollout_func=self.rollout_func, callbacks=callbacks,
@@ -216,6 +218,7 @@ class GrpoRecipe(Recipe):
         s = self.settings
         return {"answer_format": self.fmt, "reward_weights": self.weights, "rollouts": s.rollouts,
                 "rollout_engine_stats": getattr(self.rollout_func, "stats", None),
+                "update": getattr(run.trainer, "shared_prompt_path", {"shared_prompt": False}),
                 "train_problems": len(self.rows),
                 "completions_per_step": s.prompts_per_step * s.num_generations * s.grad_accum
                 * run.trainer.accelerator.num_processes}

@@ -120,6 +120,10 @@ class GrpoSettings(BaseModelOptions, GrpoPromptOptions, InitAdapterOptions, Grpo
     rollout_batch_size: int = setting(ROLLOUT_BATCH, "Most completions the engine decodes at once "
                                       "(--rollouts engine).", min=1)
     use_vllm: bool = setting(False, "Same as --rollouts vllm (kept for older scripts).")
+    shared_prompt: bool = setting(
+        True, "Compute each group's prompt once in the policy update (the same loss and gradients as TRL's "
+        "unshared batch); models it cannot serve exactly (sliding windows) take TRL's path, said once.",
+        flag="--shared-prompt/--no-shared-prompt", panel="GRPO")
     preset: str | None = setting(None, "The preset the values came from (recorded in the manifest).",
                                  choices=tuple(GRPO_PRESETS), cli=False)
 

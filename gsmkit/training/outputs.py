@@ -56,7 +56,7 @@ def finished_marker(out: Path, full: bool = False) -> Path:
 # `loss_chunk` changes how the loss is computed, not its value.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "max_steps", "epochs", "time_limit", "save_steps",
                      "save_total_limit", "logging_steps", "report_to", "loss_chunk", "eval_limit",
-                     "eval_data", "eval_max_new_tokens", "sweep_last", "preset")
+                     "eval_data", "eval_max_new_tokens", "sweep_last", "preset", "shared_prompt")
 
 
 def training_fingerprint(settings: Any) -> dict[str, Any]:

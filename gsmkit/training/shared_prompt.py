@@ -4,7 +4,7 @@ In: what TRL's `GRPOTrainer._get_per_token_logps_and_entropies` receives: the ro
 prompt, then the completion), their `attention_mask` and `logits_to_keep` (the completion length C), on a
 model with TRL's fused LM head. Out: `packed_logps` -> the same per-token log-probabilities (and entropies)
 of every completion token, [rows, C], or None where it cannot serve the batch exactly (then TRL's own
-computation runs); `SharedPromptGRPO`, the trainer mixin that uses it.
+computation runs); `SharedPromptGRPO`, the trainer mixin that uses it (`shared_prompt_trainer`).
 
 How: the rows of one prompt (GRPO's group: identical prompt ids and padding) become ONE sequence: the prompt
 but its last token, once, then one segment per row holding the prompt's last token and the row's completion.
@@ -158,7 +158,7 @@ class SharedPromptGRPO:
         if compute_aux_loss or any(v is not None for v in extra.values()):
             return "multimodal inputs or an MoE aux loss"
         if self._shared_prompt_why is None:
-            why = unsupported(model) or ""
+            why = unsupported(self.accelerator.unwrap_model(model)) or ""  # (DDP wraps it in a launch)
             if why:
                 print(f"note: the GRPO update runs TRL's unshared path: {why}", file=sys.stderr)
             self._shared_prompt_why = why
@@ -170,3 +170,8 @@ class SharedPromptGRPO:
         log-probability computations each path served."""
         return {"shared_prompt": self.shared_prompt, "unshared_because": self._shared_prompt_why or None,
                 "calls": dict(self.shared_prompt_calls)}
+
+
+def shared_prompt_trainer(base: type) -> type:
+    """TRL's trainer class `base` (GRPOTrainer) with `SharedPromptGRPO` in front of it."""
+    return type(f"SharedPrompt{base.__name__}", (SharedPromptGRPO, base), {})
