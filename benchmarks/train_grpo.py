@@ -34,20 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    ROOT,
-    ensure_hf_model,
-    ensure_project_importable,
-    gsmkit_command,
-    machine_info,
-    run_timed,
-    tail,
-)
-
-ensure_project_importable()
 from gsmkit.prompts import answer_format
 from gsmkit.training import rewards
 
@@ -55,11 +44,8 @@ console = Console(stderr=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, model_dir=True)
     p.add_argument("mode", nargs="?", choices=("learning", "rollouts"), default="learning")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model-dir", type=Path, default=ROOT / "bench-out" / "smollm2-hf")
-    p.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     p.add_argument("--init-adapter", type=Path, default=None,
                    help="starting adapter (default: the base model)")
     p.add_argument("--style", default="chat")

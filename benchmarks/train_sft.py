@@ -27,25 +27,13 @@ Writes `<out>/results.json` and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    ROOT,
-    ensure_hf_model,
-    ensure_project_importable,
-    gsmkit_command,
-    machine_info,
-    run_timed,
-    tail,
-)
-
-ensure_project_importable()
+from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 INIT_MODES = {"qlora-loftq": "loftq", "qlora-cloq": "cloq"}  # benchmark mode -> train qlora --init-lora
@@ -372,10 +360,8 @@ def plot_learning(results: dict, png: Path, window: int = 4) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("part", choices=["speed", "memory", "learning", "memory-step"])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--gsm8k-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
