@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -27,7 +28,7 @@ from gsmkit.data.benchmarks import (
 )
 from gsmkit.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+SHARED = SHARED_DATA / "benchmarks"
 REAL = ("humaneval", "mgsm", "mmlu", "math", "math500")
 
 GPQA_HEADER = [*GPQA_COLUMNS, "Explanation", "Subdomain", "High-level domain", "Record ID",
@@ -68,15 +69,52 @@ def write_drop(folder: Path) -> None:
     (folder / "drop_dataset_dev.json").write_text(json.dumps(data), encoding="utf-8")
 
 
+MGSM_LANGUAGES = ("en", "de", "fr", "es", "zh", "ja", "ru")
+MMLU_SUBJECTS = ("abstract_algebra", "astronomy", "marketing")  # hard, medium, medium
+SYNTHETIC_ROWS = 120  # rows of each synthetic benchmark (MGSM: per language, 20)
+
+
+def write_real_layouts(root: Path, n: int = SYNTHETIC_ROWS) -> Path:
+    """humaneval, mgsm, mmlu, math and math500 folders in the layouts of the real files (../shared's README):
+    HumanEval.jsonl.gz, mgsm_<lang>.tsv (answers with thousands separators now and then), MMLU's
+    test/<subject>_test.csv without a header, MATH's 'Level N' and MATH-500's int levels; n rows each."""
+    import gzip
+
+    (root / "humaneval").mkdir(parents=True)
+    with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"task_id": f"HumanEval/{i}", "prompt": f"def add_{i}(x):\n    return\n",
+                                  "entry_point": f"add_{i}", "canonical_solution": f"    return x + {i}\n",
+                                  "test": f"assert add_{i}(1) == {i + 1}"}) + "\n" for i in range(n))
+    (root / "mgsm").mkdir()
+    per = n // len(MGSM_LANGUAGES) + 3
+    for lang in MGSM_LANGUAGES:
+        (root / "mgsm" / f"mgsm_{lang}.tsv").write_text("".join(
+            f"[{lang}] A farm has {i} rows of 97 trees. How many trees?\t{i * 97:,}\n"
+            for i in range(1, per + 1)), encoding="utf-8")
+    (root / "mmlu" / "test").mkdir(parents=True)
+    for s, subject in enumerate(MMLU_SUBJECTS):
+        with (root / "mmlu" / "test" / f"{subject}_test.csv").open("w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([f"Which, in {subject}, is item {i}?", f"a{i}", f"b{i}", f"c{i}",
+                                      f"d{i}", "ABCD"[(i + s) % 4]] for i in range(n // len(MMLU_SUBJECTS)))
+    for name in ("math", "math500"):
+        (root / name).mkdir()
+        rows = []
+        for i in range(n):
+            level = i % 5 + 1
+            row = {"problem": f"What is ${i} \\times {level}$?",
+                   "solution": f"It is $\\boxed{{{i * level}}}$.",
+                   "level": f"Level {level}" if name == "math" else level}
+            row |= ({"type": "Algebra"} if name == "math" else {
+                "subject": "Prealgebra", "answer": str(i * level), "unique_id": f"test/prealgebra/{i}.json"})
+            rows.append(json.dumps(row) + "\n")
+        (root / name / "test.jsonl").write_text("".join(rows), encoding="utf-8")
+    return root
+
+
 @pytest.fixture()
 def bench_dir(tmp_path: Path) -> Path:
-    """The real benchmark folders (symlinked) plus GPQA and DROP fixtures."""
-    if not all((SHARED / b).is_dir() for b in REAL):
-        pytest.skip(f"real benchmark files not present at {SHARED}")
-    root = tmp_path / "bench"
-    root.mkdir()
-    for b in REAL:
-        (root / b).symlink_to(SHARED / b, target_is_directory=True)
+    """Benchmark folders in the real files' layouts (synthetic rows) plus GPQA and DROP fixtures."""
+    root = write_real_layouts(tmp_path / "bench")
     write_gpqa(root / "gpqa", 12)
     write_drop(root / "drop")
     return root
@@ -134,9 +172,24 @@ def test_drop_fixture_answers(tmp_path):
                               "passage_id": "nfl_1", "query_id": "q1"}
 
 
+def test_readers_on_the_real_layouts(tmp_path):
+    root = write_real_layouts(tmp_path)
+    he, _ = read_humaneval(root / "humaneval")
+    assert len(he) == SYNTHETIC_ROWS and he[3].prompt.startswith("def add_3(x):")
+    assert he[3].response == "    return x + 3\n" and he[3].metadata["entry_point"] == "add_3"
+    mg, _ = read_mgsm(root / "mgsm")
+    assert {e.metadata["language"] for e in mg} == set(MGSM_LANGUAGES)
+    assert [e.response for e in mg if e.metadata["language"] == "en"][14] == "1455"  # written 1,455
+    mm, _ = read_mmlu(root / "mmlu")
+    assert len(mm) == SYNTHETIC_ROWS
+    assert {e.metadata["subject"]: e.metadata["difficulty"] for e in mm} == {
+        "abstract_algebra": "hard", "astronomy": "medium", "marketing": "medium"}
+    assert mm[0].prompt.startswith("Which, in abstract_algebra, is item 0?\nA. a0")
+    assert mm[0].response == "A. a0"
+
+
+@pytest.mark.shared_data("benchmarks")
 def test_real_readers():
-    if not SHARED.is_dir():
-        pytest.skip("no shared benchmarks")
     he, _ = read_humaneval(SHARED / "humaneval")
     assert len(he) == 164 and he[0].prompt.startswith("from typing import List")
     mg, _ = read_mgsm(SHARED / "mgsm")
@@ -184,11 +237,8 @@ def test_bad_csv_row_names_file_and_line(tmp_path):
 
 
 def test_truncated_gzip_is_a_data_error(tmp_path):
-    src = SHARED / "humaneval" / "HumanEval.jsonl.gz"
-    if not src.exists():
-        pytest.skip("no HumanEval")
+    data = (write_real_layouts(tmp_path / "whole") / "humaneval" / "HumanEval.jsonl.gz").read_bytes()
     (tmp_path / "humaneval").mkdir()
-    data = src.read_bytes()
     (tmp_path / "humaneval" / "HumanEval.jsonl.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"HumanEval.jsonl.gz:\d+: truncated or corrupt gzip"):
         read_humaneval(tmp_path / "humaneval")
@@ -226,7 +276,7 @@ def test_settings_validation(tmp_path):
     assert res.exit_code == 2
 
 
-# --- end to end on the real files -----------------------------------------------------------------
+# --- end to end on the real files' layouts -------------------------------------------------------
 
 def test_full_conversion_100_each(bench_dir, tmp_path):
     out = tmp_path / "bench.jsonl"
@@ -269,7 +319,9 @@ def test_determinism(bench_dir, tmp_path):
 
 
 def test_decontamination_counts(bench_dir, tmp_path):
-    mgsm_en = (SHARED / "mgsm" / "mgsm_en.tsv").read_text(encoding="utf-8").splitlines()
+    mgsm_en = (bench_dir / "mgsm" / "mgsm_en.tsv").read_text(encoding="utf-8").splitlines()
+    mgsm_rows = sum(len((bench_dir / "mgsm" / f"mgsm_{lang}.tsv").read_text().splitlines())
+                    for lang in MGSM_LANGUAGES)
     train = tmp_path / "train.jsonl"
     with train.open("w") as fh:
         fh.write(json.dumps({"question": "  " + mgsm_en[0].split("\t")[0].replace(" ", "  ") + " "}) + "\n")
@@ -280,7 +332,8 @@ def test_decontamination_counts(bench_dir, tmp_path):
     summary = convert_benchmarks(ConvertSettings(bench_dir, out, benchmarks=("mgsm", "drop"),
                                                  samples_per_benchmark=-1, exclude=(train,)))
     assert summary["excluded"] == {"mgsm": 2, "drop": 1}
-    assert summary["benchmarks"]["mgsm"]["written"] == 1748 and summary["benchmarks"]["drop"]["written"] == 2
+    assert summary["benchmarks"]["mgsm"]["written"] == mgsm_rows - 2
+    assert summary["benchmarks"]["drop"]["written"] == 2
     text = out.read_text()
     assert "How many touchdowns?" not in text
 
