@@ -45,8 +45,6 @@ class ModelSpec:
         check_fields(self)
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown --device '{self.device}'", hint=f"choose one of {', '.join(DEVICES)}")
-        if self.adapter is not None:  # TODO(#30): in resolved() alone once every command calls it
-            check_adapter(self.adapter)  # a damaged adapter fails here, before any model loads
 
     def resolved(self) -> ModelSpec:
         """The spec as a run loads it (a new object; idempotent): a damaged adapter fails here, first."""

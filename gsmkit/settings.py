@@ -219,9 +219,9 @@ class SteerOptions:
         return values
 
     def resolved(self) -> Any:
-        """These settings with what they read resolved (`resolved_steer`): a new object; idempotent. A
-        command's library entry point calls it first."""
-        return dataclasses.replace(self, **self.resolved_steer())
+        """These settings with what they read resolved (`resolved_steer`, `resolved_model`): a new object;
+        idempotent. A command's library entry point calls it first."""
+        return dataclasses.replace(self, **self.resolved_steer(), **resolved_model(self))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +238,13 @@ class ProblemRunOptions(ProblemOptions, PromptOptions, BudgetOptions, DecodeOpti
         self.check_pool()
         self.check_thinking()
         self.check_thinking_budget()
+
+
+def resolved_model(settings: Any) -> dict[str, Any]:
+    """`{"model": settings.model.resolved()}` for settings that hold a `modeling.ModelSpec` (its adapter
+    checked: read once, by the resolve step), else {}."""
+    model = getattr(settings, "model", None)
+    return {"model": model.resolved()} if hasattr(model, "resolved") else {}
 
 
 def _read_best(path: Path) -> dict[str, Any]:

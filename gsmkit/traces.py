@@ -51,6 +51,7 @@ from gsmkit.settings import (
     ProblemRunOptions,
     SamplingOptions,
     override,
+    resolved_model,
 )
 
 # Sidecars of the traces file (`RunOutput.file` names them `<stem>.<sidecar>`): the stats are
@@ -113,9 +114,11 @@ class TraceSettings(ProblemRunOptions):
 
     def resolved(self) -> TraceSettings:
         """These settings as the run reads them (a new object; idempotent): `data` the source and `split` the
-        split (`resolve_data`), steering as `SteerOptions.resolved_steer` resolves it."""
+        split (`resolve_data`), steering as `SteerOptions.resolved_steer` resolves it, the model's adapter
+        checked (`settings.resolved_model`)."""
         data, split = resolve_data(self.data, self.split)
-        return dataclasses.replace(self, data=data, split=split, **self.resolved_steer())
+        return dataclasses.replace(self, data=data, split=split, **self.resolved_steer(),
+                                   **resolved_model(self))
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a partial run to be resumed (everything that changes the rows)."""

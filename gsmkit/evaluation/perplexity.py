@@ -15,6 +15,7 @@ How a row becomes tokens and how long texts are windowed: `gsmkit.evaluation.ppl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -227,6 +228,9 @@ def evaluate_ppl(
     t_wall = time.perf_counter()
     from gsmkit.manifest import build_manifest, run_fingerprint, to_jsonable
     from gsmkit.modeling import load_model, load_tokenizer
+    from gsmkit.settings import resolved_model
+
+    settings = dataclasses.replace(settings, **resolved_model(settings))  # the adapter checked, first
 
     # Everything that can fail on input is checked before the model loads, the output path first.
     output = run_output(settings)

@@ -252,7 +252,13 @@ def _exemplars(settings: SearchSettings) -> list:
 
 def run_search(settings: SearchSettings, progress: SearchProgress | None = None) -> dict[str, Any]:
     """Plan, search until the study holds --n-trials, evaluate on test, publish; returns search.json."""
+    import dataclasses
+
     import torch
+
+    from gsmkit.settings import resolved_model
+
+    settings = dataclasses.replace(settings, **resolved_model(settings))  # the adapter checked, first
 
     from gsmkit.evaluation.run import check_thinking_early
     from gsmkit.steer import search_study as st

@@ -37,7 +37,7 @@ from gsmkit.errors import ConfigError, DataError
 from gsmkit.fields import check_fields, setting
 from gsmkit.generation.steer_files import METHODS, SteerMeta
 from gsmkit.modeling import ModelSpec
-from gsmkit.settings import DecodeOptions, ProblemOptions, PromptOptions, RunOptions, override
+from gsmkit.settings import DecodeOptions, ProblemOptions, PromptOptions, RunOptions, override, resolved_model
 from gsmkit.steer.pairs import NEGATIVES
 
 CAA_POSITIONS = ("mean", "last")
@@ -92,8 +92,9 @@ class VectorSettings(ProblemOptions, PromptOptions, RunOptions):
 
     def resolved(self) -> VectorSettings:
         """CAA's position rule filled in (`mean` unless --position says otherwise), as the run, its cache key
-        and its manifest hold it. Idempotent."""
-        return replace(self, position=self.position or "mean") if self.method == "caa" else self
+        and its manifest hold it, and the model's adapter checked (`settings.resolved_model`). Idempotent."""
+        position = {"position": self.position or "mean"} if self.method == "caa" else {}
+        return replace(self, **position, **resolved_model(self))
 
     @property
     def position_rule(self) -> str:
