@@ -76,7 +76,6 @@ class MergeSettings:
         check_fields(self)
         # The device string is checked where it is used (ModelSpec); fail here too, before any loading.
         ModelSpec(model=self.model, dtype="float32", device=self.device)
-        check_adapter(self.adapter)  # a damaged adapter fails before any data or model is read
 
 
 @dataclass
@@ -207,8 +206,9 @@ def merge_adapter(
     from gsmkit.modeling import attach_adapter, load_model, load_tokenizer
     from gsmkit.tokenization import Encoded
 
-    # Everything that can fail on input is checked before the model loads.
-    adapter_cfg = read_adapter_config(settings.adapter)  # checked whole by MergeSettings, before any data
+    # Everything that can fail on input is checked before the model loads; a damaged adapter first.
+    check_adapter(settings.adapter)
+    adapter_cfg = read_adapter_config(settings.adapter)
     peft_type = adapter_cfg.get("peft_type")
     if peft_type in _PROMPT_LEARNING:
         raise ModelError(f"{settings.adapter}: a {peft_type} adapter adds virtual tokens, it has no weights "
