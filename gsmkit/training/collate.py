@@ -1,5 +1,6 @@
-"""Batches for the Trainer: encoded rows (input_ids, labels) in, padded tensors out; and the count of real
-tokens a run processed, the numerator of the tokens/s every training summary reports."""
+"""Batches for the Trainer: encoded rows (input_ids, labels) in, tensors out, padded (`PadCollator`) or packed
+into one sequence (`PackCollator`, `train sft --packing`); and the count of real tokens a run processed, the
+numerator of the tokens/s every training summary reports."""
 
 from __future__ import annotations
 
@@ -26,6 +27,31 @@ class PadCollator:
             labels[i, :n] = torch.tensor(r["labels"])
             attn[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+class PackCollator:
+    """The rows of a batch one after another in ONE sequence (batch dimension 1, no padding), with position
+    ids restarting at 0 for each row and no attention mask: transformers then builds the block-diagonal
+    causal mask from the restarting positions (`masking_utils.find_packed_sequence_indices`), so no token
+    sees another row's (`training.packing` checks that the model does). Each row's first label is -100: in
+    a padded batch no position predicts a row's first token, and here the previous row's last token would.
+    So the shifted labels (the loss's and the Trainer's `num_items_in_batch`) are the padded batch's."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        positions: list[int] = []
+        labels: list[int] = []
+        for r in rows:
+            n = len(r["input_ids"])
+            ids += r["input_ids"]
+            positions += range(n)
+            labels += [-100, *r["labels"][1:]] if n else []
+        return {"input_ids": torch.tensor([ids], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "use_cache": False}  # a cache switches transformers' packed-sequence detection off
 
 
 def tokens_seen(trainer: Any, encoded: Sequence[Any], steps: int, rows_per_step: int) -> int:

@@ -176,7 +176,14 @@ class TrainSettings(BaseModelOptions, TrainPromptOptions, InitAdapterOptions, Lo
     loss_chunk: int = setting(1024, "The LM head and cross-entropy run only on the positions with a label "
                               "(the response), this many at a time, so no [batch, length, vocab] logits are "
                               "held; 0 = the model's own loss over every position's logits.", min=0)
-    group_by_length: bool = setting(True, "Batch rows of similar length together (less padding).", cli=False)
+    packing: bool = setting(
+        False, "Pack each batch's rows into one sequence (positions restart at each row, attention kept "
+        "inside it: the padded batch's loss and gradients) instead of padding batches of rows of similar "
+        "length; a model that cannot keep packed rows apart is padded, said once. Off: on CPU the packed "
+        "attention is dense and length-grouped batches are faster.",
+        flag="--packing/--no-packing")
+    group_by_length: bool = setting(True, "Batch rows of similar length together (less padding; not with "
+                                    "--packing, whose batches are drawn at random).", cli=False)
     save_total_limit: int | None = setting(None, "Keep at most this many checkpoints.", min=1,
                                            show_default=False)
     eval_limit: int = setting(0, "After training, run `eval gsm8k` on N test problems with the run's k and "

@@ -4,6 +4,7 @@ In: a `TrainExample`, a fast tokenizer, a resolved prompt style (`chat`, `tags` 
 and an optional system prompt.
 Out: `Encoded(input_ids, labels, where, truncated)`; labels are IGNORE_INDEX (-100) on every prompt
 token and equal input_ids on the response, so the loss (and so the gradient) sees the response only.
+`masking_preview` shows one encoded row, `packed_preview` rows as `--packing` lays them out (--show-masking).
 
 Where the response starts: the prompt and the whole example are rendered as text, the same way
 `eval gsm8k` renders prompts (`gsmkit.prompts`), and the whole text must start with the prompt text.
@@ -20,6 +21,7 @@ and works for ChatML (Qwen, SmolLM), Llama 3, Mistral and other templates. What 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from rich.text import Text
@@ -39,6 +41,8 @@ from gsmkit.training.data import TrainExample
 
 TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
+BOUNDARY = "┃"  # where a row starts in --packing's view
+BOUNDARY_STYLE = "bold magenta"
 
 
 def _has_template(tokenizer: Any) -> bool:
@@ -162,9 +166,38 @@ def masking_preview(encoded: Encoded, tokenizer: Any) -> Text:
     """
     header = f"{encoded.where}: {len(encoded.input_ids)} tokens, {encoded.num_trainable} trained"
     text = Text(header + (" (truncated)" if encoded.truncated else "") + "\n", style="bold")
-    pairs = zip(encoded.input_ids, encoded.labels, strict=True)
-    for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
-        ids = [token for token, _ in run]
-        text.append(tokenizer.decode(ids, skip_special_tokens=False),
-                    style=TRAINED_STYLE if trained else MASKED_STYLE)
+    _append_tokens(text, encoded.input_ids, encoded.labels, tokenizer)
     return text
+
+
+def packed_preview(rows: Sequence[Encoded], tokenizer: Any, batch_size: int) -> Text:
+    """`rows` as `train sft --packing` lays them out (`collate.PackCollator`, `batch_size` rows to a packed
+    sequence): each sequence's header, then each row after a boundary line (its place in the sequence, its
+    positions, which restart at 0) with its tokens as `masking_preview` shows them. A row's first token is
+    masked: in the packed sequence the row before it would predict it."""
+    from gsmkit.training.collate import PackCollator
+
+    text = Text()
+    for first in range(0, len(rows), batch_size):
+        group = rows[first:first + batch_size]
+        batch = PackCollator()([{"input_ids": e.input_ids, "labels": e.labels} for e in group])
+        ids, positions, labels = (batch[key][0].tolist() for key in ("input_ids", "position_ids", "labels"))
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        text.append(f"packed sequence {first // batch_size + 1}: rows {first + 1}-{first + len(group)}, "
+                    f"{len(ids)} tokens, positions restart at each {BOUNDARY}\n", style="bold")
+        for i, (a, b) in enumerate(itertools.pairwise(starts)):
+            trained = sum(label != IGNORE_INDEX for label in labels[a:b])
+            text.append(f"{BOUNDARY} row {first + i + 1} ({group[i].where}): tokens {a}-{b - 1}, positions "
+                        f"0-{b - a - 1}, {trained} trained\n", style=BOUNDARY_STYLE)
+            _append_tokens(text, ids[a:b], labels[a:b], tokenizer)
+            text.append("\n")
+    return text
+
+
+def _append_tokens(text: Text, ids: Sequence[int], labels: Sequence[int], tokenizer: Any) -> None:
+    """The decoded tokens, each run of trained or masked ones decoded together and styled as such."""
+    pairs = zip(ids, labels, strict=True)
+    for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
+        tokens = [token for token, _ in run]
+        text.append(tokenizer.decode(tokens, skip_special_tokens=False),
+                    style=TRAINED_STYLE if trained else MASKED_STYLE)

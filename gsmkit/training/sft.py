@@ -12,7 +12,8 @@ trained LoRA adapter (`training.init_adapter`): the SFT-vs-GRPO protocol's full 
 Leakage: the few-shot pool is removed from the training rows by content hash before anything is
 tokenised, and the removed hashes are recorded in the manifest.
 Speed: batches are grouped by length (less padding than random batches), padded only to the
-longest row of each batch.
+longest row of each batch; or, with --packing, a batch's rows are one sequence with no padding at all
+(`training.packing`: the same loss and gradients; on CPU slower, its attention being dense).
 The evaluation after training (`--eval-limit`, `--sweep-last`) is `gsmkit.recipes.train_and_evaluate`:
 training does not import evaluation.
 """
@@ -122,6 +123,7 @@ class SftRecipe(Recipe):
         self.rows: tuple | None = None
         self.lora_init: dict[str, Any] | None = None
         self.loss: Any = None
+        self.batches: dict[str, Any] | None = None
 
     @property
     def command(self) -> str:
@@ -166,23 +168,28 @@ class SftRecipe(Recipe):
         from transformers import Trainer, TrainingArguments
 
         from gsmkit.training.arguments import trainer_arguments
-        from gsmkit.training.collate import PadCollator
+        from gsmkit.training.collate import PackCollator, PadCollator
         from gsmkit.training.loss import response_loss
+        from gsmkit.training.packing import batch_layout
 
         s = self.settings
         dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels,
                                       "length": len(e.input_ids)} for e in self.encoded])
+        self.batches = batch_layout(run.model, s.packing, s.group_by_length)
+        packed = self.batches["layout"] == "packed"
         args = trainer_arguments(
-            TrainingArguments, s, run.loaded, run.checkpoints, group_by_length=s.group_by_length,
+            TrainingArguments, s, run.loaded, run.checkpoints,
+            group_by_length=self.batches["grouped_by_length"],
             per_device_train_batch_size=s.batch_size, num_train_epochs=s.epochs,
             logging_first_step=True, save_total_limit=s.save_total_limit,
             remove_unused_columns=False,
-            include_num_input_tokens_seen="non_padding",  # real tokens: the numerator of our tokens/s
+            # real tokens, the numerator of our tokens/s (a packed batch has no padding and no attention mask)
+            include_num_input_tokens_seen="all" if packed else "non_padding",
         )
         self.loss = response_loss(run.model, s.loss_chunk)
-        return Trainer(model=run.model, args=args, train_dataset=dataset,
-                       data_collator=PadCollator(run.tokenizer.pad_token_id), compute_loss_func=self.loss,
-                       callbacks=callbacks)
+        collator = PackCollator() if packed else PadCollator(run.tokenizer.pad_token_id)
+        return Trainer(model=run.model, args=args, train_dataset=dataset, data_collator=collator,
+                       compute_loss_func=self.loss, callbacks=callbacks)
 
     def total_steps(self, trainer: Any) -> int:
         s = self.settings
@@ -196,7 +203,7 @@ class SftRecipe(Recipe):
         loss = self.loss
         return {"loss": f"response positions, chunks of {loss.chunk}" if loss else "the model's own",
                 "train_rows": len(self.encoded), "truncated_rows": sum(e.truncated for e in self.encoded),
-                "lora_init": self.lora_init,
+                "batches": self.batches, "lora_init": self.lora_init,
                 "lora_ranks": None if self.settings.full else lora_ranks(run.trainer.model, self.settings)}
 
     def manifest_inputs(self) -> dict[str, Any]:
