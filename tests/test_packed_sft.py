@@ -37,10 +37,14 @@ def _rows(vocab: int, lengths=LENGTHS, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _model(path, attn: str | None = None, lora: bool = False):
-    from transformers import AutoModelForCausalLM
+def _model(path, attn: str | None = None, lora: bool = False, four_bit: bool = False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"attn_implementation": attn} if attn else {}
+    kwargs: dict = {"attn_implementation": attn} if attn else {}
+    if four_bit:  # as `train qlora` loads it, computing in float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -108,17 +112,26 @@ def _loss_and_grads(model, trainer, batches: list[dict]) -> tuple[float, dict[st
     return total, grads
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
-@pytest.mark.parametrize("loss_chunk", [16, 0])
-def test_packed_loss_and_every_lora_gradient_equal_the_padded_batch(request, tmp_path, fixture, loss_chunk):
+GRADIENT_CASES = [("tiny_model_dir", 16, False), ("tiny_qwen_dir", 16, False), ("tiny_model_dir", 0, False),
+                  ("tiny_qwen_dir", 0, False), ("tiny_model_dir", 16, True)]
+
+
+@pytest.mark.parametrize(("fixture", "loss_chunk", "four_bit"), GRADIENT_CASES,
+                         ids=[f"{f}-chunk{c}{'-4bit' if q else ''}" for f, c, q in GRADIENT_CASES])
+def test_packed_loss_and_every_lora_gradient_equal_the_padded_batch(request, tmp_path, fixture, loss_chunk,
+                                                                      four_bit):
     """Gradient accumulation 2 (micro-batches of 3 and 2 rows of unequal length), --loss-chunk 16 (the
-    response loss) and 0 (the model's own): the step's loss and every LoRA gradient within 1e-5."""
+    response loss) and 0 (the model's own), LoRA and QLoRA: the step's loss and every LoRA gradient within
+    1e-5."""
     from transformers import Trainer, TrainingArguments
 
     from gsmkit.training.loss import response_loss
 
-    model = _model(request.getfixturevalue(fixture), lora=True)
+    model = _model(request.getfixturevalue(fixture), lora=True, four_bit=four_bit)
     model.train()
+    # the run's check passes, restores the mode, and leaves 4-bit weights as they were (bitsandbytes converts
+    # them to an inference layout on a CPU forward in eval mode that needs no gradient: the losses would move)
+    assert packing_refusal(model) is None and model.training
     loss = response_loss(model, loss_chunk)
     assert (loss is None) == (loss_chunk == 0)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
@@ -149,12 +162,14 @@ def test_a_model_that_lets_rows_see_each_other_is_refused(tiny_model_dir):
         def get_input_embeddings(self):
             return self.lm.get_input_embeddings()
 
-        def forward(self, input_ids, position_ids=None, **kwargs):
+        def forward(self, position_ids=None, **kwargs):
             del position_ids  # dropped: every token at its slot's position, seeing every slot before it
-            return self.lm(input_ids=input_ids, **kwargs)
+            return self.lm(**kwargs)
 
-    why = packing_refusal(DropsPositions(_model(tiny_model_dir)))
-    assert why is not None and "row" in why
+    model = DropsPositions(_model(tiny_model_dir))
+    assert packing_refusal(model) == ("a packed row's logits change with the row before it (its attention "
+                                      "crosses the row boundary)")
+    assert packing_refusal(model.lm) is None
 
 
 def _settings(model, data, pool, out, **kw):

@@ -46,18 +46,19 @@ def batch_layout(model: Any, packing: bool, group_by_length: bool) -> dict[str, 
 
 def packing_refusal(model: Any) -> str | None:
     """Why packed rows would not be computed exactly as padded ones on `model` (None: they are)."""
-    import torch
-
     try:
-        with torch.no_grad():
-            return probe(model)
+        return probe(model)
     except (TypeError, ValueError, RuntimeError) as exc:  # a forward that takes no position_ids, ...
         return f"its forward refused a packed batch ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
 
 
 def probe(model: Any) -> str | None:
     """Run two packed rows through `model` (in eval mode, restored after): None when each row's logits are
-    those it has alone and the second row's do not depend on the first row's tokens."""
+    those it has alone and the second row's do not depend on the first row's tokens.
+
+    The rows go in as embeddings that require a gradient (never used): bitsandbytes' 4-bit layers on a CPU
+    convert their weights for good to an inference layout, which training would then compute with, on any
+    forward pass in eval mode whose input needs no gradient."""
     import torch
 
     was_training = model.training
@@ -65,10 +66,13 @@ def probe(model: Any) -> str | None:
     try:
         first, other, second = _probe_rows(model)
         positions = torch.tensor([[*range(len(first)), *range(len(second))]], device=first.device)
+        embed = model.get_input_embeddings()
 
         def logits(ids: list[Any], pos: Any = None) -> Any:
             kwargs = {"position_ids": pos} if pos is not None else {}
-            return model(input_ids=torch.cat(ids)[None], use_cache=False, **kwargs).logits[0].float()
+            with torch.enable_grad():
+                embeds = embed(torch.cat(ids)[None]).detach().requires_grad_(True)
+                return model(inputs_embeds=embeds, use_cache=False, **kwargs).logits[0].detach().float()
 
         packed = logits([first, second], positions)
         changed = logits([other, second], positions)
