@@ -259,3 +259,20 @@ def test_packed_preview_shows_each_row_boundary(tiny_model_dir):
     # the third row is all response, but packed its first token is masked (the row before would predict it)
     assert f"{BOUNDARY} row 3 (train.jsonl:3): tokens 0-3, positions 0-3, 3 trained" in text
     assert text.count(BOUNDARY) == 3 + 2  # one per row, one per sequence header
+
+
+@pytest.mark.xfail(strict=True, reason="cli/train.py's _show_masking prints rows one by one: with --packing "
+                   "it should print masking.packed_preview(encoded[:n], tok, settings.batch_size) (issue 29)")
+def test_show_masking_with_packing_shows_the_packed_layout(tmp_path, tiny_model_dir, small_gsm8k, pool):
+    from typer.testing import CliRunner
+
+    from gsmkit.cli import app
+    from gsmkit.training.masking import BOUNDARY
+
+    res = CliRunner().invoke(app, ["train", "sft", "--model", str(tiny_model_dir), "--data", str(small_gsm8k),
+                                   "--pool", str(pool), "--out", str(tmp_path / "none"), "--packing",
+                                   "--batch-size", "2", "--show-masking", "3"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "packed sequence 1: rows 1-2" in res.output and "packed sequence 2: rows 3-3" in res.output
+    assert res.output.count(f"{BOUNDARY} row ") == 3
+    assert not (tmp_path / "none").exists()
