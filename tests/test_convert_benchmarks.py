@@ -392,7 +392,8 @@ def test_output_and_manifest_are_replaced_byte_identically(tmp_path):
 def test_benchmarks_as_a_comma_list_or_repeated(tmp_path):
     write_drop(tmp_path / "drop")
     write_gpqa(tmp_path / "gpqa", 3)
-    assert ConvertSettings(tmp_path, tmp_path / "o", benchmarks="GPQA, drop").benchmarks == ("gpqa", "drop")
+    given = ConvertSettings(tmp_path, tmp_path / "o", benchmarks="GPQA, drop")
+    assert given.resolved().benchmarks == ("gpqa", "drop")
     for args in (["--benchmarks", "gpqa,drop"], ["--benchmarks", "gpqa", "--benchmarks", "drop"]):
         out = tmp_path / "o.jsonl"
         res = CliRunner().invoke(app, ["convert-benchmarks", "--input-dir", str(tmp_path), "--out", str(out),
