@@ -261,8 +261,6 @@ def test_packed_preview_shows_each_row_boundary(tiny_model_dir):
     assert text.count(BOUNDARY) == 3 + 2  # one per row, one per sequence header
 
 
-@pytest.mark.xfail(strict=True, reason="cli/train.py's _show_masking prints rows one by one: with --packing "
-                   "it should print masking.packed_preview(encoded[:n], tok, settings.batch_size) (issue 29)")
 def test_show_masking_with_packing_shows_the_packed_layout(tmp_path, tiny_model_dir, small_gsm8k, pool):
     from typer.testing import CliRunner
 

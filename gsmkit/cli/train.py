@@ -151,13 +151,16 @@ def _run(cls: type, flags: dict, config: Path | None, preset: str | None, show_m
 
 def _show_masking(settings: TrainSettings, n: int, console) -> None:
     from gsmkit.modeling import load_tokenizer
-    from gsmkit.training.masking import masking_preview
+    from gsmkit.training.masking import masking_preview, packed_preview
     from gsmkit.training.sft import prepare_examples
 
     tok = load_tokenizer(settings.model)
     encoded, removed, origin, style = prepare_examples(settings, tok)
     console.print(f"style {style}; {len(encoded)} rows after removing {len(removed)} few-shot rows "
                   f"({origin}); trained tokens highlighted", highlight=False)
+    if settings.packing:  # the rows as the packed sequences training sees
+        console.print(packed_preview(encoded[:n], tok, settings.batch_size))
+        return
     for e in encoded[:n]:
         truncated = ", truncated" if e.truncated else ""
         console.rule(f"{e.where}  ({e.num_trainable} trained of {len(e.input_ids)} tokens{truncated})")
