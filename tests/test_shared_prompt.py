@@ -80,7 +80,7 @@ def test_shared_prompt_logps_and_lora_gradients_equal_trls(family, four_bit, gro
     weights = torch.randn(ids.shape[0], C, generator=torch.Generator().manual_seed(2)) * mask[:, P:]
     want, want_entropy = _trl(model, ids, mask)
     want_grads = _grads(model, want, weights)
-    got, got_entropy = packed_logps(model, ids, mask, C, compute_entropy=True)
+    got, got_entropy, _ = packed_logps(model, ids, mask, C, compute_entropy=True)
     got_grads = _grads(model, got, weights)
     scored = mask[:, P:].bool()
     torch.testing.assert_close(got[scored], want[scored], rtol=1e-5, atol=1e-5)
@@ -126,10 +126,10 @@ def test_no_segment_sees_another_and_each_keeps_trls_positions(tiny_model_dir):
             assert batch["position_ids"][g, a:a + seg_len].tolist() == list(range(P - 1, P + C))
     # changing one completion changes no other row's log-probabilities
     with torch.no_grad():
-        before, _ = packed_logps(model, ids, mask, C)
+        before, _, _ = packed_logps(model, ids, mask, C)
         changed = ids.clone()
         changed[1, P:] = (changed[1, P:] + 1) % model.config.vocab_size
-        after, _ = packed_logps(model, changed, mask, C)
+        after, _, _ = packed_logps(model, changed, mask, C)
     others = [r for r in range(ids.shape[0]) if r != 1]
     torch.testing.assert_close(after[others], before[others], rtol=0, atol=0)
     assert not torch.equal(after[1], before[1])
@@ -192,8 +192,14 @@ def test_one_grpo_step_is_the_same_step_shared_or_not(tmp_path, tiny_model_dir, 
         adapters[shared] = load_file(out / "adapter_model.safetensors")
         manifests[shared] = json.loads((out / "manifest.json").read_text())["resolved"]["update"]
         logs[shared] = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
-    assert manifests[True]["shared_prompt"] and manifests[True]["calls"]["shared"] >= 1
-    assert manifests[True]["calls"]["unshared"] == 0 and manifests[False] == {"shared_prompt": False}
+    # one step, one micro-batch: the update is the only log-prob computation (the engine's rollout log-probs
+    # are not scored again, and beta 0 needs no reference pass), on the path asked for
+    assert manifests[True]["shared_prompt"] and manifests[True]["calls"] == {"shared": 1, "unshared": 0}
+    assert manifests[False] == {"shared_prompt": False, "unshared_because": "--no-shared-prompt",
+                                "calls": {"shared": 0, "unshared": 1}}
+    # the shared update runs fewer positions through the model than TRL's rows (2 prompts x 4 completions)
+    positions = {k: [r["logps_positions"] for r in v if "logps_positions" in r] for k, v in logs.items()}
+    assert positions[True] and 0 < positions[True][0] < positions[False][0]
     tol = {"rtol": 1.6e-2, "atol": 1e-3} if four_bit else {"rtol": 1e-5, "atol": 1e-5}
     loss = {k: [r["loss"] for r in v if "loss" in r] for k, v in logs.items()}
     assert loss[True] and loss[True] == pytest.approx(loss[False], rel=tol["rtol"], abs=tol["atol"])

@@ -202,7 +202,7 @@ class GrpoRecipe(Recipe):
                                                temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                                                batch_size=s.rollout_batch_size,
                                                chat_template_kwargs=self.template_kwargs)
-        trainer_class = shared_prompt_trainer(GRPOTrainer) if s.shared_prompt else GRPOTrainer
+        trainer_class = shared_prompt_trainer(GRPOTrainer, s.shared_prompt)
         trainer = trainer_class(
             model=run.model, reward_funcs=make_reward_funcs(self.fmt, list(self.weights), self.section),
             args=config, train_dataset=Dataset.from_list(self.dataset_rows), processing_class=run.tokenizer,

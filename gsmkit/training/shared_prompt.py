@@ -99,9 +99,9 @@ def packed_batch(input_ids: Any, attention_mask: Any, logits_to_keep: int, group
 
 
 def packed_logps(model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int,
-                 compute_entropy: bool = False, autocast: Any = None) -> tuple[Any, Any] | None:
-    """(log-probs [R, C], entropies [R, C] or None) of every completion token, each group's prompt computed
-    once; None when no two rows share a prompt (nothing to share)."""
+                 compute_entropy: bool = False, autocast: Any = None) -> tuple[Any, Any, int] | None:
+    """(log-probs [R, C], entropies [R, C] or None, positions run through the model) of every completion
+    token, each group's prompt computed once; None when no two rows share a prompt (nothing to share)."""
     import contextlib
 
     import torch
@@ -122,7 +122,7 @@ def packed_logps(model: Any, input_ids: Any, attention_mask: Any, logits_to_keep
     logps = out.log_probs.reshape(-1)[take]
     entropy = getattr(out, "entropy", None)
     entropies = entropy.reshape(-1)[take] if compute_entropy and entropy is not None else None
-    return logps, entropies
+    return logps, entropies, batch["input_ids"].numel()
 
 
 class SharedPromptGRPO:
@@ -143,14 +143,20 @@ class SharedPromptGRPO:
             result = packed_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
                                   self.accelerator.autocast())
         if result is None:
-            self.shared_prompt_calls = {**self.shared_prompt_calls,
-                                        "unshared": self.shared_prompt_calls["unshared"] + 1}
+            self._count_call("unshared", model, input_ids.numel())
             return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                 compute_aux_loss, **extra)
-        self.shared_prompt_calls = {**self.shared_prompt_calls,
-                                    "shared": self.shared_prompt_calls["shared"] + 1}
+        self._count_call("shared", model, result[2])
         return result[0], result[1], None
+
+    def _count_call(self, path: str, model: Any, positions: int) -> None:
+        """Count a log-probability computation by path, and log the positions it ran through the model
+        (`logps_positions`: padding included, as computed; TRL averages it over the logging interval)."""
+        self.shared_prompt_calls = {**self.shared_prompt_calls, path: self.shared_prompt_calls[path] + 1}
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None:
+            metrics["train" if model.training else "eval"]["logps_positions"].append(float(positions))
 
     def _shared_prompt_refusal(self, model: Any, compute_aux_loss: bool, extra: dict[str, Any]) -> str | None:
         if not self.shared_prompt:
@@ -168,10 +174,12 @@ class SharedPromptGRPO:
     def shared_prompt_path(self) -> dict[str, Any]:
         """What the manifest records: the path asked for, why it could not run (if so), and how many
         log-probability computations each path served."""
-        return {"shared_prompt": self.shared_prompt, "unshared_because": self._shared_prompt_why or None,
+        why = self._shared_prompt_why or None if self.shared_prompt else "--no-shared-prompt"
+        return {"shared_prompt": self.shared_prompt, "unshared_because": why,
                 "calls": dict(self.shared_prompt_calls)}
 
 
-def shared_prompt_trainer(base: type) -> type:
-    """TRL's trainer class `base` (GRPOTrainer) with `SharedPromptGRPO` in front of it."""
-    return type(f"SharedPrompt{base.__name__}", (SharedPromptGRPO, base), {})
+def shared_prompt_trainer(base: type, shared: bool = True) -> type:
+    """TRL's trainer class `base` (GRPOTrainer) with `SharedPromptGRPO` in front of it; with `shared` False
+    every computation is TRL's own (the mixin only counts them and their positions)."""
+    return type(f"SharedPrompt{base.__name__}", (SharedPromptGRPO, base), {"shared_prompt": shared})
