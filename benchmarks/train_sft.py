@@ -75,7 +75,9 @@ if qlora:  # the QLoRA recipe of the PEFT/TRL docs: nf4, double quant, k-bit pre
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc == "1")
 else:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-cfg = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch), max_length=int(max_len),
+# padding-free rows are never cut (TRL refuses a max_length there); the rows are shorter than it anyway
+cfg = SFTConfig(output_dir=out, per_device_train_batch_size=int(batch),
+                max_length=None if padding_free else int(max_len),
                 learning_rate=float(lr), max_steps=int(steps), lr_scheduler_type="cosine", warmup_steps=0.03,
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=int(seed),
                 include_num_input_tokens_seen="non_padding", disable_tqdm=True,
