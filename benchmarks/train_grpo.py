@@ -26,6 +26,8 @@ and TRL's own unshared loss: `--rollouts trl --no-shared-prompt`, i.e. GRPOTrain
 gsmkit's data, rewards and LoRA) and `unshared` (engine rollouts, TRL's unshared update). gsmkit and trl
 alternate `--repeats` rounds (gsmkit, trl, unshared, gsmkit, trl: `--unshared-repeats` rounds of the
 last); every run is reported and each ratio is the worse pairing (our slowest run against their fastest).
+`--trl-gc` gives the trl runs gradient checkpointing, TRL's own default. A finished run is kept in
+`<out>/<shape>/<variant>-<i>/bench_run.json` and reused by a rerun of the same command.
 Per run: seconds per step, rollout and update seconds (means with 95% t-intervals over the steps), the
 positions the update ran through the model (`logps_positions`), completion tokens, peak RSS and the reward
 curve.
@@ -89,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="speed: runs of gsmkit and of trl per shape")
     p.add_argument("--unshared-repeats", type=int, default=1,
                    help="speed: runs of gsmkit with --no-shared-prompt per shape (0: none)")
+    p.add_argument("--trl-gc", action="store_true",
+                   help="speed: the trl runs with gradient checkpointing (TRL's GRPOConfig default; without "
+                        "it TRL's 5shot-x8 update needs more than 24 GB)")
     return p.parse_args(argv)
 
 
@@ -187,12 +192,17 @@ def speed(args: argparse.Namespace) -> int:
     for shape in args.shapes:
         def run(name: str, i: int, shape: str = shape) -> dict[str, Any]:
             folder = out / shape / f"{name}-{i + 1}"
+            extra = VARIANTS[name] + (["--gradient-checkpointing"] if name == "trl" and args.trl_gc else [])
             cmd = grpo_command(args, gsmkit, model_dir, pool, folder, SHAPES[shape]["k"],
-                               SHAPES[shape]["num_generations"], args.steps, VARIANTS[name])
+                               SHAPES[shape]["num_generations"], args.steps, extra)
+            record = folder / "bench_run.json"  # a finished run of the same command is reused, not rerun
+            if record.exists() and json.loads(record.read_text())["command"] == cmd:
+                console.print(f"[bold]{shape}[/bold] {name} run {i + 1}: reused {record}")
+                return json.loads(record.read_text())
             console.print(f"[bold]{shape}[/bold] {name} run {i + 1}: {args.steps} steps")
             seconds, rc, peak_mb = run_peak(cmd, out / "logs" / f"{shape}-{name}-{i + 1}.log")
             if rc:
-                raise SystemExit(tail(out / "logs" / f"{shape}-{name}-{i + 1}.log"))
+                raise SystemExit(f"exit {rc}\n" + tail(out / "logs" / f"{shape}-{name}-{i + 1}.log"))
             rows = step_rows(folder / "trainer_log.jsonl")
             summary = {"command": cmd, "wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb),
                        "steps": len(rows), "curve": rows}
@@ -203,6 +213,7 @@ def speed(args: argparse.Namespace) -> int:
                           f" s, update {mean['update_s']:.1f} s, "
                           f"{summary['update_positions']['mean']:.0f} update positions), "
                           f"reward {summary['reward']['mean']:.3f}, peak RSS {peak_mb / 1024:.1f} GB")
+            record.write_text(json.dumps(summary, indent=2) + "\n")
             return summary
 
         runs = alternating([n for n in VARIANTS if repeats[n]], repeats, run)
