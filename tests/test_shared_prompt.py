@@ -211,3 +211,24 @@ def test_one_grpo_step_is_the_same_step_shared_or_not(tmp_path, tiny_model_dir, 
         noise = grad.abs() < (1e-3 if four_bit else 1e-6)
         got, want = adapters[True][key], adapters[False][key]
         torch.testing.assert_close(got[~noise], want[~noise], **tol, msg=key)
+
+
+def test_trls_own_rollouts_share_the_prompt_too(tmp_path, tiny_model_dir, small_gsm8k):
+    """With `--rollouts trl` (TRL's `model.generate`, its left-padded prompts), the update still computes each
+    group's prompt once: one step makes one log-prob pass, on the shared path."""
+    import json
+
+    from gsmkit.training.grpo import train_grpo
+    from gsmkit.training.grpo_settings import GrpoSettings
+
+    out = tmp_path / "trl-rollouts"
+    train_grpo(GrpoSettings(model=str(tiny_model_dir), out=out, data=str(small_gsm8k), train_samples=4,
+                            max_steps=1, max_completion_length=8, num_generations=4, prompts_per_step=2,
+                            lora_r=4, lora_alpha=8, seed=0, dtype="float32", logging_steps=1, rollouts="trl"))
+    resolved = json.loads((out / "manifest.json").read_text())["resolved"]
+    assert resolved["rollouts"] == "trl"
+    assert resolved["update"] == {"shared_prompt": True, "unshared_because": None,
+                                  "calls": {"shared": 1, "unshared": 0}}
+    log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    positions = [r["logps_positions"] for r in log if "logps_positions" in r]
+    assert positions and positions[0] > 0

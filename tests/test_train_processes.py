@@ -150,6 +150,8 @@ def test_grpo_two_processes_sample_their_own_prompts_on_the_engine(tmp_path, tin
     manifest = _check_finished_run(out, tiny_model_dir)
     assert manifest["resolved"]["rollouts"] == "engine"
     assert manifest["resolved"]["completions_per_step"] == 2 * 2 * 4  # processes x prompts x group
+    # under DDP the update still shares each group's prompt: the main process's 4 steps, one pass each
+    assert manifest["resolved"]["update"]["calls"] == {"shared": 4, "unshared": 0}
 
     rounds = _records(tmp_path / "record", "rollout")
     assert sorted(rounds) == [0, 1]
