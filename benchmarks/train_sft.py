@@ -244,6 +244,10 @@ def memory_step(args, model_dir: Path, rows: Path, pool: Path) -> dict:
         return t
 
     loss_fn = response_loss(model, args.loss_chunk)
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    profiler = torch.profiler.profile(activities=cpu) if args.profile else None
+    if profiler is not None:
+        profiler.start()
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if loss_fn is None:
@@ -254,6 +258,8 @@ def memory_step(args, model_dir: Path, rows: Path, pool: Path) -> dict:
     after_forward = rss_mb()
     loss.backward()
     seconds = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.stop()
     by_kind = {k: round(sum(b for kind, b in kept.values() if kind == k) / 2**20, 1)
                for k in ("logits", "attention", "activations")}
     summary = {"malloc_mmap_threshold": mmap_threshold, "batch": list(batch["input_ids"].shape),
@@ -263,8 +269,34 @@ def memory_step(args, model_dir: Path, rows: Path, pool: Path) -> dict:
                "kept_for_backward_mb": by_kind, "kept_for_backward_total_mb": round(sum(by_kind.values()), 1),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "forward_backward_s": round(seconds, 2)}
+    if profiler is not None:
+        summary["profile"] = time_by_kind(profiler)
     print(json.dumps(summary))
     return summary
+
+
+# what each profiled operator is, for `memory-step --profile` (the first pattern in its name that matches)
+OP_KINDS = (("attention", ("attention", "sdpa", "flash")),
+            ("matrix products", ("mm", "matmul", "linear", "addmm", "bmm")),
+            ("elementwise and the rest", ("",)))
+
+
+def time_by_kind(profiler) -> dict:
+    """Self CPU seconds of a profiled forward + backward by kind of operator (matrix products, attention, the
+    rest), and the ten costliest operators."""
+    averages = [a for a in profiler.key_averages() if a.self_cpu_time_total > 0]
+    total = sum(a.self_cpu_time_total for a in averages)
+    kinds: dict[str, float] = {}
+    for a in averages:
+        name = a.key.lower()
+        kind = next(k for k, words in OP_KINDS if any(w in name for w in words))
+        kinds[kind] = kinds.get(kind, 0.0) + a.self_cpu_time_total
+    top = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:10]
+    return {"self_cpu_s": round(total / 1e6, 2),
+            "share_by_kind": {k: round(v / total, 3)
+                              for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": a.key, "self_cpu_s": round(a.self_cpu_time_total / 1e6, 2), "calls": a.count}
+                        for a in top]}
 
 
 def run_learning(args, model_dir: Path, rows: Path, pool: Path) -> dict:
@@ -405,6 +437,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--loss-chunk", type=int, default=1024, help="memory-step: train sft's --loss-chunk")
     parser.add_argument("--plain-dropout", action="store_true", help="memory-step: PEFT's nn.Dropout")
+    parser.add_argument("--profile", action="store_true",
+                        help="memory-step: profile the forward and backward pass (self CPU time by operator)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="memory-step: glibc's own mmap threshold")
     parser.add_argument("--repeats", type=int, default=2, help="speed: rounds of the variants, alternating")
