@@ -1,12 +1,13 @@
-"""The one transformers-version shim of the training runs: `TrainingArguments` (train sft, qlora) and TRL's
+"""The one library-version shim of the training runs: `TrainingArguments` (train sft, qlora) and TRL's
 `GRPOConfig` (train grpo) built from the same settings (--report-to included) under the names the installed
-version takes.
+version takes, and the options of peft's k-bit preparation.
 
 In: the arguments class, the run's settings (`TrainingOptions` and the base-model group of
 `training.config`), the loaded model, the checkpoints folder and the trainer's own arguments.
 Out: the arguments object. What differs between versions is decided here and only here:
 - activation checkpointing: transformers >= 5 renamed `gradient_checkpointing*` to
-  `activation_checkpointing*` (and warns on the old names);
+  `activation_checkpointing*` (and warns on the old names), and peft >= 0.22 renamed
+  `prepare_model_for_kbit_training`'s `gradient_checkpointing_kwargs` the same way;
 - warmup: transformers >= 5 has no `warmup_ratio`; a float `warmup_steps` in [0, 1) is the ratio;
 - batches grouped by length: `train_sampling_strategy="group_by_length"` in transformers >= 5, the
   `group_by_length` switch before;
@@ -29,6 +30,13 @@ def checkpointing_arguments(params: Any, on: bool) -> dict[str, Any]:
     prefix = "activation" if "activation_checkpointing" in params else "gradient"
     return {f"{prefix}_checkpointing": on,
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
+def kbit_preparation_arguments(prepare: Any, on: bool) -> dict[str, Any]:
+    """The options of peft's `prepare_model_for_kbit_training` (`prepare`) under the names this peft takes."""
+    params = inspect.signature(prepare).parameters
+    prefix = "activation" if "activation_checkpointing_kwargs" in params else "gradient"
+    return {"use_gradient_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def trainer_arguments(cls: type, settings: Any, loaded: Any, checkpoints: Path, *,

@@ -51,8 +51,10 @@ def prepare_base(model: Any, load_in_4bit: bool, checkpointing: bool) -> Any:
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        from gsmkit.training.arguments import kbit_preparation_arguments
+
+        options = kbit_preparation_arguments(prepare_model_for_kbit_training, checkpointing)
+        return prepare_model_for_kbit_training(model, **options)
     if checkpointing:
         model.enable_input_require_grads()
     return model
