@@ -94,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl-gc", action="store_true",
                    help="speed: the trl runs with gradient checkpointing (TRL's GRPOConfig default; without "
                         "it TRL's 5shot-x8 update needs more than 24 GB)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="speed: every variant with gradient checkpointing (a like-for-like update where the "
+                        "unshared one needs it to fit)")
+    p.add_argument("--variants", nargs="+", choices=("gsmkit", "trl", "unshared"),
+                   default=["gsmkit", "trl", "unshared"],
+                   help="speed: the variants, in the order they alternate")
     return p.parse_args(argv)
 
 
@@ -192,7 +198,8 @@ def speed(args: argparse.Namespace) -> int:
     for shape in args.shapes:
         def run(name: str, i: int, shape: str = shape) -> dict[str, Any]:
             folder = out / shape / f"{name}-{i + 1}"
-            extra = VARIANTS[name] + (["--gradient-checkpointing"] if name == "trl" and args.trl_gc else [])
+            gc = args.gradient_checkpointing or (name == "trl" and args.trl_gc)
+            extra = VARIANTS[name] + (["--gradient-checkpointing"] if gc else [])
             cmd = grpo_command(args, gsmkit, model_dir, pool, folder, SHAPES[shape]["k"],
                                SHAPES[shape]["num_generations"], args.steps, extra)
             record = folder / "bench_run.json"  # a finished run of the same command is reused, not rerun
@@ -216,7 +223,7 @@ def speed(args: argparse.Namespace) -> int:
             record.write_text(json.dumps(summary, indent=2) + "\n")
             return summary
 
-        runs = alternating([n for n in VARIANTS if repeats[n]], repeats, run)
+        runs = alternating([n for n in args.variants if repeats[n]], repeats, run)
         results["shapes"][shape] = {"runs": runs, **compare(runs)}
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # after each shape
         plot_speed_rewards(runs, out / f"{shape}_rewards.png")
