@@ -24,18 +24,23 @@ from typing import Any
 OPTIONAL = ("include_num_input_tokens_seen", "logging_first_step", "data_seed", "use_cpu")
 
 
+def _checkpointing_prefix(params: Any) -> str:
+    """"activation" where these signature parameters take the new checkpointing names, else "gradient"."""
+    new = ("activation_checkpointing", "activation_checkpointing_kwargs")
+    return "activation" if any(name in params for name in new) else "gradient"
+
+
 def checkpointing_arguments(params: Any, on: bool) -> dict[str, Any]:
     """Activation checkpointing options under the names this transformers takes (`params`: the arguments
     class's signature parameters)."""
-    prefix = "activation" if "activation_checkpointing" in params else "gradient"
+    prefix = _checkpointing_prefix(params)
     return {f"{prefix}_checkpointing": on,
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
 
 
 def kbit_preparation_arguments(prepare: Any, on: bool) -> dict[str, Any]:
     """The options of peft's `prepare_model_for_kbit_training` (`prepare`) under the names this peft takes."""
-    params = inspect.signature(prepare).parameters
-    prefix = "activation" if "activation_checkpointing_kwargs" in params else "gradient"
+    prefix = _checkpointing_prefix(inspect.signature(prepare).parameters)
     return {"use_gradient_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
